@@ -1,0 +1,48 @@
+"""icgd reference: the readable NumPy specification of linear self-attention (LSA)
+transformers that learn in context by gradient descent.
+
+This package is the spec. It holds hand-written forward and backward passes, the
+hand constructions of von Oswald et al. (ICML 2023), explicit solvers (GD, GD++,
+least squares), a slow loop-level oracle and gradient checking. It is written once,
+generic over the array namespace (NumPy, or CuPy on a GPU). Fast backends
+(Numba, CuPy kernels) live in ``reference.backends`` and are tested against this code.
+
+Dimension letters used everywhere: B tasks, N context tokens, T = N + 1 tokens,
+d input width, d_y label width, D = d + d_y token width, H heads, K layers.
+"""
+
+__version__ = "0.1.0"
+
+from .xp import get_xp, to_numpy
+from .tasks import Tasks, sample_tasks, uniform_moments
+from .tokens import build_tokens, readout, readout_backward, split_token
+from .lsa import (
+    LSAParams,
+    MergedParams,
+    lsa_forward,
+    lsa_backward,
+    to_merged,
+    init_lsa_params,
+)
+from .model import (
+    Arch,
+    model_forward,
+    model_backward,
+    loss_forward,
+    loss_backward,
+    loss_and_grads,
+    layer_predictions,
+    predict,
+)
+from .constructions import gd_layer, gdpp_layer, gd_stack, gdpp_stack
+from .solvers import (
+    gd_predict,
+    gdpp_predict,
+    least_squares_predict,
+    line_search_eta,
+    optimal_one_step_eta,
+    expected_one_step_loss,
+    ETA_GRID,
+)
+
+__all__ = [name for name in dir() if not name.startswith("_")]

@@ -1,0 +1,247 @@
+"""One linear self-attention (LSA) layer: forward and hand-written backward.
+
+The readable spec; the Numba and CuPy paths live in ``reference.backends`` and are
+tested against this file, which is tested against the loop oracle in ``oracle.py``.
+
+Equation (von Oswald et al. 2023, Eq. 6 and the official code), for every token j:
+
+    e_j <- e_j + sum_h P_h sum_{i in ctx(j)} (W_V,h e_i) (W_K,h e_i)^T (W_Q,h e_j)
+
+* no softmax, no 1/sqrt(key size), no 1/N (the 1/N lives in the constructions);
+* context-only mode (the paper's regression setting, ``causal=False``): keys and
+  values come from the N context tokens E[:, :N] only; queries from all T = N + 1
+  tokens; the query token is never a key or value;
+* causal mode (``causal=True``, for sequence work): keys and values from all T tokens,
+  token j attends to tokens i <= j (lower-triangular mask including the diagonal);
+* optional token clipping after the residual: out = clip(e, -c, c). Its backward is
+  exact: the gradient passes where -c <= e <= c and is zero elsewhere.
+
+Two parameterisations of the same function:
+
+* factored :class:`LSAParams` (W_Q, W_K, W_V, P), one entry per head;
+* merged :class:`MergedParams` (W_KQ = W_K^T W_Q, W_PV = P W_V), which is all the
+  function depends on. Merged is the factored layer with W_K = I and P = I.
+
+Shapes: E (B, T, D); W_Q, W_K (H, Kd, D); W_V (H, Vd, D); P (H, D, Vd);
+W_KQ, W_PV (H, D, D). S = number of key/value tokens (N or T).
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+
+from ._checks import check_array, check_float, check_int, check_dtype
+from .xp import get_xp
+
+
+class LSAParams(NamedTuple):
+    W_Q: object  # (H, Kd, D)
+    W_K: object  # (H, Kd, D)
+    W_V: object  # (H, Vd, D)
+    P: object    # (H, D, Vd)
+
+
+class MergedParams(NamedTuple):
+    W_KQ: object  # (H, D, D)  = W_K^T W_Q per head
+    W_PV: object  # (H, D, D)  = P W_V per head
+
+
+class LSACache(NamedTuple):
+    E: object       # (B, T, D)      layer input
+    Ec: object      # (B, S, D)      key/value tokens
+    q: object       # (B, H, T, Kd)
+    k: object       # (B, H, S, Kd)
+    v: object       # (B, H, S, Vd)
+    A: object       # (B, H, T, S)   attention weights (masked)
+    o: object       # (B, H, T, Vd)
+    pre: object     # (B, T, D)      residual output before clipping
+    params: object
+    causal: bool
+    clip: object
+
+
+def to_merged(params):
+    """Merged products of factored params: W_KQ = W_K^T W_Q, W_PV = P W_V, per head."""
+    if isinstance(params, MergedParams):
+        return params
+    _check_params(params)
+    xp = get_xp(*params)
+    W_KQ = xp.matmul(xp.swapaxes(params.W_K, -1, -2), params.W_Q)     # (H, D, D)
+    W_PV = xp.matmul(params.P, params.W_V)                             # (H, D, D)
+    return MergedParams(W_KQ, W_PV)
+
+
+def _factored_view(params):
+    """(W_Q, W_K, W_V, P) with None standing for the identity (merged params)."""
+    if isinstance(params, MergedParams):
+        return params.W_KQ, None, params.W_PV, None
+    return params.W_Q, params.W_K, params.W_V, params.P
+
+
+def _T(a):
+    return None if a is None else a.swapaxes(-1, -2)
+
+
+def _proj(Et, W):
+    """Per-head projection of tokens: Et (B, S, D), W (H, k, D) -> (B, H, S, k); W None = identity."""
+    if W is None:
+        return Et[:, None, :, :]
+    return get_xp(Et, W).matmul(Et[:, None, :, :], _T(W)[None])
+
+
+def causal_mask(T, xp=np, dtype=np.float64):
+    """(T, T) lower-triangular mask including the diagonal: token j sees tokens i <= j."""
+    return xp.tril(xp.ones((T, T), dtype=dtype))
+
+
+def lsa_forward(E, params, *, causal=False, clip=None):
+    """Apply one LSA layer. Returns (out (B, T, D), cache)."""
+    _check_layer_inputs(E, params, causal, clip)
+    xp = get_xp(E, *params)
+    W_Q, W_K, W_V, P = _factored_view(params)
+    B, T, D = E.shape
+    Ec = E if causal else E[:, : T - 1, :]                             # (B, S, D)
+    q = _proj(E, W_Q)                                                  # (B, H, T, Kd)
+    k = _proj(Ec, W_K)                                                 # (B, H, S, Kd)
+    v = _proj(Ec, W_V)                                                 # (B, H, S, Vd)
+    A = xp.matmul(q, xp.swapaxes(k, -1, -2))                           # (B, H, T, S)
+    if causal:
+        A = A * causal_mask(T, xp, A.real.dtype)
+    o = xp.matmul(A, v)                                                # (B, H, T, Vd)
+    if P is None:
+        delta = o.sum(axis=1)                                          # (B, T, D)
+    else:
+        delta = xp.matmul(o, _T(P)[None]).sum(axis=1)                  # (B, T, D)
+    pre = E + delta                                                    # (B, T, D)
+    out = pre if clip is None else clip_tokens(pre, clip)
+    return out, LSACache(E, Ec, q, k, v, A, o, pre, params, causal, clip)
+
+
+def lsa_backward(dout, cache):
+    """Backward of :func:`lsa_forward`: returns (dE (B, T, D), dparams), dparams of
+    the same type as the forward's params. Walks the forward in reverse."""
+    E, Ec, q, k, v, A, o, pre, params, causal, clip = cache
+    xp = get_xp(dout, E)
+    W_Q, W_K, W_V, P = _factored_view(params)
+    B, T, D = E.shape
+    S = Ec.shape[1]
+    # forward: out = clip(pre), so dpre = dout where -c <= pre <= c, else 0
+    dpre = dout if clip is None else clip_backward(dout, pre, clip)    # (B, T, D)
+    # forward: pre = E + delta, so dE = dpre (residual path) and ddelta = dpre
+    dE = dpre.copy()                                                   # (B, T, D)
+    # forward: delta = sum_h o_h P_h^T, so dP_h = sum_bt ddelta^T o_h and do_h = ddelta P_h
+    if P is None:
+        do = xp.broadcast_to(dpre[:, None], o.shape)                   # (B, H, T, Vd)
+        dP = None
+    else:
+        dP = xp.einsum("btd,bhtv->hdv", dpre, o)                       # (H, D, Vd)
+        do = xp.matmul(dpre[:, None], P[None])                         # (B, H, T, Vd)
+    # forward: o = A v, so dA = do v^T and dv = A^T do
+    dA = xp.matmul(do, xp.swapaxes(v, -1, -2))                         # (B, H, T, S)
+    dv = xp.matmul(xp.swapaxes(A, -1, -2), do)                         # (B, H, S, Vd)
+    # forward: A = mask * (q k^T), so dA <- mask * dA; dq = dA k, dk = dA^T q
+    if causal:
+        dA = dA * causal_mask(T, xp, dA.real.dtype)
+    dq = xp.matmul(dA, k)                                              # (B, H, T, Kd)
+    dk = xp.matmul(xp.swapaxes(dA, -1, -2), q)                         # (B, H, S, Kd)
+    # forward: q = E W_Q^T, k = Ec W_K^T, v = Ec W_V^T (per head)
+    dW_Q = xp.einsum("bhtk,btd->hkd", dq, E)                           # (H, Kd, D)
+    dE += _unproj(dq, W_Q, xp)
+    dEc = _unproj(dv, W_V, xp)                                         # (B, S, D)
+    if W_K is None:
+        dEc = dEc + dk.sum(axis=1)
+        dW_K = None
+    else:
+        dW_K = xp.einsum("bhsk,bsd->hkd", dk, Ec)                      # (H, Kd, D)
+        dEc = dEc + _unproj(dk, W_K, xp)
+    dW_V = xp.einsum("bhsv,bsd->hvd", dv, Ec)                          # (H, Vd, D)
+    # forward: Ec = E[:, :S], so its gradient adds into the first S rows of dE
+    dE[:, :S] += dEc
+    if isinstance(params, MergedParams):
+        return dE, MergedParams(dW_Q, dW_V)
+    return dE, LSAParams(dW_Q, dW_K, dW_V, dP)
+
+
+def _unproj(dproj, W, xp):
+    """Backward of a per-head projection to its tokens: sum_h dproj_h W_h -> (B, S, D)."""
+    if W is None:
+        return dproj.sum(axis=1)
+    return xp.matmul(dproj, W[None]).sum(axis=1)
+
+
+def clip_tokens(x, c):
+    """clip(x, -c, c), decided on the real part so complex-step differentiation works."""
+    xp = get_xp(x)
+    r = x.real
+    return xp.where(r > c, xp.asarray(c, dtype=x.dtype), xp.where(r < -c, xp.asarray(-c, dtype=x.dtype), x))
+
+
+def clip_backward(dout, pre, c):
+    """Backward of :func:`clip_tokens`: gradient passes where -c <= pre <= c."""
+    r = pre.real
+    return dout * ((r >= -c) & (r <= c))
+
+
+def init_lsa_params(rng, D, *, H=1, key_size=None, value_size=None, n_layers_for_scale=1,
+                    scale=0.002, dtype=np.float32, merged=False, xp=np):
+    """Initial parameters as in the official code: variance scaling with
+    ``scale / K`` over fan-in (D), truncated normal at two standard deviations,
+    i.e. std = sqrt(scale / K / D) / 0.8796 before truncation (the constant makes the
+    truncated distribution's std equal to the target). The paper's text says
+    "std 0.002/K"; the code's variance-scaling form is the default here.
+    """
+    D = check_int("D", D, 2)
+    H = check_int("H", H, 1)
+    Kd = D if key_size is None else check_int("key_size", key_size, 1)
+    Vd = D if value_size is None else check_int("value_size", value_size, 1)
+    K = check_int("n_layers_for_scale", n_layers_for_scale, 1)
+    scale = check_float("scale", scale, 0.0, allow_equal_min=False)
+    dtype = check_dtype("dtype", dtype)
+    std = np.sqrt(scale / K / D) / 0.87962566103423978
+
+    def tn(shape):
+        out = rng.standard_normal(shape)
+        bad = np.abs(out) > 2.0
+        while bad.any():
+            out[bad] = rng.standard_normal(int(bad.sum()))
+            bad = np.abs(out) > 2.0
+        return xp.asarray((std * out).astype(dtype))
+
+    if merged:
+        return MergedParams(tn((H, D, D)), tn((H, D, D)))
+    return LSAParams(tn((H, Kd, D)), tn((H, Kd, D)), tn((H, Vd, D)), tn((H, D, Vd)))
+
+
+def _check_params(params):
+    if isinstance(params, MergedParams):
+        check_array("W_KQ", params.W_KQ, ndim=3)
+        H, D, _ = params.W_KQ.shape
+        check_array("W_KQ", params.W_KQ, shape=(H, D, D))
+        check_array("W_PV", params.W_PV, shape=(H, D, D))
+        return D
+    if not isinstance(params, LSAParams):
+        raise TypeError(f"params must be LSAParams or MergedParams, got {type(params).__name__}")
+    check_array("W_Q", params.W_Q, ndim=3)
+    H, Kd, D = params.W_Q.shape
+    check_array("W_K", params.W_K, shape=(H, Kd, D))
+    check_array("W_V", params.W_V, ndim=3)
+    Vd = params.W_V.shape[1]
+    check_array("W_V", params.W_V, shape=(H, Vd, D))
+    check_array("P", params.P, shape=(H, D, Vd))
+    return D
+
+
+def _check_layer_inputs(E, params, causal, clip):
+    check_array("E", E, ndim=3)
+    D = _check_params(params)
+    if E.shape[2] != D:
+        raise ValueError(f"E must have token width D={D} to match params, got shape {tuple(E.shape)}")
+    if not causal and E.shape[1] < 2:
+        raise ValueError(f"E needs at least 2 tokens (context + query) in context-only mode, got T={E.shape[1]}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    if clip is not None:
+        check_float("clip", clip, 0.0, allow_equal_min=False)
+    dts = {np.dtype(a.dtype) for a in (E, *params)}
+    if len(dts) > 1:
+        raise TypeError(f"E and params must share one dtype, got {sorted(str(t) for t in dts)}")

@@ -1,0 +1,168 @@
+"""Explicit in-context learners, written without attention: the baselines the LSA
+models are compared with, and the right-hand sides of the equivalence claims.
+
+* GD-K: K gradient steps on L(W) = 1/(2N) sum_i ||W x_i - y_i||^2 from W_0.
+* GD++: the token recursion of the GD++ construction written as matrix algebra.
+* least squares / ridge: W = Y^T X (X^T X + lambda I)^{-1} (pseudo-inverse at 0).
+* eta line search over the paper's grid arange(0.001, 25, 0.1) (official code).
+* the closed-form optimal step size of one GD step from W_0 = 0 and its expected loss,
+  for i.i.d. zero-mean input coordinates with second moment m2 and fourth moment m4
+  (derivation in the docstring of :func:`expected_one_step_loss`).
+"""
+
+import numpy as np
+
+from ._checks import check_array, check_float, check_int
+from .xp import get_xp
+
+ETA_GRID = np.arange(0.001, 25, 0.1)
+
+
+def _check_data(X, Y, x_q):
+    check_array("X", X, ndim=3)
+    B, N, d = X.shape
+    check_array("Y", Y, ndim=3)
+    if Y.shape[:2] != (B, N):
+        raise ValueError(f"Y must have shape ({B}, {N}, d_y) to match X, got {tuple(Y.shape)}")
+    check_array("x_q", x_q, shape=(B, d))
+    return B, N, d, Y.shape[2]
+
+
+def gd_predict(X, Y, x_q, eta, n_steps=1, W_0=None):
+    """K = n_steps GD steps from W_0 (default 0); eta scalar or one per step.
+
+    W_{k+1} = W_k - eta_k * (1/N) sum_i (W_k x_i - y_i) x_i^T.
+    Returns (y_hat (B, d_y) = W_K x_q, W_K (B, d_y, d)).
+    """
+    B, N, d, d_y = _check_data(X, Y, x_q)
+    n_steps = check_int("n_steps", n_steps, 0)
+    etas = _per_step("eta", eta, n_steps)
+    xp = get_xp(X, Y, x_q)
+    W = xp.zeros((B, d_y, d), dtype=X.dtype) if W_0 is None else xp.broadcast_to(xp.asarray(W_0, dtype=X.dtype), (B, d_y, d)).copy()
+    for k in range(n_steps):
+        R = xp.matmul(X, xp.swapaxes(W, 1, 2)) - Y                    # (B, N, d_y) residuals W x_i - y_i
+        grad = xp.matmul(xp.swapaxes(R, 1, 2), X) / N                  # (B, d_y, d)
+        W = W - etas[k] * grad
+    return xp.einsum("bij,bj->bi", W, x_q), W
+
+
+def gdpp_predict(X, Y, x_q, etas, gammas, W_0=None):
+    """GD++ as matrix algebra on (inputs, label slots), one (eta_k, gamma_k) per layer.
+
+    State: context inputs X_k (B, N, d), context label slots r (B, N, d_y) (starting at
+    Y), query input x_q,k and query label slot r_q (starting at -W_0 x_q). Each layer,
+    from the pre-update state, with C = X_k^T X_k and U = X_k W_0^T - r:
+        r   <- r   + (eta_k/N) X_k X_k^T U        r_q <- r_q + (eta_k/N) U^T X_k x_q,k
+        X_k <- X_k (I - gamma_k C)                x_q <- (I - gamma_k C) x_q
+    Prediction y_hat = -r_q. With every gamma_k = 0 this is GD-K.
+    """
+    B, N, d, d_y = _check_data(X, Y, x_q)
+    etas, gammas = list(etas), list(gammas)
+    if len(etas) != len(gammas):
+        raise ValueError(f"etas and gammas must have equal length, got {len(etas)} and {len(gammas)}")
+    xp = get_xp(X, Y, x_q)
+    W0 = xp.zeros((d_y, d), dtype=X.dtype) if W_0 is None else xp.asarray(W_0, dtype=X.dtype)
+    Xk, r, xq = X, Y, x_q
+    rq = -xp.einsum("ij,bj->bi", W0, x_q)                              # (B, d_y)
+    for eta, gamma in zip(etas, gammas):
+        eta = check_float("eta", eta)
+        gamma = check_float("gamma", gamma)
+        C = xp.matmul(xp.swapaxes(Xk, 1, 2), Xk)                       # (B, d, d)
+        U = xp.matmul(Xk, W0.T) - r                                    # (B, N, d_y)
+        XU = xp.matmul(xp.swapaxes(Xk, 1, 2), U)                       # (B, d, d_y)
+        r = r + (eta / N) * xp.matmul(Xk, XU)                          # (B, N, d_y)
+        rq = rq + (eta / N) * xp.einsum("bij,bi->bj", XU, xq)          # (B, d_y)
+        Xk = Xk - gamma * xp.matmul(Xk, C)                             # (B, N, d)
+        xq = xq - gamma * xp.einsum("bij,bj->bi", C, xq)               # (B, d)
+    return -rq
+
+
+def least_squares_predict(X, Y, x_q, ridge=0.0):
+    """Ridge regression on the context, evaluated at the query.
+
+    W = Y^T X (X^T X + ridge I)^{-1}; ridge = 0 uses the pseudo-inverse (minimum-norm
+    least squares). Returns y_hat (B, d_y).
+    """
+    B, N, d, d_y = _check_data(X, Y, x_q)
+    ridge = check_float("ridge", ridge, 0.0)
+    xp = get_xp(X, Y, x_q)
+    C = xp.matmul(xp.swapaxes(X, 1, 2), X)                             # (B, d, d)
+    XtY = xp.matmul(xp.swapaxes(X, 1, 2), Y)                           # (B, d, d_y)
+    if ridge > 0:
+        Wt = xp.linalg.solve(C + ridge * xp.eye(d, dtype=X.dtype), XtY)  # (B, d, d_y)
+    else:
+        Wt = xp.matmul(xp.linalg.pinv(C), XtY)
+    return xp.einsum("bij,bi->bj", Wt, x_q)
+
+
+def line_search_eta(X, Y, x_q, y_q, n_steps=1, grid=None):
+    """The eta of the grid (default the paper's arange(0.001, 25, 0.1)) minimising the
+    mean GD-K loss 0.5 * mean ||y_hat - y_q||^2 on the given tasks.
+    Returns (eta, losses (len(grid),))."""
+    _check_data(X, Y, x_q)
+    check_array("y_q", y_q, shape=(X.shape[0], Y.shape[2]))
+    grid = ETA_GRID if grid is None else np.asarray(grid, dtype=np.float64)
+    if grid.ndim != 1 or grid.size == 0:
+        raise ValueError(f"grid must be a non-empty 1-d array, got shape {grid.shape}")
+    losses = np.empty(grid.size)
+    for n, eta in enumerate(grid):
+        pred, _ = gd_predict(X, Y, x_q, float(eta), n_steps)
+        err = pred - y_q
+        losses[n] = float(0.5 * (err * err).sum(axis=1).mean())
+    return float(grid[int(np.argmin(losses))]), losses
+
+
+def _one_step_coeffs(d, N, m2, m4, w_scale, d_y, noise_std):
+    d = check_int("d", d, 1)
+    N = check_int("N", N, 1)
+    d_y = check_int("d_y", d_y, 1)
+    m2 = check_float("m2", m2, 0.0, allow_equal_min=False)
+    m4 = check_float("m4", m4, m2 * m2)
+    w_scale = check_float("w_scale", w_scale, 0.0)
+    noise_std = check_float("noise_std", noise_std, 0.0)
+    if w_scale == 0 and noise_std == 0:
+        raise ValueError("w_scale and noise_std cannot both be 0 (the loss would be identically 0)")
+    s2, n2 = w_scale ** 2, noise_std ** 2
+    T2 = (d * m4 + d * (d - 1) * m2 ** 2) / N + (N - 1) / N * d * m2 ** 2  # E tr(A^2)
+    a = s2 * m2 * T2 + n2 * d * m2 ** 2 / N
+    b = s2 * m2 * d * m2
+    c = s2 * m2 * d
+    return a, b, c, d_y
+
+
+def expected_one_step_loss(eta, d, N, m2, m4, w_scale=1.0, d_y=1, noise_std=0.0):
+    """Expected loss E[0.5 ||y_hat - W x_q||^2] of one GD step from W_0 = 0.
+
+    Derivation. y_hat = eta W A x_q + (eta/N) sum_i eps_i x_i^T x_q with
+    A = (1/N) sum_i x_i x_i^T, W ~ w_scale N(0, I), inputs with i.i.d. zero-mean
+    coordinates of moments m2 = E x^2, m4 = E x^4, label noise eps ~ N(0, noise_std^2).
+    Per label dim, averaging over x_q then W:
+        E err^2 = w_scale^2 m2 (eta^2 E tr(A^2) - 2 eta E tr(A) + d) + eta^2 noise_std^2 d m2^2 / N
+    with E tr(A) = d m2 and
+        E tr(A^2) = (d m4 + d (d-1) m2^2) / N + (N-1)/N * d m2^2
+    (E ||x||^4 for i = j terms, E (x_i . x_j)^2 = d m2^2 for i != j).
+    So L(eta) = 0.5 d_y (a eta^2 - 2 b eta + c) with the coefficients above.
+    """
+    eta = check_float("eta", eta)
+    a, b, c, d_y = _one_step_coeffs(d, N, m2, m4, w_scale, d_y, noise_std)
+    return 0.5 * d_y * (a * eta * eta - 2 * b * eta + c)
+
+
+def optimal_one_step_eta(d, N, m2, m4, w_scale=1.0, d_y=1, noise_std=0.0):
+    """The step size minimising :func:`expected_one_step_loss`, eta* = b / a, and the
+    loss there, L* = 0.5 d_y (c - b^2 / a). Returns (eta*, L*).
+
+    For the paper's defaults (d = N = 10, x ~ U(-0.5, 0.5): m2 = 1/12, m4 = 1/80)
+    this gives eta* = 6.06 and L* = 0.206.
+    """
+    a, b, c, d_y = _one_step_coeffs(d, N, m2, m4, w_scale, d_y, noise_std)
+    return b / a, 0.5 * d_y * (c - b * b / a)
+
+
+def _per_step(name, eta, n_steps):
+    if np.ndim(eta) == 0:
+        return [check_float(name, eta)] * n_steps
+    etas = [check_float(f"{name}[{k}]", e) for k, e in enumerate(eta)]
+    if len(etas) != n_steps:
+        raise ValueError(f"{name} must be a scalar or have n_steps={n_steps} entries, got {len(etas)}")
+    return etas

@@ -1,0 +1,82 @@
+"""In-context linear regression tasks (von Oswald et al. 2023, Sec. 2 and App. A.1).
+
+Per task: a teacher W ~ w_scale * N(0, I) of shape (d_y, d); N context inputs and one
+query input drawn i.i.d. from U(low, high)^d; labels y = W x. Defaults follow the
+official code: x ~ U(-0.5, 0.5) (the paper's text says U(-1, 1); pass
+``x_range=(-1, 1)`` for that), d_y = 1, w_scale = 1, no noise.
+
+Options: Gaussian label noise (context labels only; the query target stays the clean
+W x_q so the loss measures error against the teacher), and ``n_distractors`` context
+labels (the first ones) replaced by N(0, 1) noise.
+
+Randomness comes only from the ``numpy.random.Generator`` passed in, drawn in float64
+in this fixed order so ports can reproduce it: W, X, x_q, label noise, distractor
+labels. Arrays are then cast to ``dtype`` (and moved to ``xp``).
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+
+from ._checks import check_dtype, check_float, check_int
+
+
+class Tasks(NamedTuple):
+    X: object    # (B, N, d)   context inputs
+    Y: object    # (B, N, d_y) context labels
+    x_q: object  # (B, d)      query input
+    y_q: object  # (B, d_y)    query target (clean)
+    W: object    # (B, d_y, d) teacher
+
+
+def sample_tasks(rng, B, d, N, d_y=1, *, x_range=(-0.5, 0.5), w_scale=1.0,
+                 noise_std=0.0, n_distractors=0, dtype=np.float64, xp=np):
+    """Draw B regression tasks. Returns a :class:`Tasks` of arrays in ``dtype``."""
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(
+            "rng must be a numpy.random.Generator (e.g. numpy.random.default_rng(0)), "
+            f"got {type(rng).__name__}"
+        )
+    B = check_int("B", B, 1)
+    d = check_int("d", d, 1)
+    N = check_int("N", N, 1)
+    d_y = check_int("d_y", d_y, 1)
+    low, high = _check_range(x_range)
+    w_scale = check_float("w_scale", w_scale, 0.0)
+    noise_std = check_float("noise_std", noise_std, 0.0)
+    n_distractors = check_int("n_distractors", n_distractors, 0, N)
+    dtype = check_dtype("dtype", dtype)
+
+    W = w_scale * rng.standard_normal((B, d_y, d))                     # (B, d_y, d)
+    X = rng.uniform(low, high, size=(B, N, d))                         # (B, N, d)
+    x_q = rng.uniform(low, high, size=(B, d))                          # (B, d)
+    Y = np.einsum("bij,bnj->bni", W, X)                                # (B, N, d_y)
+    y_q = np.einsum("bij,bj->bi", W, x_q)                              # (B, d_y)
+    if noise_std > 0:
+        Y = Y + noise_std * rng.standard_normal(Y.shape)
+    if n_distractors > 0:
+        Y[:, :n_distractors, :] = rng.standard_normal((B, n_distractors, d_y))
+    return Tasks(*(xp.asarray(a.astype(dtype)) for a in (X, Y, x_q, y_q, W)))
+
+
+def _check_range(x_range):
+    try:
+        low, high = (float(v) for v in x_range)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"x_range must be a pair (low, high) of numbers, got {x_range!r}") from exc
+    if not (np.isfinite(low) and np.isfinite(high)) or not low < high:
+        raise ValueError(f"x_range must satisfy low < high (finite), got ({low}, {high})")
+    return low, high
+
+
+def uniform_moments(x_range=(-0.5, 0.5)):
+    """Second and fourth moments (m2, m4) of one coordinate of x ~ U(-a, a).
+
+    m2 = a^2 / 3 and m4 = a^4 / 5. Only symmetric ranges (zero mean) are supported,
+    since the closed-form step size assumes zero-mean inputs.
+    """
+    low, high = _check_range(x_range)
+    if not np.isclose(low, -high):
+        raise ValueError(f"x_range must be symmetric (low == -high) for these moments, got ({low}, {high})")
+    a = high
+    return a * a / 3.0, a ** 4 / 5.0

@@ -1,0 +1,61 @@
+"""Token conventions (von Oswald et al. 2023, Sec. 2; official code). One place only.
+
+A regression task becomes a sequence E of T = N + 1 tokens of width D = d + d_y:
+
+    E[:, i] = (x_i, y_i)        for context tokens i = 0 .. N-1
+    E[:, N] = (x_q, -W_0 x_q)   the query token, last; with W_0 = 0 its y-slot is 0
+
+The model's prediction for the query is read from the query token after the last
+layer as **minus** its y-slot:  y_hat = -E_out[:, N, d:].
+"""
+
+from ._checks import check_array, check_int
+from .xp import get_xp
+
+
+def build_tokens(X, Y, x_q, W_0=None):
+    """Tokens E (B, N+1, D) from X (B, N, d), Y (B, N, d_y), x_q (B, d).
+
+    ``W_0`` (d_y, d) or (B, d_y, d), optional: the query's y-slot starts at -W_0 x_q,
+    which makes the GD construction start from W_0 (Prop. 1).
+    """
+    check_array("X", X, ndim=3)
+    B, N, d = X.shape
+    check_array("Y", Y, ndim=3)
+    if Y.shape[:2] != (B, N):
+        raise ValueError(f"Y must have shape ({B}, {N}, d_y) to match X, got {tuple(Y.shape)}")
+    d_y = Y.shape[2]
+    check_array("x_q", x_q, shape=(B, d))
+    xp = get_xp(X, Y, x_q, W_0)
+    dtype = xp.result_type(X, Y, x_q)
+    E = xp.zeros((B, N + 1, d + d_y), dtype=dtype)                    # (B, T, D)
+    E[:, :N, :d] = X
+    E[:, :N, d:] = Y
+    E[:, N, :d] = x_q
+    if W_0 is not None:
+        check_array("W_0", W_0)
+        if W_0.shape not in ((d_y, d), (B, d_y, d)):
+            raise ValueError(f"W_0 must have shape ({d_y}, {d}) or ({B}, {d_y}, {d}), got {tuple(W_0.shape)}")
+        E[:, N, d:] = -xp.einsum("...ij,bj->bi", W_0, x_q)
+    return E
+
+
+def split_token(E, d):
+    """Split tokens (..., D) into their x part (..., d) and y part (..., D - d)."""
+    return E[..., :d], E[..., d:]
+
+
+def readout(E, d):
+    """Prediction y_hat (B, d_y) = minus the y-slot of the last (query) token."""
+    check_array("E", E, ndim=3)
+    d = check_int("d", d, 1, E.shape[2] - 1)
+    return -E[:, -1, d:]
+
+
+def readout_backward(dpred, E_shape, d):
+    """Backward of :func:`readout`: forward y_hat = -E[:, -1, d:], so
+    dE[:, -1, d:] = -dy_hat and every other entry of dE is zero."""
+    xp = get_xp(dpred)
+    dE = xp.zeros(E_shape, dtype=dpred.dtype)                          # (B, T, D)
+    dE[:, -1, d:] = -dpred
+    return dE
