@@ -14,7 +14,7 @@ d input width, d_y label width, D = d + d_y token width, H heads, K layers.
 __version__ = "0.1.0"
 
 from .xp import get_xp, to_numpy
-from .tasks import Tasks, sample_tasks, uniform_moments
+from .tasks import Tasks, TaskSpec, sample_tasks, step_rng, uniform_moments
 from .tokens import build_tokens, readout, readout_backward, split_token
 from .lsa import (
     LSAParams,

@@ -80,3 +80,48 @@ def uniform_moments(x_range=(-0.5, 0.5)):
         raise ValueError(f"x_range must be symmetric (low == -high) for these moments, got ({low}, {high})")
     a = high
     return a * a / 3.0, a ** 4 / 5.0
+
+
+from dataclasses import dataclass  # noqa: E402
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What tasks a training run draws: sizes and the data options of :func:`sample_tasks`."""
+
+    d: int = 10
+    N: int = 10
+    d_y: int = 1
+    B: int = 2048
+    x_range: tuple = (-0.5, 0.5)
+    w_scale: float = 1.0
+    noise_std: float = 0.0
+    n_distractors: int = 0
+
+    def __post_init__(self):
+        check_int("d", self.d, 1)
+        check_int("N", self.N, 1)
+        check_int("d_y", self.d_y, 1)
+        check_int("B", self.B, 1)
+        _check_range(self.x_range)
+        check_float("w_scale", self.w_scale, 0.0)
+        check_float("noise_std", self.noise_std, 0.0)
+        check_int("n_distractors", self.n_distractors, 0, self.N)
+
+    @property
+    def D(self):
+        return self.d + self.d_y
+
+    def sample(self, rng, B=None, dtype=np.float64, xp=np):
+        return sample_tasks(rng, self.B if B is None else B, self.d, self.N, self.d_y, x_range=self.x_range,
+                            w_scale=self.w_scale, noise_std=self.noise_std, n_distractors=self.n_distractors,
+                            dtype=dtype, xp=xp)
+
+
+def step_rng(seed, step):
+    """The generator for the tasks of training step ``step`` of a run with ``seed``.
+
+    Tasks of step s come from ``default_rng([seed, s])``: no generator state to save,
+    so a resumed run draws exactly the tasks an uninterrupted one would.
+    """
+    return np.random.default_rng([check_int("seed", seed, 0), check_int("step", step, 0)])

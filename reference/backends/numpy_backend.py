@@ -1,9 +1,40 @@
-"""The NumPy backend: the reference itself, behind the backend interface."""
+"""The NumPy backend: the reference itself, behind the backend interface.
+
+Besides the reference functions it provides :func:`make_stepper`, the object a
+training loop drives. Every backend offers the same: ``stepper.step(params, state,
+step)`` draws the step's tasks (from ``step_rng(seed, step)`` here; a fast backend
+may use its own generator, seeded from (seed, step) too) and does one update;
+``stepper.step_on(params, state, tasks)`` does the update on given tasks, which is how
+backends are compared with each other.
+"""
+
+import numpy as np
 
 from ..model import loss_and_grads, model_forward
-from ..tasks import sample_tasks
+from ..tasks import sample_tasks, step_rng
 from ..train_step import train_step
 
 NAME = "numpy"
 
-__all__ = ["NAME", "sample_tasks", "loss_and_grads", "model_forward", "train_step"]
+
+class Stepper:
+    def __init__(self, arch, hp, spec, seed, dtype=np.float32):
+        self.arch, self.hp, self.spec, self.seed = arch, hp.validate(), spec, seed
+        self.dtype = np.dtype(dtype)
+
+    def sample(self, step):
+        return self.spec.sample(step_rng(self.seed, step), dtype=self.dtype)
+
+    def step(self, params, state, step):
+        return self.step_on(params, state, self.sample(step))
+
+    def step_on(self, params, state, tasks):
+        return train_step(params, state, tasks, self.arch, self.hp)
+
+
+def make_stepper(arch, hp, spec, seed, dtype=np.float32):
+    """A :class:`Stepper` for ``arch`` (Arch), ``hp`` (AdamHP), ``spec`` (TaskSpec)."""
+    return Stepper(arch, hp, spec, seed, dtype)
+
+
+__all__ = ["NAME", "sample_tasks", "loss_and_grads", "model_forward", "train_step", "make_stepper"]

@@ -1,0 +1,44 @@
+"""Shared test configuration: Hypothesis profiles and the array-namespace fixture.
+
+Hypothesis profile from the environment variable ICGD_HYPOTHESIS_PROFILE:
+``dev`` (few examples, fast), ``ci`` (the default: more examples, no deadline) or
+``deterministic`` (ci with derandomize=True, for reproducing a run exactly).
+"""
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("dev", max_examples=10, deadline=None)
+settings.register_profile("ci", max_examples=40, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("deterministic", max_examples=40, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("ICGD_HYPOTHESIS_PROFILE", "ci"))
+
+
+def _cupy_or_reason():
+    try:
+        import cupy
+    except Exception as exc:  # noqa: BLE001
+        return None, f"CuPy is not installed ({type(exc).__name__}: {exc})"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return None, "CuPy is installed but no CUDA device is visible"
+    except Exception as exc:  # noqa: BLE001
+        return None, f"CuPy is installed but CUDA is unusable ({type(exc).__name__}: {exc})"
+    return cupy, None
+
+
+@pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
+def xp(request):
+    """The array namespace a test body runs on: NumPy always, CuPy when a GPU is present
+    (skipped with the reason otherwise, never a false pass)."""
+    if request.param == "numpy":
+        return np
+    cupy, reason = _cupy_or_reason()
+    if cupy is None:
+        pytest.skip(reason)
+    return cupy
