@@ -4,7 +4,7 @@ which provides ``add_arguments(parser)`` and ``run(args) -> exit code``.
     icgd verify ...          the claims (same as python -m verify)
     icgd prove ...           the symbolic proofs (symbolic.cli)
     icgd train ...           train an LSA model (verify.train_cli)
-    icgd vectors write|check golden test vectors (verify.vectors)
+    icgd vectors write|check golden test vectors (verify.golden)
 """
 
 import argparse
@@ -15,7 +15,7 @@ SUBCOMMANDS = {
     "verify": ("verify.runner", "check the papers' claims and report each one"),
     "prove": ("symbolic.cli", "establish the symbolic proofs with SymPy"),
     "train": ("verify.train_cli", "train an LSA transformer from scratch"),
-    "vectors": ("verify.vectors", "write or check the golden test vectors"),
+    "vectors": ("verify.golden", "write or check the golden test vectors (under verify/vectors/)"),
 }
 
 
