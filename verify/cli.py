@@ -29,8 +29,8 @@ def main(argv=None):
         try:
             mod = importlib.import_module(modname)
         except ModuleNotFoundError as exc:
-            if exc.name != modname:
-                raise
+            if exc.name is None or not (modname + ".").startswith(exc.name + "."):
+                raise  # a missing dependency inside the module is a real error
             continue
         mod.add_arguments(sp)
         modules[name] = mod
