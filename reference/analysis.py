@@ -1,0 +1,228 @@
+"""Analyses of trained LSA models against the gradient-descent constructions.
+
+von Oswald et al. 2023, Sec. 3-4 and App. A (paper-settings.md section 6). What is
+here, all in NumPy and all from the hand-written passes of this package:
+
+* :func:`sensitivity`: the model's implicit linear model g = d y_hat / d x_q, from
+  the hand-written backward (``readout_backward`` with dy_hat = 1, then
+  ``model_backward``, keeping dE[:, N, :d]). For LSA without token clipping the
+  query token stays linear in x_q through every layer (the query is never a key or a
+  value), so g is exact, not a local linearisation.
+* :func:`alignment`: the paper's three alignment metrics between a model and a
+  reference learner (GD or GD++), per task then averaged:
+  preds diff = mean |y_hat - y_hat_ref|,
+  model cos  = mean <g / (|g| + 1e-8), g_ref / (|g_ref| + 1e-8)>,
+  model diff = mean |g - g_ref|_2.
+* :func:`rescale_to_construction`, :func:`construction_match`, :func:`interpolate`:
+  the trained products W_KQ = W_K^T W_Q and W_PV = P W_V compared with a
+  construction's after removing the scale symmetry (W_KQ / beta, W_PV * beta with
+  beta = mean of the diagonal of W_KQ's x-block), and the averaged model.
+* :func:`ood_tasks`: tasks with inputs x ~ U(-alpha/2, alpha/2) or teacher scale
+  alpha, for the out-of-distribution sweeps (alpha = 1 is the training
+  distribution).
+* :func:`rollout_losses`, :func:`damped_gd_losses`: a trained layer applied many
+  times with a damped update of the y-slot only, against damped GD.
+
+This module draws nothing by itself except where a generator is passed in, and it
+imports nothing outside ``reference``.
+"""
+
+import numpy as np
+
+from ._checks import check_float, check_int
+from .constructions import gd_layer, gdpp_layer
+from .lsa import MergedParams, lsa_forward, to_merged
+from .model import Arch, model_backward, model_forward
+from .solvers import gd_predict
+from .tasks import sample_tasks
+from .tokens import build_tokens, readout, readout_backward
+
+COS_EPS = 1e-8  # the paper's guard in g / (|g| + 1e-8)
+
+# The out-of-distribution grids of the paper's figures (official code).
+INPUT_SCALES = np.arange(0.5, 2.03, 0.03)
+TEACHER_SCALES = np.arange(0.5, 5.1, 0.1)
+
+
+def mean_loss(pred, y_q):
+    """0.5 * mean over tasks of ||pred - y_q||^2, as a Python float (float64 sum)."""
+    err = np.asarray(pred, np.float64) - np.asarray(y_q, np.float64)        # (B, d_y)
+    return float(0.5 * (err * err).sum(axis=1).mean())
+
+
+def sensitivity(E, params, arch, d):
+    """Prediction and implicit linear model of an LSA stack.
+
+    Returns (y_hat (B, d_y), g (B, d_y, d)) with g[b, j] = d y_hat[b, j] / d x_q[b]:
+    one forward, then per output dim j the backward of the readout with
+    dy_hat = e_j and the model backward; g is the x-part of the query row of dE.
+    """
+    out, cache = model_forward(E, params, arch)                             # (B, T, D)
+    pred = readout(out, d)                                                  # (B, d_y)
+    B, d_y = pred.shape
+    g = np.empty((B, d_y, d), dtype=pred.dtype)                             # (B, d_y, d)
+    for j in range(d_y):
+        dpred = np.zeros_like(pred)                                         # (B, d_y)
+        dpred[:, j] = 1.0
+        dout = readout_backward(dpred, out.shape, d)                        # (B, T, D)
+        dE, _ = model_backward(dout, cache)                                 # (B, T, D)
+        g[:, j, :] = dE[:, -1, :d]
+    return pred, g
+
+
+def alignment(pred, g, pred_ref, g_ref):
+    """The paper's alignment metrics of (pred, g) against a reference (pred_ref, g_ref).
+
+    pred (B, d_y), g (B, d_y, d). Returns dict(preds_diff, model_cos, model_diff),
+    each a per-task quantity averaged over the B tasks (float64 arithmetic).
+    """
+    p = np.asarray(pred, np.float64)
+    pr = np.asarray(pred_ref, np.float64)
+    B = p.shape[0]
+    a = np.asarray(g, np.float64).reshape(B, -1)                            # (B, d_y*d)
+    b = np.asarray(g_ref, np.float64).reshape(B, -1)                        # (B, d_y*d)
+    an = a / (np.linalg.norm(a, axis=1, keepdims=True) + COS_EPS)
+    bn = b / (np.linalg.norm(b, axis=1, keepdims=True) + COS_EPS)
+    return {
+        "preds_diff": float(np.linalg.norm(p - pr, axis=1).mean()),
+        "model_cos": float((an * bn).sum(axis=1).mean()),
+        "model_diff": float(np.linalg.norm(a - b, axis=1).mean()),
+    }
+
+
+def gd_reference(tasks, eta, n_steps):
+    """GD-K from W_0 = 0 as a reference learner: (y_hat (B, d_y), g (B, d_y, d)).
+    The implicit linear model of GD is its final weight W_K."""
+    pred, W = gd_predict(tasks.X, tasks.Y, tasks.x_q, eta, n_steps)
+    return pred, W
+
+
+def gdpp_params(d, d_y, N, etas, gammas, recurrent, dtype=np.float64):
+    """GD++ construction as model params: (params tuple, Arch). ``recurrent``: one
+    shared layer applied len(etas) times (all etas and gammas must then be equal)."""
+    etas, gammas = [float(e) for e in etas], [float(g) for g in gammas]
+    K = len(etas)
+    if recurrent:
+        if len(set(etas)) != 1 or len(set(gammas)) != 1:
+            raise ValueError("a recurrent GD++ stack needs one (eta, gamma) for every layer")
+        return (gdpp_layer(d, d_y, N, etas[0], gammas[0], dtype=dtype),), Arch(K, recurrent=True)
+    layers = tuple(gdpp_layer(d, d_y, N, e, g, dtype=dtype) for e, g in zip(etas, gammas))
+    return layers, Arch(K, recurrent=False)
+
+
+def gdpp_reference(tasks, etas, gammas):
+    """GD++ as a reference learner, through its construction and :func:`sensitivity`:
+    (y_hat (B, d_y), g (B, d_y, d)), in the dtype of ``tasks``."""
+    B, N, d = tasks.X.shape
+    d_y = tasks.Y.shape[2]
+    params, arch = gdpp_params(d, d_y, N, etas, gammas, recurrent=False, dtype=tasks.X.dtype)
+    E = build_tokens(tasks.X, tasks.Y, tasks.x_q)                           # (B, T, D)
+    return sensitivity(E, params, arch, d)
+
+
+def layer_products(layer):
+    """(W_KQ, W_PV) of one layer's params (factored or merged), each (H, D, D)."""
+    m = to_merged(layer)
+    return np.asarray(m.W_KQ), np.asarray(m.W_PV)
+
+
+def rescale_to_construction(layer, d):
+    """Remove the scale symmetry (W_KQ, W_PV) -> (W_KQ / beta, W_PV * beta) of a
+    one-head layer, with beta = mean of the diagonal of W_KQ's x-block (the
+    construction has beta = 1). Returns (beta, W_KQ / beta (D, D), W_PV * beta (D, D))."""
+    W_KQ, W_PV = layer_products(layer)
+    if W_KQ.shape[0] != 1:
+        raise ValueError(f"the rescaling compares one-head layers, got H={W_KQ.shape[0]}")
+    W_KQ, W_PV = W_KQ[0].astype(np.float64), W_PV[0].astype(np.float64)
+    beta = float(np.mean(np.diag(W_KQ[:d, :d])))
+    if beta == 0.0:
+        raise ValueError("beta (mean diagonal of W_KQ's x-block) is 0: the layer cannot be rescaled")
+    return beta, W_KQ / beta, W_PV * beta
+
+
+def construction_match(layer, construction, d):
+    """How close a trained one-head layer is to a construction, up to the scale symmetry.
+
+    Returns dict(beta, kq_rel_err, pv_rel_err, rel_err) with
+    kq_rel_err = ||W_KQ / beta - C_KQ||_F / ||C_KQ||_F and the same for W_PV * beta;
+    rel_err is the larger of the two. The construction's own beta is 1 (Prop. 1).
+    """
+    beta, KQ, PV = rescale_to_construction(layer, d)
+    C_KQ, C_PV = (a[0].astype(np.float64) for a in layer_products(construction))
+    kq = float(np.linalg.norm(KQ - C_KQ) / np.linalg.norm(C_KQ))
+    pv = float(np.linalg.norm(PV - C_PV) / np.linalg.norm(C_PV))
+    return {"beta": beta, "kq_rel_err": kq, "pv_rel_err": pv, "rel_err": max(kq, pv)}
+
+
+def interpolate(layer, construction, d, t=0.5):
+    """The merged layer (1 - t) * rescaled trained products + t * construction products.
+
+    t = 0.5 is the paper's interpolated model. Returns :class:`MergedParams` (H = 1)
+    in the construction's dtype."""
+    t = check_float("t", t, 0.0, 1.0)
+    _, KQ, PV = rescale_to_construction(layer, d)
+    C_KQ, C_PV = (a[0].astype(np.float64) for a in layer_products(construction))
+    dt = np.asarray(construction[0]).dtype
+    return MergedParams(((1 - t) * KQ + t * C_KQ)[None].astype(dt), ((1 - t) * PV + t * C_PV)[None].astype(dt))
+
+
+def gd_construction_layer(d, d_y, N, eta, dtype=np.float64):
+    """The Prop. 1 layer (one GD step from W_0 = 0), for comparisons."""
+    return gd_layer(d, d_y, N, eta, dtype=dtype)
+
+
+def ood_tasks(rng, n_tasks, d, N, d_y, kind, alpha, dtype=np.float64, base_range=(-0.5, 0.5)):
+    """Tasks for one point of an OOD sweep.
+
+    kind 'input': x ~ U(alpha * low, alpha * high) with the training range
+    (low, high) (the paper's U(-alpha/2, alpha/2)); kind 'teacher': W ~ alpha N(0, I).
+    """
+    alpha = check_float("alpha", alpha, 0.0, allow_equal_min=False)
+    low, high = base_range
+    if kind == "input":
+        return sample_tasks(rng, n_tasks, d, N, d_y, x_range=(alpha * low, alpha * high), dtype=dtype)
+    if kind == "teacher":
+        return sample_tasks(rng, n_tasks, d, N, d_y, x_range=(low, high), w_scale=alpha, dtype=dtype)
+    raise ValueError(f"kind must be 'input' or 'teacher', got {kind!r}")
+
+
+def rollout_losses(layer, tasks, n_steps=50, damping=0.75, clip=None):
+    """Apply one trained layer ``n_steps`` times, updating only the y-slots with a
+    damped step: E_y <- E_y + damping * (lsa(E) - E)_y, the x-slots left as they are.
+
+    Returns the loss of the readout after each application, (n_steps,) float64.
+    With the Prop. 1 layer this is GD with step size damping * eta.
+    """
+    n_steps = check_int("n_steps", n_steps, 1)
+    damping = check_float("damping", damping, 0.0, allow_equal_min=False)
+    d = tasks.X.shape[2]
+    E = build_tokens(tasks.X, tasks.Y, tasks.x_q)                           # (B, T, D)
+    dt = E.dtype.type
+    losses = np.empty(n_steps)
+    for s in range(n_steps):
+        out, _ = lsa_forward(E, layer, clip=clip)                           # (B, T, D)
+        E = E.copy()
+        E[:, :, d:] += dt(damping) * (out[:, :, d:] - E[:, :, d:])
+        losses[s] = mean_loss(readout(E, d), tasks.y_q)
+    return losses
+
+
+def damped_gd_losses(tasks, eta, n_steps=50, damping=0.75):
+    """Losses of GD with step size damping * eta after 1 .. n_steps steps, (n_steps,)."""
+    n_steps = check_int("n_steps", n_steps, 1)
+    X, Y, x_q = (np.asarray(a, np.float64) for a in (tasks.X, tasks.Y, tasks.x_q))
+    B, N, d = X.shape
+    W = np.zeros((B, Y.shape[2], d))                                        # (B, d_y, d)
+    step = damping * eta
+    losses = np.empty(n_steps)
+    for s in range(n_steps):
+        R = np.matmul(X, np.swapaxes(W, 1, 2)) - Y                          # (B, N, d_y)
+        W = W - step * np.matmul(np.swapaxes(R, 1, 2), X) / N                # (B, d_y, d)
+        losses[s] = mean_loss(np.einsum("bij,bj->bi", W, x_q), tasks.y_q)
+    return losses
+
+
+__all__ = ["COS_EPS", "INPUT_SCALES", "TEACHER_SCALES", "mean_loss", "sensitivity", "alignment",
+           "gd_reference", "gdpp_params", "gdpp_reference", "layer_products", "rescale_to_construction",
+           "construction_match", "interpolate", "gd_construction_layer", "ood_tasks", "rollout_losses",
+           "damped_gd_losses"]

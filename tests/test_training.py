@@ -1,0 +1,324 @@
+"""Tests of the training path (reference/training.py, reference/analysis.py,
+verify/train_cli.py): resume, divergence, configuration and checkpoint errors, the
+GD++ gradient, the alignment metrics, and the run directory of the CLI.
+
+Every run here is tiny (d=3, N=5, a few dozen steps) so the file stays fast."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import reference as R
+from reference import analysis as A
+from reference import training as T
+from reference.gradcheck import CENTRAL_H
+from reference.tolerances import assert_close, tolerance
+
+TINY = dict(d=3, N=5, batch=64, steps=40, eval_every=10, checkpoint_every=20, eval_tasks=200,
+            line_search_tasks=200, gdpp_steps=5, gdpp_batch=32, ood_tasks=20, rollout_steps=3, backend="numpy")
+
+
+def tiny(**kw):
+    return T.TrainConfig(**{**TINY, **kw})
+
+
+def _eval_rows(rows):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows if r.get("kind") == "eval"]
+
+
+def _same_params(a, b):
+    return all(np.array_equal(x, y) for la, lb in zip(a, b) for x, y in zip(la, lb))
+
+
+# ---- resume -----------------------------------------------------------------------
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(n_layers=2, recurrent=True, dtype="float64")])
+def test_resume_equals_uninterrupted(tmp_path, kw):
+    cfg = tiny(**kw)
+    full = T.train(cfg, str(tmp_path / "full"), progress=False, analyses=False)
+
+    def stop_at_25(step, res):
+        if step == 25:
+            raise Interrupt
+        return res
+
+    run = str(tmp_path / "cut")
+    with pytest.raises(Interrupt):
+        T.train(cfg, run, progress=False, analyses=False, _fault=stop_at_25)
+    assert T.load_checkpoint(os.path.join(run, "checkpoint.npz")).step == 20
+    resumed = T.train(cfg, run, resume=True, progress=False, analyses=False)
+    assert _same_params(full.params, resumed.params), "resumed params differ from the uninterrupted run"
+    assert _eval_rows(T.read_metrics(os.path.join(run, "metrics.jsonl"))) == _eval_rows(full.history)
+
+
+def test_resume_may_extend_steps(tmp_path):
+    run = str(tmp_path / "r")
+    T.train(tiny(steps=20), run, progress=False, analyses=False)
+    longer = T.train(tiny(steps=40), run, resume=True, progress=False, analyses=False)
+    full = T.train(tiny(steps=40), None, progress=False, analyses=False)
+    assert _same_params(full.params, longer.params)
+
+
+def test_existing_run_not_overwritten_without_flag(tmp_path):
+    run = str(tmp_path / "r")
+    T.train(tiny(steps=10), run, progress=False, analyses=False)
+    with pytest.raises(T.ConfigError, match="already holds a run"):
+        T.train(tiny(steps=10), run, progress=False, analyses=False)
+
+
+# ---- divergence -------------------------------------------------------------------
+
+def test_divergence_with_huge_lr_names_step_and_keeps_checkpoint(tmp_path):
+    run = str(tmp_path / "div")
+    cfg = tiny(lr=1e3, grad_clip=None, init_scale=50.0, steps=200, checkpoint_every=10, eval_every=10)
+    with pytest.raises(T.TrainingDiverged) as ei:
+        T.train(cfg, run, progress=False, analyses=False)
+    msg = str(ei.value)
+    assert f"step {ei.value.step} of 200" in msg and "last good checkpoint" in msg
+    ck = T.load_checkpoint(os.path.join(run, "checkpoint.npz"))
+    assert ck.step == ei.value.checkpoint_step < ei.value.step
+    assert T.params_finite(ck.params)
+
+
+def test_injected_nan_stops_at_that_step(tmp_path):
+    run = str(tmp_path / "nan")
+
+    def nan_at_15(step, res):
+        if step == 14:   # the 15th update
+            bad = tuple(type(layer)(*(a * np.nan for a in layer)) for layer in res.params)
+            return res._replace(params=bad)
+        return res
+
+    cfg = tiny(steps=40, checkpoint_every=10, eval_every=10)
+    with pytest.raises(T.TrainingDiverged, match=r"step 15 of 40.*non-finite parameters.*step 10"):
+        T.train(cfg, run, progress=False, analyses=False, _fault=nan_at_15)
+    assert T.load_checkpoint(os.path.join(run, "checkpoint.npz")).step == 10
+
+
+# ---- configuration ----------------------------------------------------------------
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(lr=-1.0), "lr: must be > 0"),
+    (dict(steps=0), "steps: must be >= 1"),
+    (dict(steps=2.5), "steps: expected int"),
+    (dict(dtype="float16"), "dtype"),
+    (dict(b2=1.0), r"b2: must be in \[0, 1\)"),
+    (dict(x_low=1.0, x_high=0.0), "x_low < x_high"),
+    (dict(checkpoint_every=15, eval_every=10), "multiple of eval_every"),
+    (dict(backend="tpu"), "backend"),
+    (dict(recurrent="yes"), "recurrent: expected bool"),
+    (dict(grad_clip=0.0), "grad_clip: must be > 0 or None"),
+])
+def test_bad_config_values_rejected(bad, match):
+    with pytest.raises(T.ConfigError, match=match):
+        tiny(**bad)
+
+
+def test_overrides_typed_and_unknown_keys_rejected():
+    base = T.EXPERIMENTS["one_layer"].config
+    c = T.apply_overrides(base, {"steps": "2_000", "lr": "5e-4", "recurrent": "true", "grad_clip": "none",
+                                 "token_clip": "10"})
+    assert (c.steps, c.lr, c.recurrent, c.grad_clip, c.token_clip) == (2000, 5e-4, True, None, 10.0)
+    with pytest.raises(T.ConfigError, match="unknown config field 'step'.*did you mean steps"):
+        T.apply_overrides(base, {"step": "10"})
+    with pytest.raises(T.ConfigError, match="steps: cannot read 'abc' as int"):
+        T.apply_overrides(base, {"steps": "abc"})
+    with pytest.raises(T.ConfigError, match="unknown experiment"):
+        T.get_experiment("one-layer-please")
+
+
+def test_missing_backend_is_a_clear_error_before_work(tmp_path, monkeypatch):
+    from reference import backends
+
+    monkeypatch.setitem(backends.BACKENDS, "ghost", "reference.backends.ghost_backend_does_not_exist")
+    cfg = tiny(backend="ghost")
+    with pytest.raises(T.ConfigError, match="backend 'ghost' is not available"):
+        T.train(cfg, str(tmp_path / "g"), progress=False)
+    assert not (tmp_path / "g").exists()
+
+
+def test_experiments_are_valid_and_documented():
+    for name, e in T.EXPERIMENTS.items():
+        assert e.config.experiment == name and len(e.description) > 20
+    c = T.EXPERIMENTS["layers5"].config
+    assert (c.n_layers, c.recurrent, c.lr, c.grad_clip, c.token_clip, c.steps) == (5, False, 5e-4, 10.0, 10.0, 50_000)
+    c = T.EXPERIMENTS["one_layer"].config
+    assert (c.b2, c.grad_clip, c.batch, c.eval_tasks, c.eval_every) == (0.98, 0.001, 2048, 10_000, 100)
+
+
+# ---- checkpoints ------------------------------------------------------------------
+
+def test_mismatched_or_corrupt_checkpoint_refused(tmp_path):
+    run = str(tmp_path / "r")
+    T.train(tiny(steps=20), run, progress=False, analyses=False)
+    path = os.path.join(run, "checkpoint.npz")
+    with pytest.raises(T.CheckpointError, match="different configuration: lr"):
+        T.train(tiny(steps=40, lr=5e-4), run, resume=True, progress=False)
+    with pytest.raises(T.CheckpointError, match="beyond steps"):
+        T.train(tiny(steps=10), run, resume=True, progress=False)
+    # another format version
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["format_version"] = np.array(T.FORMAT_VERSION + 1)
+    np.savez(os.path.join(run, "v.npz"), **arrays)
+    with pytest.raises(T.CheckpointError, match="format version"):
+        T.load_checkpoint(os.path.join(run, "v.npz"))
+    # a missing array
+    del arrays["adam.t"]
+    arrays["format_version"] = np.array(T.FORMAT_VERSION)
+    np.savez(os.path.join(run, "m.npz"), **arrays)
+    with pytest.raises(T.CheckpointError, match="unreadable"):
+        T.load_checkpoint(os.path.join(run, "m.npz"))
+    # garbage bytes and a truncated file
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+    with pytest.raises(T.CheckpointError, match="unreadable"):
+        T.train(tiny(steps=40), run, resume=True, progress=False)
+    with open(path, "wb") as f:
+        f.write(b"not a checkpoint")
+    with pytest.raises(T.CheckpointError, match="unreadable"):
+        T.load_checkpoint(path)
+
+
+# ---- GD++ gradient ----------------------------------------------------------------
+
+@pytest.mark.parametrize("recurrent, K", [(True, 2), (False, 3), (True, 1)])
+def test_gdpp_gradient_matches_central_differences(recurrent, K):
+    rng = np.random.default_rng(7)
+    t = R.sample_tasks(rng, 16, 3, 6)
+    n = 1 if recurrent else K
+    eta = rng.uniform(0.5, 2.0, n)
+    gamma = rng.uniform(0.0, 0.3, n)
+
+    def f(e, g):
+        ee, gg = (list(e) * K, list(g) * K) if recurrent else (list(e), list(g))
+        return T.gdpp_loss_and_grads(t, ee, gg, recurrent)[0]
+
+    ee, gg = (list(eta) * K, list(gamma) * K) if recurrent else (list(eta), list(gamma))
+    _, de, dg = T.gdpp_loss_and_grads(t, ee, gg, recurrent)
+    h = CENTRAL_H
+    num_e = np.array([(f(eta + h * np.eye(n)[i], gamma) - f(eta - h * np.eye(n)[i], gamma)) / (2 * h) for i in range(n)])
+    num_g = np.array([(f(eta, gamma + h * np.eye(n)[i]) - f(eta, gamma - h * np.eye(n)[i])) / (2 * h) for i in range(n)])
+    assert_close(de, num_e, "central_diff", what="dL/deta")
+    assert_close(dg, num_g, "central_diff", what="dL/dgamma")
+    if K == 1:
+        assert np.all(np.abs(dg) < 1e-12), "gamma cannot change a one-layer readout"
+
+
+def test_gdpp_meta_training_lowers_the_loss_below_gd():
+    cfg = tiny(n_layers=2, recurrent=True, gdpp_steps=150, gdpp_batch=256, d=4, N=8, line_search_tasks=2000)
+    ev = cfg.task_spec(2000).sample(np.random.default_rng(3))
+    base = T.compute_baselines(cfg, ev)
+    assert base["gdpp_loss"] < base["gd_loss"]
+    assert base["gdpp_gammas"][0] > 0
+
+
+# ---- alignment metrics -------------------------------------------------------------
+
+def test_alignment_of_gd_construction_is_exact_and_perturbation_detected():
+    rng = np.random.default_rng(1)
+    d, N, eta, K = 4, 7, 1.3, 3
+    t = R.sample_tasks(rng, 50, d, N)
+    params, arch = R.gd_stack(K, d, 1, N, eta, recurrent=True)
+    E = R.build_tokens(t.X, t.Y, t.x_q)
+    pred, g = A.sensitivity(E, params, arch, d)
+    pred_gd, W = A.gd_reference(t, eta, K)
+    m = A.alignment(pred, g, pred_gd, W)
+    tol = tolerance(np.float64, "construction")
+    # cos of g with itself is |g|^2 / (|g| + 1e-8)^2 = 1 - O(1e-8 / |g|) by the metric's guard
+    self_cos = A.alignment(pred_gd, W, pred_gd, W)["model_cos"]
+    assert abs(m["model_cos"] - self_cos) <= tol.rtol and abs(self_cos - 1.0) < 1e-6
+    assert m["model_diff"] <= tol.rtol * np.abs(W).max() and m["preds_diff"] <= tol.rtol * np.abs(pred_gd).max()
+    assert_close(g, W, "construction", what="sensitivity of the GD construction vs GD's weight")
+    # a perturbed model is detected by all three metrics
+    p = params[0]
+    bad = (p._replace(W_Q=p.W_Q + 0.05 * rng.standard_normal(p.W_Q.shape)),)
+    pred_b, g_b = A.sensitivity(E, bad, arch, d)
+    mb = A.alignment(pred_b, g_b, pred_gd, W)
+    assert mb["model_cos"] < 0.999 and mb["model_diff"] > 1e-3 and mb["preds_diff"] > 1e-3
+
+
+def test_sensitivity_matches_finite_differences_of_the_prediction():
+    rng = np.random.default_rng(2)
+    d, N = 3, 5
+    t = R.sample_tasks(rng, 4, d, N, d_y=2)
+    params = tuple(R.init_lsa_params(rng, d + 2, H=2, scale=5.0, dtype=np.float64) for _ in range(2))
+    arch = R.Arch(2)
+    E = R.build_tokens(t.X, t.Y, t.x_q)
+    _, g = A.sensitivity(E, params, arch, d)
+    h = CENTRAL_H
+    num = np.zeros_like(g)
+    for i in range(d):
+        Ep, Em = E.copy(), E.copy()
+        Ep[:, -1, i] += h
+        Em[:, -1, i] -= h
+        num[:, :, i] = (R.predict(Ep, params, arch, d) - R.predict(Em, params, arch, d)) / (2 * h)
+    assert_close(g, num, "central_diff", what="sensitivity vs finite differences")
+
+
+def test_construction_match_removes_scale_and_interpolation_of_construction_is_itself():
+    d, N, eta = 4, 6, 2.0
+    c = R.gd_layer(d, 1, N, eta)
+    beta = -0.37
+    scaled = c._replace(W_Q=c.W_Q * beta, P=c.P / beta)
+    m = A.construction_match(scaled, c, d)
+    assert abs(m["beta"] - beta) < 1e-12 and m["rel_err"] < 1e-12
+    mi = A.interpolate(scaled, c, d)
+    mc = R.to_merged(c)
+    assert_close(mi.W_KQ, mc.W_KQ, "algebra") and assert_close(mi.W_PV, mc.W_PV, "algebra")
+
+
+def test_rollout_of_the_gd_layer_is_damped_gd():
+    rng = np.random.default_rng(4)
+    d, N, eta = 3, 8, 1.5
+    t = R.sample_tasks(rng, 30, d, N)
+    a = A.rollout_losses(R.gd_layer(d, 1, N, eta), t, 10, 0.75)
+    b = A.damped_gd_losses(t, eta, 10, 0.75)
+    assert_close(a, b, "construction", what="roll-out of the GD layer vs damped GD")
+
+
+# ---- the CLI ----------------------------------------------------------------------
+
+def _cli(argv):
+    from verify import cli
+
+    return cli.main(["train", *argv])
+
+
+def test_cli_writes_the_run_directory(tmp_path, capsys):
+    out = tmp_path / "run"
+    sets = [f"--set={k}={v}" for k, v in TINY.items() if k != "steps"]
+    rc = _cli(["one_layer", "--steps", "20", *sets, "--out", str(out), "--quiet"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "effective config (one_layer" in text and "* steps" in text and "final eval loss" in text
+    for f in ("config.json", "metrics.jsonl", "checkpoint.npz", "summary.json"):
+        assert (out / f).is_file(), f
+    for f in ("loss.png", "alignment.png", "ood.png", "weights.png", "rollout.png"):
+        assert (out / "plots" / f).stat().st_size > 1000, f
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["steps"] == 20 and cfg["experiment"] == "one_layer"
+    rows = T.read_metrics(str(out / "metrics.jsonl"))
+    assert rows[0]["kind"] == "baselines" and [r["step"] for r in rows[1:]] == [0, 10, 20]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["ood"]) == {"input", "teacher"} and len(summary["ood"]["input"]["alpha"]) == len(A.INPUT_SCALES) == 51
+
+
+def test_cli_bad_config_fails_before_work(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert _cli(["one_layer", "--set", "stepz=10", "--out", str(out)]) == 2
+    assert "unknown config field 'stepz'" in capsys.readouterr().err
+    assert _cli(["one_layer", "--lr", "-3", "--out", str(out)]) == 2
+    assert "lr: must be > 0" in capsys.readouterr().err
+    assert _cli(["one_layer", "--steps", "5", "--set", "steps=6", "--out", str(out)]) == 2
+    assert _cli(["no_such_experiment", "--out", str(out)]) == 2
+    assert not out.exists()
+    assert _cli(["--list"]) == 0 and "recurrent2" in capsys.readouterr().out

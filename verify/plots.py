@@ -1,0 +1,165 @@
+"""PNG plots of a training run directory (matplotlib, Agg backend; no display needed).
+
+``make_plots(run_dir)`` reads config.json, metrics.jsonl, summary.json and the
+checkpoint written by ``reference.training.train`` and draws, under run_dir/plots/:
+
+* loss.png: eval and training loss against the step, with GD-K, GD++ and least squares;
+* alignment.png: preds diff, model cos and model diff against GD and GD++;
+* ood.png: loss against the input scale and the teacher scale (model, GD, GD++, LSQ);
+* weights.png: heat maps of W_KQ = W_K^T W_Q and W_PV = P W_V per layer and head,
+  next to the construction's;
+* rollout.png: the damped roll-out of a one-layer model against damped GD.
+"""
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from reference import analysis as A  # noqa: E402
+from reference import training as T  # noqa: E402
+
+COLORS = {"model": "C0", "gd": "C1", "gdpp": "C2", "lstsq": "C3", "interp": "C4"}
+
+
+def make_plots(run_dir):
+    """Draw every plot the run's files allow; returns the list of PNG paths."""
+    cfg, params, rows, summary = T.load_run(run_dir)
+    out = os.path.join(run_dir, "plots")
+    os.makedirs(out, exist_ok=True)
+    base = next((r for r in rows if r.get("kind") == "baselines"), None)
+    hist = [r for r in rows if r.get("kind") == "eval"]
+    paths = []
+    if hist and base:
+        paths.append(plot_loss(cfg, hist, base, summary, os.path.join(out, "loss.png")))
+        paths.append(plot_alignment(cfg, hist, os.path.join(out, "alignment.png")))
+    if summary and "ood" in summary:
+        paths.append(plot_ood(cfg, summary["ood"], os.path.join(out, "ood.png")))
+    if params is not None and base:
+        paths.append(plot_weights(cfg, params, base, os.path.join(out, "weights.png")))
+    if summary and "rollout" in summary:
+        paths.append(plot_rollout(cfg, summary["rollout"], os.path.join(out, "rollout.png")))
+    return paths
+
+
+def _title(cfg):
+    kind = "recurrent" if cfg.recurrent else "separate"
+    return (f"{cfg.experiment}: K={cfg.n_layers} {kind}, H={cfg.heads}, d={cfg.d}, N={cfg.N}, "
+            f"seed {cfg.seed}")
+
+
+def _save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_loss(cfg, hist, base, summary, path):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    steps = [r["step"] for r in hist]
+    ax.plot(steps, [r["loss"] for r in hist], color=COLORS["model"], lw=2, label="trained LSA (eval set)")
+    tr = [(r["step"], r["train_loss"]) for r in hist if r.get("train_loss") is not None]
+    if tr:
+        ax.plot(*zip(*tr), color=COLORS["model"], lw=1, alpha=0.4, label="trained LSA (training batches)")
+    K = cfg.n_layers
+    ax.axhline(base["gd_loss"], color=COLORS["gd"], ls="--", label=f"GD-{K}, eta {base['gd_eta']:.2f}: {base['gd_loss']:.4f}")
+    ax.axhline(base["gdpp_loss"], color=COLORS["gdpp"], ls=":", lw=2, label=f"GD++: {base['gdpp_loss']:.4f}")
+    lo = min(min(r["loss"] for r in hist), base["gd_loss"], base["gdpp_loss"])
+    if base["lstsq_loss"] > 1e-3 * lo:
+        ax.axhline(base["lstsq_loss"], color=COLORS["lstsq"], ls="-.", label=f"least squares: {base['lstsq_loss']:.4f}")
+    else:
+        ax.plot([], [], color=COLORS["lstsq"], ls="-.", label=f"least squares: {base['lstsq_loss']:.1e} (off scale)")
+    if summary and "interpolation" in summary:
+        li = summary["interpolation"]["loss_interpolated"]
+        ax.plot([steps[-1]], [li], marker="*", ms=12, ls="", color=COLORS["interp"], label=f"interpolated model: {li:.4f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("loss 0.5 (y_hat - y)^2")
+    ax.set_title(_title(cfg), fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, path)
+
+
+def plot_alignment(cfg, hist, path):
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    steps = [r["step"] for r in hist]
+    for ax, key, label in zip(axes, ("preds_diff", "model_cos", "model_diff"), ("Preds diff", "Model cos", "Model diff")):
+        for ref, name in (("gd", f"GD-{cfg.n_layers}"), ("gdpp", "GD++")):
+            ax.plot(steps, [r[f"{key}_{ref}"] for r in hist], color=COLORS[ref], label=f"vs {name}",
+                    ls="-" if ref == "gd" else "--")
+        ax.set_title(label)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+        if key == "model_cos":
+            ax.set_ylim(min(0.0, ax.get_ylim()[0]), 1.02)
+        else:
+            ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    fig.suptitle(_title(cfg), fontsize=9)
+    return _save(fig, path)
+
+
+def plot_ood(cfg, ood, path):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, kind, xl in zip(axes, ("input", "teacher"), ("input scale alpha: x ~ U(-alpha/2, alpha/2)",
+                                                         "teacher scale alpha: W ~ alpha N(0, I)")):
+        r = ood[kind]
+        a = r["alpha"]
+        ax.plot(a, r["model"], color=COLORS["model"], lw=2, label="trained LSA")
+        ax.plot(a, r["gd"], color=COLORS["gd"], ls="--", label=f"GD-{cfg.n_layers}")
+        ax.plot(a, r["gdpp"], color=COLORS["gdpp"], ls=":", lw=2, label="GD++")
+        if max(r["lstsq"]) > 1e-6:
+            ax.plot(a, r["lstsq"], color=COLORS["lstsq"], ls="-.", label="least squares")
+        ax.axvline(1.0, color="gray", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xlabel(xl)
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle(_title(cfg) + f" - out of distribution ({cfg.ood_tasks} tasks per point)", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_weights(cfg, params, base, path):
+    """Rows: each trained layer and head (raw products), then the construction."""
+    consts = T._construction_layers(cfg, base, np.float64)
+    rows = []
+    for k, layer in enumerate(params):
+        KQ, PV = A.layer_products(layer)
+        for h in range(KQ.shape[0]):
+            rows.append((f"layer {k}" + (f" head {h}" if KQ.shape[0] > 1 else ""), KQ[h], PV[h]))
+    cname = "GD" if cfg.n_layers == 1 else "GD++"
+    for k, c in enumerate(consts[:1] if cfg.recurrent or cfg.n_layers == 1 else consts):
+        KQ, PV = A.layer_products(c)
+        rows.append((f"{cname} construction" + (f" layer {k}" if len(consts) > 1 else ""), KQ[0], PV[0]))
+    fig, axes = plt.subplots(len(rows), 2, figsize=(7, 3.1 * len(rows)), squeeze=False)
+    for i, (name, KQ, PV) in enumerate(rows):
+        for j, (M, mname) in enumerate(((KQ, "W_KQ = W_K^T W_Q"), (PV, "W_PV = P W_V"))):
+            ax = axes[i, j]
+            v = float(np.max(np.abs(M))) or 1.0
+            im = ax.imshow(M, cmap="RdBu_r", vmin=-v, vmax=v)
+            ax.set_title(f"{name}: {mname}", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle(_title(cfg), fontsize=9)
+    return _save(fig, path)
+
+
+def plot_rollout(cfg, ro, path):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    n = np.arange(1, len(ro["model"]) + 1)
+    ax.plot(n, ro["model"], color=COLORS["model"], lw=2, label=f"trained layer, y-slot updates damped by {ro['damping']}")
+    ax.plot(n, ro["gd"], color=COLORS["gd"], ls="--", label=f"GD with step {ro['damping']} * eta")
+    ax.set_yscale("log")
+    ax.set_xlabel("applications / GD steps")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title(_title(cfg) + " - roll-out", fontsize=9)
+    return _save(fig, path)

@@ -1,0 +1,149 @@
+"""``icgd train``: train an LSA transformer from scratch and write a run directory.
+
+    icgd train one_layer --out runs/one_layer
+    icgd train recurrent2 --steps 2000 --set lr=5e-4 --out runs/r2
+    icgd train recurrent2 --out runs/r2 --resume        (continue an interrupted run)
+    icgd train --list                                   (the named experiments)
+
+The experiment's config (``reference.training.EXPERIMENTS``) is overridden field by
+field, either as ``--set KEY=VALUE`` or as ``--KEY VALUE``; values are converted by
+the field's type, unknown keys are refused, and the effective config is printed
+before any work. The run directory gets config.json, metrics.jsonl, checkpoint.npz,
+summary.json and plots/*.png.
+
+Exit codes: 0 done, 2 bad configuration, 3 training diverged, 4 checkpoint refused.
+"""
+
+import argparse
+import dataclasses
+import os
+import sys
+import typing
+
+from reference import training as T
+
+
+def add_arguments(p):
+    p.add_argument("experiment", nargs="?", help="a named experiment (see --list)")
+    p.add_argument("--out", metavar="DIR", help="run directory (default runs/EXPERIMENT-seedSEED)")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="set_",
+                   help="override a config field (repeatable), e.g. --set steps=2000 --set lr=5e-4")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--list", action="store_true", help="list the named experiments and exit")
+    p.add_argument("--dry-run", action="store_true", help="print the effective config and exit")
+    p.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    g = p.add_argument_group("config fields", "every field of the config can be given as --FIELD VALUE "
+                                              "(same as --set FIELD=VALUE)")
+    hints = typing.get_type_hints(T.TrainConfig)
+    for f in dataclasses.fields(T.TrainConfig):
+        if f.name == "experiment":
+            continue
+        g.add_argument(f"--{f.name}", dest=f"cfg__{f.name}", metavar=T._type_name(hints[f.name]).upper().replace(" ", ""),
+                       default=None, help=f"default: the experiment's value")
+
+
+def _overrides(args):
+    over = T.parse_set_args(args.set_)
+    for f in dataclasses.fields(T.TrainConfig):
+        v = getattr(args, f"cfg__{f.name}", None)
+        if v is None:
+            continue
+        if f.name in over and over[f.name] != v:
+            raise T.ConfigError(f"{f.name} given twice with different values: --set {f.name}={over[f.name]} "
+                                f"and --{f.name} {v}")
+        over[f.name] = v
+    return over
+
+
+def effective_config(args):
+    """The experiment's config with the command-line overrides applied (ConfigError if bad)."""
+    if not args.experiment:
+        raise T.ConfigError("name an experiment (one of: " + ", ".join(T.EXPERIMENTS) + "); see --list")
+    exp = T.get_experiment(args.experiment)
+    over = _overrides(args)
+    return T.apply_overrides(exp.config, over), sorted(over)
+
+
+def format_config(cfg, overridden=()):
+    lines = [f"effective config ({cfg.experiment}; * = overridden):"]
+    for f in dataclasses.fields(cfg):
+        mark = "*" if f.name in overridden else " "
+        lines.append(f" {mark} {f.name:<18} = {getattr(cfg, f.name)!r}")
+    return "\n".join(lines)
+
+
+def _list():
+    for name, e in T.EXPERIMENTS.items():
+        c = e.config
+        print(f"{name:<12} K={c.n_layers} {'recurrent' if c.recurrent else 'separate '} H={c.heads} "
+              f"steps={c.steps} lr={c.lr:g} grad_clip={c.grad_clip} token_clip={c.token_clip}\n"
+              f"             {e.description}")
+
+
+def run(args):
+    if args.list:
+        _list()
+        return 0
+    try:
+        cfg, overridden = effective_config(args)
+        T.check_backend_available(cfg.backend)
+    except T.ConfigError as exc:
+        print(f"icgd train: {exc}", file=sys.stderr)
+        return 2
+    out = args.out or os.path.join("runs", f"{cfg.experiment}-seed{cfg.seed}")
+    print(format_config(cfg, overridden))
+    print(f"run directory: {out}", flush=True)
+    if args.dry_run:
+        return 0
+    try:
+        res = T.train(cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    except T.ConfigError as exc:
+        print(f"icgd train: {exc}", file=sys.stderr)
+        return 2
+    except T.TrainingDiverged as exc:
+        print(f"icgd train: {exc}", file=sys.stderr)
+        return 3
+    except T.CheckpointError as exc:
+        print(f"icgd train: cannot resume: {exc}", file=sys.stderr)
+        return 4
+    print(summary_text(res))
+    if not args.no_plots:
+        from . import plots
+
+        paths = plots.make_plots(out)
+        print("plots: " + ", ".join(os.path.relpath(p, out) for p in paths))
+    return 0
+
+
+def summary_text(res):
+    b, f, s = res.baselines, res.summary.get("final") or {}, res.summary
+    K = res.config.n_layers
+    lines = [f"final eval loss {f.get('loss', float('nan')):.5f} after {res.config.steps} steps; "
+             f"GD-{K} {b['gd_loss']:.5f} (eta {b['gd_eta']:.3f}), GD++ {b['gdpp_loss']:.5f}, "
+             f"least squares {b['lstsq_loss']:.3g}"]
+    if f:
+        lines.append(f"alignment vs GD: preds diff {f['preds_diff_gd']:.4f}, model cos {f['model_cos_gd']:.4f}, "
+                     f"model diff {f['model_diff_gd']:.4f}; vs GD++: preds diff {f['preds_diff_gdpp']:.4f}, "
+                     f"model cos {f['model_cos_gdpp']:.4f}, model diff {f['model_diff_gdpp']:.4f}")
+    for k, w in enumerate(s.get("weights", [])):
+        lines.append(f"layer {k}: beta {w['beta']:.4f}, |W_KQ/beta - C| / |C| {w['kq_rel_err']:.4f}, "
+                     f"|W_PV*beta - C| / |C| {w['pv_rel_err']:.4f} (C = {s['construction'].upper()} construction)")
+    if "interpolation" in s:
+        i = s["interpolation"]
+        lines.append(f"interpolated model loss {i['loss_interpolated']:.5f} (model {i['loss_model']:.5f}, "
+                     f"construction {i['loss_construction']:.5f})")
+    if res.run_dir:
+        lines.append(f"wrote {res.run_dir}/: " + ", ".join(T.RUN_FILES))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="icgd train", description="Train an LSA transformer from scratch.")
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
