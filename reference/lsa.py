@@ -185,10 +185,12 @@ def clip_backward(dout, pre, c):
 def init_lsa_params(rng, D, *, H=1, key_size=None, value_size=None, n_layers_for_scale=1,
                     scale=0.002, dtype=np.float32, merged=False, xp=np):
     """Initial parameters as in the official code: variance scaling with
-    ``scale / K`` over fan-in (D), truncated normal at two standard deviations,
-    i.e. std = sqrt(scale / K / D) / 0.8796 before truncation (the constant makes the
-    truncated distribution's std equal to the target). The paper's text says
-    "std 0.002/K"; the code's variance-scaling form is the default here.
+    ``scale / K`` over each matrix's fan-in, truncated normal at two standard
+    deviations: std = sqrt(scale / K / fan_in) / 0.8796 before truncation (the
+    constant makes the truncated distribution's std equal to the target). Fan-in is D
+    for W_Q, W_K, W_V (and both merged products) and H * Vd for P, the projection of
+    the concatenated heads. The paper's text says "std 0.002/K"; the code's
+    variance-scaling form is the default here.
     """
     D = check_int("D", D, 2)
     H = check_int("H", H, 1)
@@ -197,9 +199,8 @@ def init_lsa_params(rng, D, *, H=1, key_size=None, value_size=None, n_layers_for
     K = check_int("n_layers_for_scale", n_layers_for_scale, 1)
     scale = check_float("scale", scale, 0.0, allow_equal_min=False)
     dtype = check_dtype("dtype", dtype)
-    std = np.sqrt(scale / K / D) / 0.87962566103423978
-
-    def tn(shape):
+    def tn(shape, fan_in):
+        std = np.sqrt(scale / K / fan_in) / 0.87962566103423978
         out = rng.standard_normal(shape)
         bad = np.abs(out) > 2.0
         while bad.any():
@@ -208,8 +209,8 @@ def init_lsa_params(rng, D, *, H=1, key_size=None, value_size=None, n_layers_for
         return xp.asarray((std * out).astype(dtype))
 
     if merged:
-        return MergedParams(tn((H, D, D)), tn((H, D, D)))
-    return LSAParams(tn((H, Kd, D)), tn((H, Kd, D)), tn((H, Vd, D)), tn((H, D, Vd)))
+        return MergedParams(tn((H, D, D), D), tn((H, D, D), D))
+    return LSAParams(tn((H, Kd, D), D), tn((H, Kd, D), D), tn((H, Vd, D), D), tn((H, D, Vd), H * Vd))
 
 
 def _check_params(params):

@@ -21,13 +21,14 @@ def oracle_lsa_layer(E, params, causal=False, clip=None):
         heads = [(params.W_Q[h], params.W_K[h], params.W_V[h], params.P[h])
                  for h in range(params.W_Q.shape[0])]
     B, T, D = E.shape
-    out = E.copy()
+    dt = np.result_type(E, *params)           # complex params with real E keep their imaginary part
+    out = E.astype(dt)
     for b in range(B):
         for j in range(T):
             ctx = range(j + 1) if causal else range(T - 1)
             for W_Q, W_K, W_V, P in heads:
                 q = W_Q @ E[b, j]
-                acc = np.zeros(P.shape[1], dtype=E.dtype)
+                acc = np.zeros(P.shape[1], dtype=dt)
                 for i in ctx:
                     score = 0.0
                     k = W_K @ E[b, i]
