@@ -36,7 +36,8 @@ def build_tokens(X, Y, x_q, W_0=None):
         check_array("W_0", W_0)
         if W_0.shape not in ((d_y, d), (B, d_y, d)):
             raise ValueError(f"W_0 must have shape ({d_y}, {d}) or ({B}, {d_y}, {d}), got {tuple(W_0.shape)}")
-        E[:, N, d:] = -xp.einsum("...ij,bj->bi", W_0, x_q)
+        spec = "ij,bj->bi" if W_0.ndim == 2 else "bij,bj->bi"      # shared or per-task W_0
+        E[:, N, d:] = -xp.einsum(spec, W_0, x_q)
     return E
 
 

@@ -83,8 +83,6 @@ def test_build_tokens_with_W0_starts_the_query_at_minus_W0_xq(xp):
     close(E[:, -1, 3:], -np.einsum("ij,bj->bi", W_0, t.x_q), what="query y-slot")
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="reference/tokens.py:39 einsum '...ij,bj->bi' rejects a per-task W_0 (B, d_y, d)")
 def test_build_tokens_with_a_per_task_W0(xp):
     t, rng = setup(d_y=2)
     W_0 = rng.standard_normal((4, 2, 3))
