@@ -296,6 +296,7 @@ def _public_calls(cb):
         "loss_and_grads": lambda: cb.loss_and_grads(E, tasks.y_q, params, arch, d),
         "train_step": lambda: cb.train_step(params, adam_init(params), tasks, arch, AdamHP()),
         "make_stepper": lambda: cb.make_stepper(arch, AdamHP(), TaskSpec(d=d, N=N, B=B), 0),
+        "check_available": cb.check_available,
     }
 
 
@@ -317,7 +318,7 @@ def test_import_in_a_fresh_interpreter_without_cupy():
 
 
 @pytest.mark.parametrize("call", ["sample_tasks", "device_rng", "model_forward", "loss_and_grads",
-                                  "train_step", "make_stepper"])
+                                  "train_step", "make_stepper", "check_available"])
 def test_public_entry_points_without_cupy(monkeypatch, call):
     cb = get_backend("cupy")
     monkeypatch.setitem(sys.modules, "cupy", None)
@@ -333,7 +334,7 @@ def _fake_cupy(get_device_count):
 
 
 @pytest.mark.parametrize("call", ["sample_tasks", "device_rng", "model_forward", "loss_and_grads", "train_step",
-                                  "make_stepper"])
+                                  "make_stepper", "check_available"])
 def test_public_entry_points_without_device(monkeypatch, call):
     cb = get_backend("cupy")
 

@@ -66,6 +66,12 @@ def require_cupy():
     return cupy
 
 
+def check_available():
+    """Raise RuntimeError (what is missing, how to install) unless CuPy and a CUDA device
+    are usable; a training loop can call it before any work."""
+    require_cupy()
+
+
 _KERNELS = {}
 
 
@@ -166,5 +172,5 @@ def make_stepper(arch, hp, spec, seed, dtype=np.float32):
     return FusedStepper(arch, hp, spec, seed, dtype, cupy, _kernels(cupy), DeviceDraw(cupy))
 
 
-__all__ = ["NAME", "INSTALL_HINT", "require_cupy", "device_rng", "sample_tasks", "loss_and_grads",
+__all__ = ["NAME", "INSTALL_HINT", "require_cupy", "check_available", "device_rng", "sample_tasks", "loss_and_grads",
            "model_forward", "train_step", "make_stepper"]
