@@ -21,6 +21,7 @@ import numpy as np
 from ._checks import check_array, check_dtype, check_float, check_int
 from .lsa import LSAParams
 from .model import Arch
+from .xp import to_numpy
 
 
 def _blocks(d, d_y, dtype, xp):
@@ -35,7 +36,7 @@ def _blocks(d, d_y, dtype, xp):
 def _W0(W_0, d, d_y):
     if W_0 is None:
         return np.zeros((d_y, d))
-    W_0 = np.asarray(W_0, dtype=np.float64)
+    W_0 = np.asarray(to_numpy(W_0), dtype=np.float64)
     check_array("W_0", W_0, shape=(d_y, d), allow_complex=False)
     return W_0
 
