@@ -1,0 +1,360 @@
+"""The Numba backend: the whole training step of LSA models as fused CPU kernels
+(``--backend numba``).
+
+Same interface as :mod:`.numpy_backend` (``sample_tasks``, ``loss_and_grads``,
+``model_forward``, ``train_step``, ``make_stepper``) and tested against it and the loop
+oracle (``tests/test_numba_backend.py``), in float32 and float64, and once more with
+``NUMBA_DISABLE_JIT=1``. What is different, and why:
+
+* one kernel call does the batch (``_numba_step.run_batch``): a ``prange`` over chunks
+  of tasks, blocks of L tasks laid out with the task as the innermost ("lane") axis so
+  every per-task loop vectorises, per-chunk float64 gradient accumulators added in
+  chunk order (results do not depend on the thread count);
+* the layers run in merged form (A_h = P_h W_V,h, B_h = W_K,h^T W_Q,h; gradients of
+  factored parameters by the chain rule: dW_Q = W_K dB, dW_K = W_Q dB^T,
+  dW_V = P^T dA, dP = dA W_V^T);
+* context-only layers use the covariance form (per task C = E_ctx^T E_ctx, D x D) and
+  the last layer computes the query token only, since only its y-slot is read
+  (``_numba_layers``): for one layer that is O(N D + D^2) per task instead of
+  O(T N D + T D^2);
+* ``stepper.step`` draws its tasks inside the kernel with a counter-based generator
+  (SplitMix64) keyed by (seed, step, task): NOT the tasks the NumPy backend draws for
+  the same (seed, step), same distribution (``_numba_rng``). ``step_on`` with given
+  tasks matches the reference;
+* clip-by-global-norm and Adam are one pass over a flat vector of all parameters, in
+  the working dtype with the reference's order of operations.
+
+JIT flags (parallel, fastmath, cache, lanes) come from ``config.py``. Complex inputs
+(complex-step checks) are not supported here: they run on the reference ('numpy').
+"""
+
+import numpy as np
+
+from .._checks import check_array, check_dtype, check_int
+from ..lsa import LSAParams, MergedParams, _check_layer_inputs
+from ..model import Arch, _check_model_params
+from ..optim import AdamHP, AdamState
+from ..tasks import Tasks, TaskSpec, sample_tasks as reference_sample_tasks
+from ..tokens import build_tokens
+from ..train_step import StepResult
+from . import config
+from ._numba_rng import run_key
+from ._numba_step import adam_flat, choose_lanes, n_chunks_for, run_batch, sample_to_arrays
+
+NAME = "numba"
+
+
+# ------------------------------------------------------------------ task sampling ----
+
+class NumbaRNG:
+    """The Numba backend's task stream for one (seed, step): pass to :func:`sample_tasks`."""
+
+    def __init__(self, seed, step=0):
+        self.seed = check_int("seed", seed, 0)
+        self.step = check_int("step", step, 0)
+        self.key = run_key(self.seed, self.step)
+
+    def __repr__(self):
+        return f"NumbaRNG(seed={self.seed}, step={self.step})"
+
+
+def numba_rng(seed, step=0):
+    """The generator :meth:`Stepper.step` uses for step ``step`` of a run with ``seed``."""
+    return NumbaRNG(seed, step)
+
+
+def _draw(key, spec, B, dtype):
+    dtype = np.dtype(dtype)
+    d, N, d_y = spec.d, spec.N, spec.d_y
+    X = np.empty((B, N, d), dtype)
+    Y = np.empty((B, N, d_y), dtype)
+    xq = np.empty((B, d), dtype)
+    yq = np.empty((B, d_y), dtype)
+    W = np.empty((B, d_y, d), dtype)
+    low, high = (float(v) for v in spec.x_range)
+    with np.errstate(over="ignore"):   # uint64 wrap-around is intended (only matters without JIT)
+        sample_to_arrays(key, B, d, N, d_y, low, high, float(spec.w_scale), float(spec.noise_std),
+                         int(spec.n_distractors), dtype == np.float32, _lanes(N + 1, d + d_y, dtype),
+                         X, Y, xq, yq, W)
+    return Tasks(X, Y, xq, yq, W)
+
+
+def sample_tasks(rng, B, d, N, d_y=1, *, x_range=(-0.5, 0.5), w_scale=1.0, noise_std=0.0,
+                 n_distractors=0, dtype=np.float64):
+    """B regression tasks. ``rng`` a numpy.random.Generator: the reference's draws
+    (identical to the NumPy backend); ``rng`` from :func:`numba_rng`: the Numba
+    stepper's own stream (different draws, same distribution)."""
+    if isinstance(rng, np.random.Generator):
+        return reference_sample_tasks(rng, B, d, N, d_y, x_range=x_range, w_scale=w_scale, noise_std=noise_std,
+                                      n_distractors=n_distractors, dtype=dtype)
+    if not isinstance(rng, NumbaRNG):
+        raise TypeError("rng must be a numpy.random.Generator or numba_backend.numba_rng(seed, step), "
+                        f"got {type(rng).__name__}")
+    spec = TaskSpec(d=d, N=N, d_y=d_y, B=B, x_range=tuple(x_range), w_scale=w_scale, noise_std=noise_std,
+                    n_distractors=n_distractors)
+    return _draw(rng.key, spec, spec.B, check_dtype("dtype", dtype))
+
+
+# ------------------------------------------------------------- parameter plumbing ----
+
+def _lanes(T, D, dtype):
+    return choose_lanes(T, D, np.dtype(dtype).itemsize, config.LANES)
+
+
+def _real_dtype(arrays, what):
+    dts = {np.dtype(a.dtype) for a in arrays}
+    if len(dts) > 1:
+        raise TypeError(f"{what} must share one dtype, got {sorted(str(t) for t in dts)}")
+    dt = dts.pop()
+    if dt.kind == "c":
+        raise TypeError(f"the numba backend computes in float32 or float64, got {dt}; complex-step "
+                        "checks run on the reference (backend 'numpy')")
+    return dt
+
+
+def _layer_D_H(p):
+    if isinstance(p, MergedParams):
+        return p.W_KQ.shape[1], p.W_KQ.shape[0]
+    return p.W_Q.shape[2], p.W_Q.shape[0]
+
+
+def _merged_stack(params, dtype):
+    """A (Lp, H, D, D) = P W_V, Bm = W_K^T W_Q per layer, in float64 then cast; layers
+    with fewer heads are padded with zero heads (which add nothing and get zero gradient)."""
+    D = _layer_D_H(params[0])[0]
+    H = max(_layer_D_H(p)[1] for p in params)
+    A = np.zeros((len(params), H, D, D))
+    Bm = np.zeros((len(params), H, D, D))
+    for i, p in enumerate(params):
+        if isinstance(p, MergedParams):
+            h = p.W_KQ.shape[0]
+            A[i, :h] = p.W_PV
+            Bm[i, :h] = p.W_KQ
+        else:
+            h = p.W_Q.shape[0]
+            A[i, :h] = np.matmul(p.P.astype(np.float64), p.W_V.astype(np.float64))
+            Bm[i, :h] = np.matmul(np.swapaxes(p.W_K, -1, -2).astype(np.float64), p.W_Q.astype(np.float64))
+    return np.ascontiguousarray(A, dtype), np.ascontiguousarray(Bm, dtype)
+
+
+def _factored_grads(params, dA, dB, dtype):
+    """Gradients of each layer's own parameters from dL/dA, dL/dB (float64 (Lp, H, D, D))."""
+    out = []
+    for i, p in enumerate(params):
+        if isinstance(p, MergedParams):
+            h = p.W_KQ.shape[0]
+            out.append(MergedParams(dB[i, :h].astype(dtype), dA[i, :h].astype(dtype)))
+            continue
+        h = p.W_Q.shape[0]
+        W_Q, W_K, W_V, P = (a.astype(np.float64) for a in p)
+        dBi, dAi = dB[i, :h], dA[i, :h]
+        # forward: B = W_K^T W_Q, so dW_Q = W_K dB and dW_K = W_Q dB^T
+        dW_Q = np.matmul(W_K, dBi)
+        dW_K = np.matmul(W_Q, np.swapaxes(dBi, -1, -2))
+        # forward: A = P W_V, so dP = dA W_V^T and dW_V = P^T dA
+        dW_V = np.matmul(np.swapaxes(P, -1, -2), dAi)
+        dP = np.matmul(dAi, np.swapaxes(W_V, -1, -2))
+        out.append(LSAParams(*(a.astype(dtype) for a in (dW_Q, dW_K, dW_V, dP))))
+    return tuple(out)
+
+
+def _check_inputs(E, params, arch):
+    """The reference's checks (same messages), then the dtype this backend computes in."""
+    _check_model_params(params, arch)
+    check_array("E", E, ndim=3)
+    for p in params:
+        _check_layer_inputs(E, p, arch.causal, arch.clip)
+    return _real_dtype([E] + [a for p in params for a in p], "E and params")
+
+
+class _Run:
+    """Arguments of one ``run_batch`` call that depend only on (arch, params, sizes, dtype)."""
+
+    def __init__(self, arch, params, B, N, d, d_y, dtype):
+        self.arch, self.B, self.N, self.d, self.d_y = arch, B, N, d, d_y
+        self.dtype = dt = np.dtype(dtype)
+        D = d + d_y
+        self.A, self.Bm = _merged_stack(params, dt)
+        self.lidx = np.array([arch.layer_index(k) for k in range(arch.n_layers)], dtype=np.int64)
+        self.has_clip = arch.clip is not None
+        self.clipv = dt.type(arch.clip if arch.clip is not None else 0.0)
+        self.L = _lanes(N + 1, D, dt)
+        self.n_chunks = n_chunks_for((B + self.L - 1) // self.L)
+        Lp, H = self.A.shape[:2]
+        self.dA = np.zeros((self.n_chunks, Lp, H, D, D))
+        self.dB = np.zeros((self.n_chunks, Lp, H, D, D))
+        self.loss = np.zeros(self.n_chunks)
+
+    def __call__(self, *, key=None, E=None, y_q=None, spec=None, full_last=False, need_grad=True,
+                 need_dE=False, need_pred=False):
+        dt, B, N, d, d_y = self.dtype, self.B, self.N, self.d, self.d_y
+        T, D = N + 1, d + d_y
+        sample = key is not None
+        if sample:
+            low, high = (float(v) for v in spec.x_range)
+            opts = (low, high, float(spec.w_scale), float(spec.noise_std), int(spec.n_distractors))
+            E = np.zeros((1, T, D), dt)
+            y_q = np.zeros((1, d_y), dt)
+        else:
+            opts = (-0.5, 0.5, 1.0, 0.0, 0)
+            key = np.uint64(0)
+            E = np.ascontiguousarray(E, dt)
+            y_q = np.ascontiguousarray(y_q if y_q is not None else np.zeros((B, d_y)), dt)
+        pred = np.empty((B, d_y) if need_pred else (1, 1), dt)
+        dE = np.empty((B, T, D) if need_dE else (1, 1, 1), dt)
+        out = np.empty((B, T, D) if full_last else (1, 1, 1), dt)
+        self.dA[:] = 0
+        self.dB[:] = 0
+        self.loss[:] = 0
+        with np.errstate(over="ignore"):   # uint64 wrap-around is intended (only matters without JIT)
+            run_batch(sample, key, E, y_q, B, d, N, d_y, *opts, dt == np.float32,
+                      self.A, self.Bm, self.lidx, self.arch.causal, self.has_clip, self.clipv, dt.type(B),
+                      full_last, need_grad, need_dE, need_pred, self.L, self.n_chunks,
+                      self.loss, self.dA, self.dB, pred, dE, out)
+        return dict(loss=float(self.loss.sum() / B), dA=self.dA.sum(axis=0), dB=self.dB.sum(axis=0),
+                    pred=pred, dE=dE, out=out)
+
+
+# ------------------------------------------------------------- reference signatures ----
+
+def model_forward(E, params, arch):
+    """The K layers on tokens E (B, T, D). Returns (out (B, T, D), None)."""
+    dt = _check_inputs(E, params, arch)
+    B, T, D = E.shape
+    run = _Run(arch, params, B, T - 1, D - 1, 1, dt)
+    # d only matters for the readout, which full_last skips; D = d + d_y with d_y = 1 here
+    res = run(E=E, full_last=True, need_grad=False)
+    return res["out"], None
+
+
+def loss_and_grads(E, y_q, params, arch, d):
+    """Loss of the model on tokens E against y_q, and its gradients, like
+    ``reference.model.loss_and_grads``: (L, dparams, aux dict(pred, dE))."""
+    dt = _check_inputs(E, params, arch)
+    B, T, D = E.shape
+    d = check_int("d", d, 1, D - 1)
+    check_array("y_q", y_q, shape=(B, D - d))
+    run = _Run(arch, params, B, T - 1, d, D - d, dt)
+    res = run(E=E, y_q=y_q, need_dE=True, need_pred=True)
+    grads = _factored_grads(params, res["dA"], res["dB"], dt)
+    return dt.type(res["loss"]), grads, {"pred": res["pred"], "dE": res["dE"]}
+
+
+def _leaves(tree):
+    return [a for layer in tree for a in layer]
+
+
+def _flat(tree, dtype):
+    return np.concatenate([np.asarray(a, dtype).ravel() for a in _leaves(tree)])
+
+
+def _unflat(flat, like):
+    out, i = [], 0
+    for layer in like:
+        fields = []
+        for a in layer:
+            fields.append(flat[i:i + a.size].reshape(a.shape))
+            i += a.size
+        out.append(type(layer)(*fields))
+    return tuple(out)
+
+
+def _adam(params, grads, state, hp, dtype):
+    """reference.optim.adam_update on flat vectors: returns (params, state, norm)."""
+    if not isinstance(state, AdamState):
+        raise TypeError(f"state must be an AdamState (reference.optim.adam_init), got {type(state).__name__}")
+    t = state.t + 1
+    c = dtype.type
+    p, m, v, g = _flat(params, dtype), _flat(state.m, dtype), _flat(state.v, dtype), _flat(grads, dtype)
+    if not (p.size == m.size == v.size == g.size):
+        raise ValueError("the Adam state's shapes do not match the parameters")
+    norm = adam_flat(p, g, m, v, t, c(hp.lr), c(hp.b1), c(hp.b2), c(hp.eps), c(1 - hp.b1), c(1 - hp.b2),
+                     c(1 - hp.b1 ** t), c(1 - hp.b2 ** t),
+                     float(hp.clip_norm) if hp.clip_norm is not None else 0.0, hp.clip_norm is not None)
+    return _unflat(p, params), AdamState(_unflat(m, params), _unflat(v, params), t), float(norm)
+
+
+def _check_step_params(params, arch, dtype, D=None):
+    _check_model_params(params, arch)
+    dt = _real_dtype([a for p in params for a in p], "params")
+    if dt != dtype:
+        raise TypeError(f"params have dtype {dt} but this stepper computes in dtype {dtype}; "
+                        f"cast them (or make the stepper with dtype={dt})")
+    for p in params:
+        for name, a in zip(p._fields, p):
+            check_array(name, a, ndim=3)
+        if D is not None and _layer_D_H(p)[0] != D:
+            raise ValueError(f"params have token width D={_layer_D_H(p)[0]}, the tasks have D={D}")
+
+
+def _step_on_tokens(params, state, E, y_q, arch, hp, dtype, d):
+    B, T, D = E.shape
+    run = _Run(arch, params, B, T - 1, d, D - d, dtype)
+    res = run(E=E, y_q=y_q)
+    grads = _factored_grads(params, res["dA"], res["dB"], dtype)
+    new, st, norm = _adam(params, grads, state, hp, dtype)
+    return StepResult(new, st, res["loss"], norm)
+
+
+def train_step(params, state, tasks, arch, hp):
+    """One clipped Adam step on ``tasks``, like ``reference.train_step.train_step``."""
+    hp = hp.validate()
+    dtype = _real_dtype([a for p in params for a in p], "params")
+    _check_step_params(params, arch, dtype)
+    E = build_tokens(tasks.X, tasks.Y, tasks.x_q).astype(dtype, copy=False)
+    _check_inputs(E, params, arch)
+    return _step_on_tokens(params, state, E, tasks.y_q, arch, hp, dtype, tasks.X.shape[2])
+
+
+class Stepper:
+    """``.step(params, state, step)`` draws step ``step``'s tasks inside the kernel (this
+    backend's own stream, see :func:`numba_rng`) and updates; ``.step_on(params, state,
+    tasks)`` updates on given tasks (how the backends are compared); ``.sample(step)``
+    returns the tasks ``.step`` draws."""
+
+    def __init__(self, arch, hp, spec, seed, dtype=np.float32):
+        if not isinstance(arch, Arch):
+            raise TypeError(f"arch must be an Arch, got {type(arch).__name__}")
+        if not isinstance(hp, AdamHP):
+            raise TypeError(f"hp must be an AdamHP, got {type(hp).__name__}")
+        if not isinstance(spec, TaskSpec):
+            raise TypeError(f"spec must be a TaskSpec, got {type(spec).__name__}")
+        self.arch, self.hp, self.spec = arch, hp.validate(), spec
+        self.seed = check_int("seed", seed, 0)
+        self.dtype = check_dtype("dtype", dtype)
+        self._run = None
+
+    def sample(self, step):
+        return _draw(run_key(self.seed, check_int("step", step, 0)), self.spec, self.spec.B, self.dtype)
+
+    def _runner(self, params, B):
+        r = self._run
+        if r is None or r.B != B:
+            s = self.spec
+            r = self._run = _Run(self.arch, params, B, s.N, s.d, s.d_y, self.dtype)
+        else:
+            r.A, r.Bm = _merged_stack(params, self.dtype)
+        return r
+
+    def step(self, params, state, step):
+        _check_step_params(params, self.arch, self.dtype, self.spec.D)
+        run = self._runner(params, self.spec.B)
+        res = run(key=run_key(self.seed, check_int("step", step, 0)), spec=self.spec)
+        grads = _factored_grads(params, res["dA"], res["dB"], self.dtype)
+        new, st, norm = _adam(params, grads, state, self.hp, self.dtype)
+        return StepResult(new, st, res["loss"], norm)
+
+    def step_on(self, params, state, tasks):
+        _check_step_params(params, self.arch, self.dtype)
+        E = build_tokens(tasks.X, tasks.Y, tasks.x_q).astype(self.dtype, copy=False)
+        _check_inputs(E, params, self.arch)
+        return _step_on_tokens(params, state, E, tasks.y_q, self.arch, self.hp, self.dtype, tasks.X.shape[2])
+
+
+def make_stepper(arch, hp, spec, seed, dtype=np.float32):
+    """A :class:`Stepper` for ``arch`` (Arch), ``hp`` (AdamHP), ``spec`` (TaskSpec)."""
+    return Stepper(arch, hp, spec, seed, dtype)
+
+
+__all__ = ["NAME", "NumbaRNG", "numba_rng", "sample_tasks", "loss_and_grads", "model_forward", "train_step",
+           "make_stepper", "Stepper"]

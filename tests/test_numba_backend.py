@@ -1,0 +1,418 @@
+"""The Numba backend against the NumPy reference, the loop oracle and complex-step
+derivatives, in float64 and float32; its task stream; its errors.
+
+Tests whose name contains ``tiny`` are also run once more in a subprocess with
+``NUMBA_DISABLE_JIT=1`` (the kernels as plain Python, so their Python semantics are
+what is tested) by :func:`test_pure_python_run_of_the_tiny_subset`.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from reference import Arch, build_tokens, init_lsa_params, loss_and_grads, model_forward, readout, sample_tasks
+from reference.backends import config, get_backend, numba_backend as nb, numpy_backend
+from reference.gradcheck import check_gradients
+from reference.lsa import LSAParams, MergedParams
+from reference.optim import AdamHP, adam_init, adam_update
+from reference.oracle import oracle_loss, oracle_model
+from reference.tasks import TaskSpec
+from reference.tolerances import assert_close, tolerance
+
+B, N, d = 7, 5, 3
+D = d + 1
+DTYPES = [np.float64, np.float32]
+
+# (id, arch, heads, key size, merged params, init scale): small scales keep deep stacks
+# finite; clip 0.3 is active for tokens of U(-0.5, 0.5) inputs.
+CASES = [
+    ("K1", Arch(1), 1, None, False, 0.3),
+    ("K1-3heads-key2", Arch(1), 3, 2, False, 0.5),
+    ("K3-recurrent-2heads-key5", Arch(3, recurrent=True), 2, 5, False, 0.3),
+    ("K3-separate-clip", Arch(3, clip=0.3), 1, None, False, 0.3),
+    ("K2-merged", Arch(2), 2, None, True, 0.3),
+    ("K2-causal", Arch(2, causal=True), 1, None, False, 0.3),
+    ("K3-causal-clip-2heads", Arch(3, causal=True, clip=0.3), 2, None, False, 0.5),
+    ("K1-causal-clip", Arch(1, causal=True, clip=0.05), 1, None, False, 0.5),
+]
+TINY = [CASES[0], CASES[3], CASES[4], CASES[6]]
+
+
+def _setup(case, dtype, seed=0, b=B, n=N, dd=d):
+    _, arch, H, key_size, merged, scale = case
+    rng = np.random.default_rng(seed)
+    tasks = sample_tasks(rng, b, dd, n, dtype=dtype)
+    params = tuple(init_lsa_params(rng, dd + 1, H=H, key_size=key_size, scale=scale, dtype=dtype, merged=merged)
+                   for _ in range(arch.n_param_layers))
+    return arch, tasks, params
+
+
+def _leaves(tree):
+    return [a for layer in tree for a in layer]
+
+
+def _close(actual, desired, dtype, what, kind="algebra"):
+    assert_close(np.asarray(actual), np.asarray(desired), kind, dtype, what)
+
+
+@pytest.fixture(params=[0, 4, 2], ids=["lanes-auto", "lanes-4", "lanes-2"])
+def lanes(request, monkeypatch):
+    """Blocks of 64 (one partial block), 4 and 2 lanes (several blocks and chunks, padding)."""
+    monkeypatch.setattr(config, "LANES", request.param)
+    return request.param
+
+
+# ---------------------------------------------------------------- forward / grads ----
+
+def _check_forward(case, dtype):
+    arch, tasks, params = _setup(case, dtype)
+    E = build_tokens(tasks.X, tasks.Y, tasks.x_q)
+    want, _ = model_forward(E, params, arch)
+    got, cache = nb.model_forward(E, params, arch)
+    assert cache is None and got.dtype == want.dtype
+    _close(got, want, dtype, "numba forward")
+
+
+def _check_loss_and_grads(case, dtype):
+    arch, tasks, params = _setup(case, dtype)
+    E = build_tokens(tasks.X, tasks.Y, tasks.x_q)
+    L0, g0, aux0 = loss_and_grads(E, tasks.y_q, params, arch, d)
+    L1, g1, aux1 = nb.loss_and_grads(E, tasks.y_q, params, arch, d)
+    assert np.asarray(L1).dtype == np.dtype(dtype)
+    _close(np.reshape(L1, 1), np.reshape(L0, 1), dtype, "loss")
+    _close(aux1["pred"], aux0["pred"], dtype, "pred")
+    _close(aux1["dE"], aux0["dE"], dtype, "dE")
+    assert [type(p) for p in g1] == [type(p) for p in g0]
+    for n, (a, b) in enumerate(zip(_leaves(g1), _leaves(g0))):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        _close(a, b, dtype, f"gradient leaf {n}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_forward_matches_reference(lanes, case, dtype):
+    _check_forward(case, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_loss_and_grads_match_reference(lanes, case, dtype):
+    _check_loss_and_grads(case, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("case", TINY, ids=[c[0] for c in TINY])
+def test_tiny_forward_and_grads(case, dtype):
+    _check_forward(case, dtype)
+    _check_loss_and_grads(case, dtype)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_forward_and_loss_match_loop_oracle(case):
+    """Against the loop oracle directly (float64): every token, the prediction, the loss."""
+    arch, tasks, params = _setup(case, np.float64, b=3)
+    E = build_tokens(tasks.X, tasks.Y, tasks.x_q)
+    want = oracle_model(E, params, arch)
+    got, _ = nb.model_forward(E, params, arch)
+    _close(got, want, np.float64, "forward vs oracle")
+    L, _, aux = nb.loss_and_grads(E, tasks.y_q, params, arch, d)
+    _close(aux["pred"], readout(want, d), np.float64, "pred vs oracle")
+    _close(np.reshape(L, 1), np.reshape(oracle_loss(readout(want, d), tasks.y_q), 1), np.float64, "loss vs oracle")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_gradients_match_complex_step_of_the_oracle(case):
+    """dL/dE and dL/dparams against complex-step derivatives of the loop oracle's loss,
+    along random directions (float64)."""
+    arch, tasks, params = _setup(case, np.float64, b=3)
+    E = build_tokens(tasks.X, tasks.Y, tasks.x_q)
+    _, grads, aux = nb.loss_and_grads(E, tasks.y_q, params, arch, d)
+    kinds, sizes = [type(p) for p in params], [len(p) for p in params]
+
+    def f(args):
+        ps, n = [], 1
+        for k, s in zip(kinds, sizes):
+            ps.append(k(*args[n:n + s]))
+            n += s
+        out = oracle_model(args[0], tuple(ps), arch)
+        return oracle_loss(readout(out, d), tasks.y_q)
+
+    res = check_gradients(f, [E, *_leaves(params)], [aux["dE"], *_leaves(grads)], np.random.default_rng(1))
+    assert res.ok, res.detail
+
+
+def test_mixed_layer_kinds_and_head_counts():
+    """A stack mixing factored and merged layers with different head counts (zero-head
+    padding inside the backend) gives the reference's loss and gradients."""
+    rng = np.random.default_rng(3)
+    arch = Arch(3)
+    tasks = sample_tasks(rng, B, d, N)
+    f64 = dict(scale=0.3, dtype=np.float64)
+    params = (init_lsa_params(rng, D, H=2, key_size=3, **f64), init_lsa_params(rng, D, merged=True, **f64),
+              init_lsa_params(rng, D, H=3, value_size=2, **f64))
+    E = build_tokens(tasks.X, tasks.Y, tasks.x_q)
+    L0, g0, _ = loss_and_grads(E, tasks.y_q, params, arch, d)
+    L1, g1, _ = nb.loss_and_grads(E, tasks.y_q, params, arch, d)
+    _close(np.reshape(L1, 1), np.reshape(L0, 1), np.float64, "loss")
+    for n, (a, b) in enumerate(zip(_leaves(g1), _leaves(g0))):
+        _close(a, b, np.float64, f"gradient leaf {n}")
+
+
+def test_label_width_two():
+    """d_y = 2: the readout and loss sum over both label dims."""
+    rng = np.random.default_rng(4)
+    tasks = sample_tasks(rng, B, d, N, d_y=2)
+    params = tuple(init_lsa_params(rng, d + 2, scale=0.3, dtype=np.float64) for _ in range(2))
+    E = build_tokens(tasks.X, tasks.Y, tasks.x_q)
+    for arch in (Arch(2), Arch(2, causal=True, clip=0.3)):
+        L0, g0, aux0 = loss_and_grads(E, tasks.y_q, params, arch, d)
+        L1, g1, aux1 = nb.loss_and_grads(E, tasks.y_q, params, arch, d)
+        _close(np.reshape(L1, 1), np.reshape(L0, 1), np.float64, "loss")
+        _close(aux1["dE"], aux0["dE"], np.float64, "dE")
+        for n, (a, b) in enumerate(zip(_leaves(g1), _leaves(g0))):
+            _close(a, b, np.float64, f"gradient leaf {n}")
+
+
+# -------------------------------------------------------------------- training steps ----
+
+def _check_step_on(case, dtype, clip_norm, n_steps=4):
+    arch, _, params = _setup(case, dtype)
+    hp = AdamHP(lr=1e-2, clip_norm=clip_norm)
+    spec = TaskSpec(d=d, N=N, B=B)
+    ref = numpy_backend.make_stepper(arch, hp, spec, seed=0, dtype=dtype)
+    fast = nb.make_stepper(arch, hp, spec, 0, dtype)
+    p0, s0 = params, adam_init(params)
+    p1, s1 = params, adam_init(params)
+    for step in range(n_steps):
+        tasks = ref.sample(step)
+        r0 = ref.step_on(p0, s0, tasks)
+        r1 = fast.step_on(p1, s1, tasks)
+        p0, s0, p1, s1 = r0.params, r0.state, r1.params, r1.state
+        assert s1.t == s0.t == step + 1
+        assert isinstance(r1.loss, float) and isinstance(r1.grad_norm, float)
+        _close([r1.loss], [r0.loss], dtype, f"loss at step {step}")
+        _close([r1.grad_norm], [r0.grad_norm], dtype, f"grad norm at step {step}")
+        for what, t0, t1 in (("params", p0, p1), ("m", s0.m, s1.m), ("v", s0.v, s1.v)):
+            assert [type(x) for x in t1] == [type(x) for x in t0]
+            for n, (a, b) in enumerate(zip(_leaves(t1), _leaves(t0))):
+                assert a.dtype == b.dtype and a.shape == b.shape
+                _close(a, b, dtype, f"{what} leaf {n} after step {step}")
+
+
+@pytest.mark.parametrize("clip_norm", [0.001, None], ids=["gradclip", "noclip"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_step_on_matches_numpy_backend(case, dtype, clip_norm):
+    """Several train steps on the same tasks: params, Adam moments, loss and grad norm."""
+    _check_step_on(case, dtype, clip_norm)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+def test_tiny_step_on(dtype):
+    _check_step_on(CASES[3], dtype, 0.001, n_steps=2)
+
+
+def test_module_train_step_matches_reference():
+    from reference.train_step import train_step
+
+    arch, tasks, params = _setup(CASES[2], np.float64)
+    hp = AdamHP(clip_norm=0.001)
+    state = adam_init(params)
+    r0 = train_step(params, state, tasks, arch, hp)
+    r1 = nb.train_step(params, state, tasks, arch, hp)
+    _close([r1.loss], [r0.loss], np.float64, "loss")
+    for a, b in zip(_leaves(r1.params), _leaves(r0.params)):
+        _close(a, b, np.float64, "params")
+
+
+def test_adam_kernel_matches_reference_adam():
+    """The flat clip + Adam equals reference.optim.adam_update (both dtypes, clip on/off/inactive)."""
+    rng = np.random.default_rng(0)
+    for dtype in DTYPES:
+        params = (init_lsa_params(rng, D, dtype=dtype, scale=1.0), init_lsa_params(rng, D, merged=True, dtype=dtype))
+        grads = (init_lsa_params(rng, D, dtype=dtype, scale=1.0), init_lsa_params(rng, D, merged=True, dtype=dtype))
+        for clip in (None, 1e-3, 1e6):
+            hp = AdamHP(clip_norm=clip)
+            state = adam_init(params)
+            for _ in range(3):
+                new0, st0, n0 = adam_update(params, grads, state, hp)
+                new1, st1, n1 = nb._adam(params, grads, state, hp, np.dtype(dtype))
+                _close([n1], [n0], dtype, "norm")
+                for got, want in ((new1, new0), (st1.m, st0.m), (st1.v, st0.v)):
+                    for a, b in zip(_leaves(got), _leaves(want)):
+                        _close(a, b, dtype, f"adam clip={clip}")
+                params, state = new0, st0
+
+
+# ---------------------------------------------------------------------- task stream ----
+
+def test_tiny_step_draws_then_steps():
+    """step(params, state, s) is step_on(params, state, sample(s)), and sample(s) is a
+    function of (seed, s) alone."""
+    arch, _, params = _setup(CASES[3], np.float32)
+    hp = AdamHP(clip_norm=0.001)
+    spec = TaskSpec(d=d, N=N, B=B)
+    st = nb.make_stepper(arch, hp, spec, 7, np.float32)
+    t_a, t_b, t_c = st.sample(3), st.sample(4), st.sample(3)
+    for a, c in zip(t_a, t_c):
+        np.testing.assert_array_equal(a, c)
+    assert not np.array_equal(t_a.X, t_b.X)
+    assert not np.array_equal(nb.make_stepper(arch, hp, spec, 8, np.float32).sample(3).X, t_a.X)
+    state = adam_init(params)
+    r_step = st.step(params, state, 3)
+    r_on = nb.make_stepper(arch, hp, spec, 7, np.float32).step_on(params, state, t_a)
+    for a, b in zip(_leaves(r_step.params), _leaves(r_on.params)):
+        np.testing.assert_array_equal(a, b)
+    assert r_step.loss == r_on.loss and r_step.grad_norm == r_on.grad_norm
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+def test_task_stream_does_not_depend_on_block_size(monkeypatch, dtype):
+    """Task b's draws are a function of (seed, step, b) only: 1, 3 or 64 lanes per block agree."""
+    spec = TaskSpec(d=4, N=6, B=11, noise_std=0.1, n_distractors=1)
+    draws = []
+    for L in (1, 4, 0):
+        monkeypatch.setattr(config, "LANES", L)
+        draws.append(nb.make_stepper(Arch(1), AdamHP(), spec, 5, dtype).sample(2))
+    for other in draws[1:]:
+        for a, b in zip(other, draws[0]):
+            np.testing.assert_array_equal(a, b)
+    # module-level sample_tasks: the same stream through numba_rng, the reference's through a Generator
+    t = nb.sample_tasks(nb.numba_rng(5, 2), 11, 4, 6, noise_std=0.1, n_distractors=1, dtype=dtype)
+    np.testing.assert_array_equal(t.X, draws[0].X)
+    ref = nb.sample_tasks(np.random.default_rng(0), 3, 2, 4, dtype=dtype)
+    want = sample_tasks(np.random.default_rng(0), 3, 2, 4, dtype=dtype)
+    for a, b in zip(ref, want):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_tasks_distribution():
+    """Labels are W x; inputs in range; moments of W and x match N(0, 1) and U(-0.5, 0.5)."""
+    spec = TaskSpec(d=10, N=10, B=10_000)
+    for dtype in DTYPES:
+        X, Y, x_q, y_q, W = nb.make_stepper(Arch(1), AdamHP(), spec, 0, dtype).sample(0)
+        assert X.shape == (10_000, 10, 10) and Y.shape == (10_000, 10, 1) and x_q.shape == (10_000, 10)
+        assert y_q.shape == (10_000, 1) and W.shape == (10_000, 1, 10) and X.dtype == np.dtype(dtype)
+        assert_close(Y, np.einsum("bij,bnj->bni", W, X), "algebra", what="Y = W x")
+        assert_close(y_q, np.einsum("bij,bj->bi", W, x_q), "algebra", what="y_q = W x_q")
+        assert X.min() >= -0.5 and X.max() < 0.5 and x_q.min() >= -0.5 and x_q.max() < 0.5
+        mc = tolerance(np.float64, "monte_carlo")
+        w = W.reshape(-1).astype(np.float64)
+        assert abs(w.mean()) < 4 / np.sqrt(w.size), f"mean of W {w.mean():.4f}"
+        assert abs(w.var() - 1.0) <= mc.rtol, f"variance of W {w.var():.4f}; {mc.reason}"
+        assert abs(np.mean(w ** 4) / 3.0 - 1.0) < 0.05, "fourth moment of W (normal: 3)"
+        x = X.reshape(-1).astype(np.float64)
+        assert abs(x.mean()) < 4 * np.sqrt(1 / 12 / x.size), f"mean of x {x.mean():.4f}"
+        assert abs(x.var() / (1 / 12) - 1.0) <= mc.rtol, f"variance of x {x.var():.5f} vs 1/12; {mc.reason}"
+        # uniform: each tenth of the range holds a tenth of the draws (1e6 draws, 5 sigma)
+        counts = np.histogram(x, bins=10, range=(-0.5, 0.5))[0] / x.size
+        assert np.all(np.abs(counts - 0.1) < 5 * np.sqrt(0.09 / x.size)), counts
+        # tasks are independent: neighbouring tasks' teachers are uncorrelated
+        c = np.corrcoef(W[:-1, 0, 0], W[1:, 0, 0])[0, 1]
+        assert abs(c) < 4 / np.sqrt(W.shape[0]), f"correlation of neighbouring teachers {c:.4f}"
+
+
+def test_tasks_options():
+    """Label noise touches context labels only; distractors replace the first labels."""
+    spec = TaskSpec(d=3, N=6, B=2000, noise_std=0.5, n_distractors=2, x_range=(-1.0, 1.0), w_scale=2.0)
+    X, Y, x_q, y_q, W = nb.make_stepper(Arch(1), AdamHP(), spec, 1, np.float64).sample(0)
+    assert X.min() >= -1.0 and X.max() < 1.0
+    assert_close(y_q, np.einsum("bij,bj->bi", W, x_q), "algebra", what="clean query target")
+    resid = Y[:, 2:] - np.einsum("bij,bnj->bni", W, X[:, 2:])
+    assert 0.45 < resid.std() < 0.55, f"label noise std {resid.std():.3f}, want 0.5"
+    assert 0.9 < Y[:, :2].std() < 1.1, f"distractor label std {Y[:, :2].std():.3f}, want 1"
+    assert 1.8 < W.std() < 2.2, f"teacher std {W.std():.3f}, want w_scale = 2"
+
+
+def test_returned_params_are_not_mutated():
+    arch, _, params = _setup(CASES[0], np.float64)
+    hp = AdamHP(clip_norm=0.001)
+    st = nb.make_stepper(arch, hp, TaskSpec(d=d, N=N, B=B), 0, np.float64)
+    before_in = [a.copy() for a in _leaves(params)]
+    r1 = st.step(params, adam_init(params), 0)
+    before = [a.copy() for a in _leaves(r1.params)]
+    st.step(r1.params, r1.state, 1)
+    for a, b in zip(_leaves(r1.params) + _leaves(params), before + before_in):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_registered_as_backend_and_default():
+    from reference.backends import DEFAULT_TRAIN_BACKEND
+
+    assert get_backend("numba") is nb and nb.NAME == "numba"
+    assert DEFAULT_TRAIN_BACKEND == "numba"
+
+
+# ---------------------------------------------------------------------------- errors ----
+
+def test_bad_input_gets_the_reference_errors():
+    arch, tasks, params = _setup(CASES[0], np.float64)
+    E = build_tokens(tasks.X, tasks.Y, tasks.x_q)
+    p = params[0]
+    cases = [
+        (lambda: nb.model_forward(E[:, :, :3], params, arch), ValueError, r"E must have token width D=4"),
+        (lambda: nb.model_forward(E[0], params, arch), ValueError, "E must have 3 dimensions"),
+        (lambda: nb.model_forward(E.astype(np.float32), params, arch), TypeError, "share one dtype"),
+        (lambda: nb.model_forward(E, (p._replace(P=p.P[:, :3]),), arch), ValueError, r"P must have shape \(1, 4, 4\)"),
+        (lambda: nb.model_forward(E, (p,), Arch(3)), ValueError, r"params must hold 3 layer\(s\)"),
+        (lambda: nb.model_forward(E, (p,), 3), TypeError, "arch must be an Arch"),
+        (lambda: nb.model_forward(E, ((p.W_Q, p.W_K, p.W_V, p.P),), arch), TypeError, "LSAParams or MergedParams"),
+        (lambda: nb.model_forward(E[:, :1], params, arch), ValueError, "at least 2 tokens"),
+        (lambda: nb.loss_and_grads(E, tasks.y_q[:, :0], params, arch, d), ValueError, r"y_q must have shape \(7, 1\)"),
+        (lambda: nb.loss_and_grads(E, tasks.y_q, params, arch, 4), ValueError, "d must be <= 3"),
+        (lambda: nb.loss_and_grads(E.astype(np.complex128), tasks.y_q, tuple(LSAParams(*(a.astype(np.complex128)
+                                   for a in p)) for p in params), arch, d), TypeError, "complex-step"),
+        (lambda: nb.sample_tasks(np.random.RandomState(0), 2, 3, 4), TypeError, "numpy.random.Generator"),
+        (lambda: nb.sample_tasks(nb.numba_rng(0), 0, 3, 4), ValueError, "B must be >= 1, got 0"),
+        (lambda: nb.numba_rng(-1), ValueError, "seed must be >= 0"),
+        (lambda: nb.make_stepper(arch, AdamHP(lr=-1.0), TaskSpec(d=d, N=N, B=B), 0), ValueError, "lr must be > 0"),
+        (lambda: nb.make_stepper(arch, AdamHP(), TaskSpec(d=d, N=N, B=B), 0, np.int32), TypeError,
+         "dtype must be float32 or float64"),
+    ]
+    Einf = E.copy()
+    Einf[1, 2, 0] = np.inf
+    cases.append((lambda: nb.model_forward(Einf, params, arch), ValueError, "E contains NaN or infinite"))
+    for call, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            call()
+
+
+def test_stepper_dtype_mismatch_raises():
+    arch, tasks, params = _setup(CASES[0], np.float64)
+    st = nb.make_stepper(arch, AdamHP(), TaskSpec(d=d, N=N, B=B), 0, np.float32)
+    with pytest.raises(TypeError, match="dtype float32"):
+        st.step_on(params, adam_init(params), tasks)
+    with pytest.raises(TypeError, match="dtype float32"):
+        st.step(params, adam_init(params), 0)
+    wide = (init_lsa_params(np.random.default_rng(0), D + 1, dtype=np.float32),)
+    with pytest.raises(ValueError, match="token width D=5"):
+        st.step(wide, adam_init(wide), 0)
+
+
+def test_config_flags_parse(monkeypatch):
+    monkeypatch.setenv("ICGD_NUMBA_X", "maybe")
+    with pytest.raises(ValueError, match="must be 0 or 1"):
+        config._flag("ICGD_NUMBA_X", True)
+    monkeypatch.setenv("ICGD_NUMBA_X", "3")
+    with pytest.raises(ValueError, match="must be one of"):
+        config._int("ICGD_NUMBA_X", 0, {0, 8})
+    monkeypatch.setenv("ICGD_NUMBA_X", "off")
+    assert config._flag("ICGD_NUMBA_X", True) is False
+    assert set(config.describe()) == {"parallel", "fastmath", "cache", "lanes"}
+
+
+# ------------------------------------------------------------------- pure-Python run ----
+
+@pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="already running without JIT")
+def test_pure_python_run_of_the_tiny_subset():
+    """The ``tiny`` tests again with NUMBA_DISABLE_JIT=1 and 2 lanes per block (several
+    blocks and chunks, a padded block): the kernels' Python semantics, not just LLVM's."""
+    env = dict(os.environ, NUMBA_DISABLE_JIT="1", ICGD_NUMBA_CACHE="0", ICGD_NUMBA_LANES="2")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "tiny",
+                          os.path.abspath(__file__)], cwd=root, env=env, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and " failed" not in out.stdout, out.stdout[-2000:]
