@@ -29,4 +29,4 @@ def get_backend(name):
 
 # The backend `icgd train` uses unless told otherwise. Switched to the fastest
 # backend only once that backend passes the same correctness tests as the reference.
-DEFAULT_TRAIN_BACKEND = "numpy"
+DEFAULT_TRAIN_BACKEND = "numba"
