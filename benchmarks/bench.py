@@ -1,0 +1,644 @@
+"""CPU benchmark: milliseconds per LSA training step, our backends against the peers.
+
+    python -m benchmarks --json benchmarks/results/cpu.json          everything
+    python -m benchmarks --configs a --impls numba,torch-eager-cov --repeats 20
+
+One training step = draw B fresh tasks, forward, loss, backward, global-norm clip and
+Adam, for K separate one-head LSA layers with factored (D, D) weights, in float32. The
+paper's settings for K: gradient clip 0.001 if K <= 2 else 10, lr 1e-3 if K <= 3 else
+5e-4, token clip [-10, 10] if K > 3. Configurations:
+
+    a   d=10  N=10  B=2048  K=1
+    b   d=10  N=10  B=2048  K=6
+    c   d=40  N=80  B=1024  K=4
+
+Implementations: ``numba`` (reference.backends.numba_backend, tasks drawn inside the
+fused kernel), ``numpy`` (the reference), and the peers of ``benchmarks/peers`` that are
+installed (PyTorch eager and torch.compile, JAX jit; attention and covariance forms).
+
+Each (configuration, implementation) runs in its own process (so its peak RSS is its
+own and no two threading runtimes share a process), which
+
+1. verifies: ``numba``: its loss and gradients on the reference's tasks and parameters
+   against the reference (float64), and one ``step_on`` against the NumPy backend's
+   (float32), within the tolerance table's float32 "algebra" entry; ``numpy``: float32
+   against float64; a peer: its loss and gradients on the same tasks and parameters
+   against the reference in float64, at the initial scale and at a scale where the
+   layers change the tokens (same tolerance). An implementation that fails is not
+   timed and the exit status is 1.
+2. times: ``warmup`` steps (JIT compilation included) are run and dropped, then
+   ``repeats`` timed steps (perf_counter around one blocking step); median, p10, p90.
+   Then each part (sample, forward = loss only, backward = loss and gradients, adam =
+   clip + Adam) alone, median over ``repeats`` calls. Parts are separate calls, so they
+   need not add up to the fused step.
+3. records peak RSS (VmHWM of the process) and RSS after imports, thread counts and the
+   load average before and after (a busy machine makes timings meaningless; the table
+   shows it).
+
+A roofline line per configuration: FLOPs, bytes and random words of one Numba step
+(``benchmarks/costs.py``, counted analytically for the algorithm it runs), the machine's
+float32 matmul rate (a 2048^2 np.matmul, all threads), copy bandwidth (a 256 MiB copy)
+and random-number rate (the backend's SplitMix64 generator on all threads; NumPy's
+PCG64 recorded too), the bound max(FLOPs / matmul rate, bytes / bandwidth, random words
+/ rate), and the fraction of it the Numba step reaches.
+
+Output: ``--json FILE`` (one object: machine, versions, rates, rows, roofline, ratios)
+and the same stem with ``.md`` (a readable table); the table is also printed.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+CONFIGS = {
+    "a": dict(d=10, N=10, B=2048, K=1),
+    "b": dict(d=10, N=10, B=2048, K=6),
+    "c": dict(d=40, N=80, B=1024, K=4),
+}
+OURS = ("numba", "numpy")
+
+
+def hyper(cfg):
+    """The paper's settings for K (benchmarks/peers/_common.py derives the same)."""
+    K = cfg["K"]
+    return dict(grad_clip=0.001 if K <= 2 else 10.0, lr=1e-3 if K <= 3 else 5e-4,
+                token_clip=10.0 if K > 3 else None)
+
+
+# ------------------------------------------------------------------ measurement helpers --
+
+def _status_mib(field):
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def rss_mib():
+    return _status_mib("VmRSS")
+
+
+def peak_rss_mib():
+    """Peak RSS of this process: VmHWM (reset at exec), else getrusage's ru_maxrss (which
+    Linux carries over from the parent across exec, so it can over-report)."""
+    hwm = _status_mib("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def timed(fn, warmup, repeats):
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return ts
+
+
+def stats_ms(ts):
+    a = 1e3 * np.asarray(ts)
+    return dict(ms_median=float(np.median(a)), ms_p10=float(np.percentile(a, 10)),
+                ms_p90=float(np.percentile(a, 90)), n=int(a.size))
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-300))
+
+
+# ------------------------------------------------------------------------- the problem --
+
+def problem(cfg, seed=0):
+    """Arch, AdamHP, TaskSpec, float32 initial params (the official init) and float32
+    verification tasks drawn by the reference."""
+    from reference import Arch, init_lsa_params
+    from reference.optim import AdamHP
+    from reference.tasks import TaskSpec, step_rng
+
+    h = hyper(cfg)
+    K, d = cfg["K"], cfg["d"]
+    arch = Arch(n_layers=K, clip=h["token_clip"])
+    hp = AdamHP(lr=h["lr"], clip_norm=h["grad_clip"])
+    spec = TaskSpec(d=d, N=cfg["N"], B=cfg["B"])
+    rng = np.random.default_rng(seed)
+    params = tuple(init_lsa_params(rng, d + 1, n_layers_for_scale=K, dtype=np.float32) for _ in range(K))
+    tasks = spec.sample(step_rng(seed + 1000, 0), dtype=np.float32)
+    return arch, hp, spec, params, tasks
+
+
+def big_params(cfg, seed=1):
+    """Random params whose layers change the tokens by about 10% per layer (|M| ~ 0.1,
+    M = P W_V C W_K^T W_Q with |C| ~ N d / 12), so verification tests the layers, not
+    the identity; the K > 3 token clip stays mostly inactive."""
+    from reference.lsa import LSAParams
+
+    d, N, K = cfg["d"], cfg["N"], cfg["K"]
+    D = d + 1
+    std = (0.1 * 12.0 / (N * d * D * D)) ** 0.25
+    rng = np.random.default_rng(seed)
+    return tuple(LSAParams(*(np.clip(rng.standard_normal((1, D, D)), -2, 2).astype(np.float32) * np.float32(std)
+                             for _ in range(4))) for _ in range(K))
+
+
+def reference_loss_grads64(tasks, params, arch, d):
+    from reference import build_tokens, loss_and_grads
+
+    c = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    E = build_tokens(c(tasks.X), c(tasks.Y), c(tasks.x_q))
+    p64 = tuple(type(p)(*(c(a) for a in p)) for p in params)
+    L, g, _ = loss_and_grads(E, c(tasks.y_q), p64, arch, d)
+    return float(L), [a for layer in g for a in layer]
+
+
+def _verdict(checks):
+    from reference.tolerances import tolerance
+
+    tol = tolerance(np.float32, "algebra")
+    ok = all(c["rel_err"] <= tol.rtol + tol.atol for c in checks)
+    return dict(ok=ok, rtol=tol.rtol, checks=checks)
+
+
+# ---------------------------------------------------------------------- our backends --
+
+class Ours:
+    """One of our backends behind the benchmark's interface."""
+
+    def __init__(self, name, cfg, seed=0):
+        from reference.backends import get_backend
+        from reference.optim import adam_init
+
+        self.name, self.cfg = name, cfg
+        self.backend = get_backend(name)
+        self.arch, self.hp, self.spec, self.params0, self.vtasks = problem(cfg, seed)
+        self.stepper = self.backend.make_stepper(self.arch, self.hp, self.spec, seed, np.float32)
+        self.params, self.state = self.params0, adam_init(self.params0)
+        self.t = 0
+        self.last_loss = float("nan")
+
+    def step(self):
+        r = self.stepper.step(self.params, self.state, self.t)
+        self.params, self.state, self.last_loss = r.params, r.state, r.loss
+        self.t += 1
+
+    def verify(self):
+        from reference.backends import numpy_backend
+        from reference.optim import adam_init
+
+        checks = []
+        if self.name == "numpy":
+            checks += self._loss_grad_checks(self.params0, "init")
+            return _verdict(checks)
+        for label, params in (("init", self.params0), ("big", big_params(self.cfg))):
+            checks += self._loss_grad_checks(params, label)
+        # one step_on against the NumPy backend, same tasks and params (float32)
+        ref = numpy_backend.make_stepper(self.arch, self.hp, self.spec, 0, np.float32)
+        st = adam_init(self.params0)
+        r0 = ref.step_on(self.params0, st, self.vtasks)
+        r1 = self.stepper.step_on(self.params0, st, self.vtasks)
+        p0 = np.concatenate([a.ravel() for layer in r0.params for a in layer])
+        p1 = np.concatenate([a.ravel() for layer in r1.params for a in layer])
+        checks.append(dict(what="step_on params vs numpy backend (f32)", rel_err=_rel(p1, p0)))
+        checks.append(dict(what="step_on loss vs numpy backend (f32)", rel_err=_rel([r1.loss], [r0.loss])))
+        # the fused step (tasks drawn in the kernel) gives a finite loss near the reference's
+        r2 = self.stepper.step(self.params0, st, 0)
+        ok = np.isfinite(r2.loss) and abs(r2.loss - r0.loss) < 0.5 * r0.loss
+        checks.append(dict(what="fused step loss finite and near the reference's", rel_err=0.0 if ok else float("inf")))
+        return _verdict(checks)
+
+    def _loss_grad_checks(self, params, label):
+        from reference import build_tokens
+
+        d = self.cfg["d"]
+        L0, g0 = reference_loss_grads64(self.vtasks, params, self.arch, d)
+        E = build_tokens(self.vtasks.X, self.vtasks.Y, self.vtasks.x_q)
+        L1, g1, _ = self.backend.loss_and_grads(E, self.vtasks.y_q, params, self.arch, d)
+        g1 = [a for layer in g1 for a in layer]
+        return [dict(what=f"loss vs reference f64 ({label})", rel_err=_rel([float(L1)], [L0])),
+                dict(what=f"grads vs reference f64 ({label})",
+                     rel_err=_rel(np.concatenate([a.ravel() for a in g1]), np.concatenate([a.ravel() for a in g0])))]
+
+    def parts(self):
+        from reference import build_tokens, loss_and_grads, model_forward, readout
+        from reference.model import loss_forward
+        from reference.optim import adam_update
+        from reference.tasks import step_rng
+
+        tasks = self.vtasks
+        d = self.cfg["d"]
+        E = build_tokens(tasks.X, tasks.Y, tasks.x_q)
+        params, state, hp = self.params, self.state, self.hp
+        if self.name == "numpy":
+            _, grads, _ = loss_and_grads(E, tasks.y_q, params, self.arch, d)
+            return {
+                "sample": lambda: self.spec.sample(step_rng(0, 1), dtype=np.float32),
+                "forward": lambda: loss_forward(readout(model_forward(E, params, self.arch)[0], d), tasks.y_q),
+                "backward": lambda: loss_and_grads(E, tasks.y_q, params, self.arch, d),
+                "adam": lambda: adam_update(params, grads, state, hp),
+            }
+        nb = self.backend
+        run = nb._Run(self.arch, params, self.spec.B, self.spec.N, d, 1, np.float32)
+        res = run(E=E, y_q=tasks.y_q)
+        grads = nb._factored_grads(params, res["dA"], res["dB"], np.float32)
+
+        def backward():
+            r = run(E=E, y_q=tasks.y_q)
+            nb._factored_grads(params, r["dA"], r["dB"], np.float32)
+
+        return {
+            "sample": lambda: self.stepper.sample(1),
+            "forward": lambda: run(E=E, y_q=tasks.y_q, need_grad=False),
+            "backward": backward,
+            "adam": lambda: nb._adam(params, grads, state, hp, np.dtype(np.float32)),
+        }
+
+    def threads(self):
+        out = {}
+        if self.name == "numba":
+            import numba
+
+            from reference.backends import config
+
+            out = dict(numba_threads=numba.get_num_threads(), numba_config=config.describe())
+            try:
+                out["threading_layer"] = numba.threading_layer()
+            except ValueError:
+                pass
+        return out
+
+
+# ------------------------------------------------------------------------------ peers --
+
+class Peer:
+    def __init__(self, name, cfg, seed=0):
+        from benchmarks.peers import make_peer
+
+        self.name, self.cfg = name, cfg
+        self.peer = make_peer(name, dict(cfg), seed=seed)
+        self.last_loss = float("nan")
+
+    def step(self):
+        self.peer.step()
+        self.last_loss = self.peer.loss()
+
+    def verify(self):
+        arch, _, _, params0, tasks = problem(self.cfg)
+        checks = []
+        saved = self.peer.get_params()
+        for label, params in (("init", params0), ("big", big_params(self.cfg))):
+            flat = [a[0] if a.ndim == 3 else a for layer in params for a in layer]   # 4K arrays (D, D)
+            self.peer.set_params(flat)
+            L0, g0 = reference_loss_grads64(tasks, params, arch, self.cfg["d"])
+            L1 = self.peer.forward_loss(tasks.X, tasks.Y, tasks.x_q, tasks.y_q)
+            g1 = self.peer.grads(tasks.X, tasks.Y, tasks.x_q, tasks.y_q)
+            checks.append(dict(what=f"loss vs reference f64 ({label})", rel_err=_rel([L1], [L0])))
+            checks.append(dict(what=f"grads vs reference f64 ({label})",
+                               rel_err=_rel(np.concatenate([np.ravel(a) for a in g1]),
+                                            np.concatenate([np.ravel(a) for a in g0]))))
+        self.peer.set_params(saved)
+        return _verdict(checks)
+
+    def parts(self):
+        return self.peer.parts()
+
+    def threads(self):
+        out = {}
+        if self.name.startswith("torch"):
+            import torch
+
+            out = dict(torch_threads=torch.get_num_threads(), torch=torch.__version__)
+            if "compile" in self.name:
+                out["compile_mode"] = getattr(self.peer, "compile_mode", None)
+        elif self.name.startswith("jax"):
+            import jax
+
+            out = dict(jax=jax.__version__, jax_devices=[str(x) for x in jax.devices()])
+        return out
+
+
+def make_impl(name, cfg):
+    return Ours(name, cfg) if name in OURS else Peer(name, cfg)
+
+
+# ----------------------------------------------------------------------------- worker --
+
+def worker(impl_name, config, repeats, warmup):
+    """Verify, then time one implementation on one configuration (run in its own process)."""
+    cfg = CONFIGS[config]
+    load0 = os.getloadavg()
+    t0 = time.perf_counter()
+    rss_imports = rss_mib()
+    row = dict(config=config, impl=impl_name, cfg=cfg)
+    impl = make_impl(impl_name, cfg)
+    row["rss_after_build_mib"] = rss_mib()
+    row["verify"] = impl.verify()
+    if not row["verify"]["ok"]:
+        row["error"] = "verification failed; not timed"
+        return row
+    t_first = time.perf_counter()
+    impl.step()                                    # first step: JIT / compile, excluded
+    row["first_step_s"] = time.perf_counter() - t_first
+    row.update(stats_ms(timed(impl.step, warmup, repeats)))
+    row["final_loss"] = float(impl.last_loss)
+    parts = {}
+    for pname, fn in impl.parts().items():
+        parts[pname] = float(np.median(1e3 * np.asarray(timed(fn, 2, repeats))))
+    row["parts"] = parts
+    row["threads"] = impl.threads()
+    row["rss_imports_mib"] = rss_imports
+    row["peak_rss_mib"] = peak_rss_mib()
+    row["loadavg_before"] = list(load0)
+    row["loadavg_after"] = list(os.getloadavg())
+    row["wall_s"] = time.perf_counter() - t0
+    return row
+
+
+def rates_worker():
+    """The machine's float32 matmul rate, copy bandwidth and random-number rates."""
+    import numba
+    from numba import njit, prange
+
+    from reference.backends._numba_rng import stream_key, task_key, uniforms_lanes
+
+    out = {}
+    n = 2048
+    a = np.random.default_rng(0).random((n, n), dtype=np.float32)
+    b = a.copy()
+    c = np.empty_like(a)
+    ts = timed(lambda: np.matmul(a, b, out=c), 2, 7)
+    out["matmul_gflops"] = 2 * n ** 3 / min(ts) / 1e9
+    out["matmul_gflops_median"] = 2 * n ** 3 / float(np.median(ts)) / 1e9
+    x = np.ones(64 * 2 ** 20, np.float32)
+    y = np.empty_like(x)
+    ts = timed(lambda: np.copyto(y, x), 2, 7)
+    out["copy_gbs"] = 2 * x.nbytes / min(ts) / 1e9
+    rng = np.random.default_rng(0)
+    buf = np.empty(2 ** 24, np.float32)
+    ts = timed(lambda: rng.random(out=buf, dtype=np.float32), 1, 5)
+    out["numpy_pcg64_float32_per_s"] = buf.size / min(ts)
+
+    @njit(parallel=True)
+    def splitmix_all_threads(n_chunks, L, n_words, U):
+        for ch in prange(n_chunks):
+            keys = np.empty(L, np.uint64)
+            for l in range(L):
+                keys[l] = stream_key(task_key(np.uint64(12345), ch * L + l), 0)
+            uniforms_lanes(keys, L, 2 * n_words, U[ch], True)
+
+    chunks, L, nw = 8 * numba.get_num_threads(), 64, 4096
+    U = np.empty((chunks, 2 * nw, L))
+    splitmix_all_threads(1, L, 16, U)
+    ts = timed(lambda: splitmix_all_threads(chunks, L, nw, U), 1, 5)
+    out["rng_words_per_s"] = chunks * L * nw / min(ts)
+    out["rng_float32_per_s"] = 2 * out["rng_words_per_s"]
+    out["rng_generator"] = "SplitMix64 (the numba backend's), all threads, 64 lanes, 2 float32 per word"
+    out["threads"] = dict(numba=numba.get_num_threads(), openblas=os.environ.get("OPENBLAS_NUM_THREADS", "default"))
+    return out
+
+
+def run_worker_process(args_list, timeout):
+    """Run ``python -m benchmarks.bench --worker ...`` and return its JSON (or an error row)."""
+    cmd = [sys.executable, "-m", "benchmarks.bench", "--worker"] + args_list
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    except subprocess.TimeoutExpired:
+        return dict(error=f"timed out after {timeout} s")
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode != 0 or not lines:
+        tail = (out.stderr or out.stdout)[-1500:]
+        return dict(error=f"worker exited {out.returncode}: {tail}")
+    return json.loads(lines[-1])
+
+
+# ------------------------------------------------------------------------ the machine --
+
+def machine_info():
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    flags = " ".join(x for x in ("avx2", "fma", "avx512f", "avx512dq", "avx512bw") if x in have)
+                    break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    mem = None
+    try:
+        with open("/proc/meminfo") as f:
+            mem = int(f.readline().split()[1]) / 2 ** 20
+    except OSError:
+        pass
+    return dict(cpu=cpu, simd=flags, logical_cores=os.cpu_count(), usable_cores=usable, mem_gib=mem,
+                platform=platform.platform(), python=platform.python_version(),
+                env={k: v for k, v in os.environ.items() if k.startswith(("ICGD_", "NUMBA_", "OMP_", "OPENBLAS_",
+                                                                          "MKL_", "XLA_"))})
+
+
+def versions():
+    out = {}
+    for mod in ("numpy", "numba", "llvmlite", "scipy", "torch", "jax", "jaxlib"):
+        try:
+            m = __import__(mod)
+            out[mod] = getattr(m, "__version__", "?")
+        except Exception:  # noqa: BLE001 - not installed, or broken
+            out[mod] = None
+    return out
+
+
+# ------------------------------------------------------------------------------ report --
+
+def best_peer(rows, config):
+    peers = [r for r in rows if r["config"] == config and r["impl"] not in OURS and "ms_median" in r]
+    return min(peers, key=lambda r: r["ms_median"]) if peers else None
+
+
+def summarise(result):
+    """Ratios per configuration: numba against numpy and against the best peer."""
+    rows = result["rows"]
+    out = {}
+    for config in result["configs"]:
+        ours = {r["impl"]: r for r in rows if r["config"] == config and r["impl"] in OURS and "ms_median" in r}
+        bp = best_peer(rows, config)
+        nbr = ours.get("numba")
+        s = {}
+        if nbr and "numpy" in ours:
+            s["numba_speedup_over_numpy"] = ours["numpy"]["ms_median"] / nbr["ms_median"]
+        if nbr and bp:
+            s["best_peer"] = bp["impl"]
+            s["best_peer_ms"] = bp["ms_median"]
+            s["numba_speedup_over_best_peer"] = bp["ms_median"] / nbr["ms_median"]
+        if nbr and config in result.get("roofline", {}):
+            s["numba_fraction_of_bound"] = result["roofline"][config]["bound_ms"] / nbr["ms_median"]
+        out[config] = s
+    return out
+
+
+def markdown(result):
+    lines = []
+    m, v = result["machine"], result["versions"]
+    lines.append(f"# CPU benchmark: ms per training step ({result['label']})")
+    lines.append("")
+    lines.append(f"Machine: {m['cpu']} ({m['simd']}), {m['usable_cores']} usable cores, "
+                 f"{m['mem_gib']:.0f} GiB; Python {m['python']}; "
+                 + ", ".join(f"{k} {x}" for k, x in v.items() if x) + ".")
+    r = result.get("rates", {})
+    if "matmul_gflops" in r:
+        lines.append(f"Rates: float32 matmul {r['matmul_gflops']:.0f} GFLOP/s (2048^2, all threads), copy "
+                     f"{r['copy_gbs']:.1f} GB/s, SplitMix64 {r['rng_words_per_s'] / 1e9:.2f} G words/s "
+                     f"(NumPy PCG64 float32 {r['numpy_pcg64_float32_per_s'] / 1e9:.2f} G/s, one thread).")
+    lines.append(f"Command: `{result['command']}`; {result['repeats']} timed steps after {result['warmup']} "
+                 "warm-up steps (JIT/compile excluded); each row in its own process.")
+    lines.append("")
+    lines.append("| config | impl | ms/step median | p10 | p90 | sample | forward | backward | adam | "
+                 "peak RSS MiB | load before/after | verified (worst rel err) |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+    for row in result["rows"]:
+        ver = row.get("verify", {})
+        worst = max((c["rel_err"] for c in ver.get("checks", [])), default=float("nan"))
+        vtxt = ("yes" if ver.get("ok") else "NO") + f" ({worst:.1e})" if ver else "-"
+        if "ms_median" not in row:
+            lines.append(f"| {row['config']} | {row['impl']} | {row.get('error', 'not run')[:80]} "
+                         f"| | | | | | | | | {vtxt} |")
+            continue
+        p = row.get("parts", {})
+        la = row.get("loadavg_before", [float("nan")])[0], row.get("loadavg_after", [float("nan")])[0]
+        lines.append(f"| {row['config']} | {row['impl']} | {row['ms_median']:.3f} | {row['ms_p10']:.3f} | "
+                     f"{row['ms_p90']:.3f} | " + " | ".join(f"{p.get(k, float('nan')):.3f}"
+                                                           for k in ("sample", "forward", "backward", "adam"))
+                     + f" | {row['peak_rss_mib']:.0f} | {la[0]:.1f}/{la[1]:.1f} | {vtxt} |")
+    lines.append("")
+    lines.append("| config | numba ms | best peer | best peer ms | numba speed-up over best peer | "
+                 "over numpy | bound ms (by) | fraction of bound |")
+    lines.append("|---|---:|---|---:|---:|---:|---:|---:|")
+    for config in result["configs"]:
+        s = result["summary"].get(config, {})
+        nbr = next((r for r in result["rows"] if r["config"] == config and r["impl"] == "numba"
+                    and "ms_median" in r), None)
+        rf = result.get("roofline", {}).get(config, {})
+        fmt = lambda x, f: (f.format(x) if x is not None else "-")  # noqa: E731
+        lines.append(f"| {config} | {fmt(nbr and nbr['ms_median'], '{:.3f}')} | {s.get('best_peer', '-')} | "
+                     f"{fmt(s.get('best_peer_ms'), '{:.2f}')} | {fmt(s.get('numba_speedup_over_best_peer'), '{:.1f}x')} "
+                     f"| {fmt(s.get('numba_speedup_over_numpy'), '{:.1f}x')} | "
+                     f"{fmt(rf.get('bound_ms'), '{:.3f}')} ({rf.get('bound_by', '-')}) | "
+                     f"{fmt(s.get('numba_fraction_of_bound'), '{:.2f}')} |")
+    lines.append("")
+    lines.append("Roofline (numba algorithm, benchmarks/costs.py): " + "; ".join(
+        f"{c}: {rf['flops'] / 1e6:.1f} MFLOP, {rf['random_words'] / 1e6:.2f} M random words, "
+        f"{rf['dram_bytes'] / 1e3:.0f} kB compulsory / {rf['scratch_bytes'] / 1e6:.1f} MB scratch "
+        f"-> compute {rf['compute_ms']:.3f} ms, RNG {rf['rng_ms']:.3f} ms, DRAM {rf['dram_ms']:.4f} ms"
+        for c, rf in result.get("roofline", {}).items()) + ".")
+    bad = [r for r in result["rows"] if "ms_median" not in r]
+    if bad:
+        lines.append("")
+        lines.append("Not timed: " + "; ".join(f"{r['config']}/{r['impl']}: {r.get('error', '?')[:200]}" for r in bad))
+    return "\n".join(lines) + "\n"
+
+
+# -------------------------------------------------------------------------------- main --
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", default=None, help="write the result object here (and a .md table beside it)")
+    p.add_argument("--configs", default="a,b,c", help="comma-separated subset of a,b,c")
+    p.add_argument("--impls", default=None,
+                   help="comma-separated implementations (default: numba, numpy and every installed peer)")
+    p.add_argument("--repeats", type=int, default=30, help="timed steps (and calls per part)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps after the first")
+    p.add_argument("--label", default="provisional", help="label written in the table's title")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per (config, impl) process")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--rates", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--impl", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--config", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.repeats < 1 or a.warmup < 0:
+        p.error("--repeats must be >= 1 and --warmup >= 0")
+    return a
+
+
+def main(argv=None):
+    a = parse(sys.argv[1:] if argv is None else argv)
+    if a.worker:
+        row = rates_worker() if a.rates else worker(a.impl, a.config, a.repeats, a.warmup)
+        print(json.dumps(row))
+        return 0
+    from benchmarks.costs import bound, step_cost
+    from benchmarks.peers import PEER_NAMES, UNAVAILABLE_REASONS, available_peers
+
+    configs = [c.strip() for c in a.configs.split(",") if c.strip()]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        print(f"unknown configs {unknown}; known: {sorted(CONFIGS)}", file=sys.stderr)
+        return 2
+    if a.impls:
+        impls = [x.strip() for x in a.impls.split(",") if x.strip()]
+        bad = [x for x in impls if x not in OURS and x not in PEER_NAMES]
+        if bad:
+            print(f"unknown impls {bad}; known: {list(OURS) + list(PEER_NAMES)}", file=sys.stderr)
+            return 2
+    else:
+        impls = list(OURS) + available_peers()
+    result = dict(label=a.label, command="python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
+                  configs=configs, repeats=a.repeats, warmup=a.warmup, machine=machine_info(), versions=versions(),
+                  unavailable_peers=dict(UNAVAILABLE_REASONS), started=time.strftime("%Y-%m-%d %H:%M:%S"))
+    print("measuring machine rates ...", flush=True)
+    result["rates"] = run_worker_process(["--rates"], a.timeout)
+    rows = []
+    for config in configs:
+        for impl in impls:
+            print(f"{config} {impl} ...", end=" ", flush=True)
+            row = run_worker_process(["--impl", impl, "--config", config, "--repeats", str(a.repeats),
+                                      "--warmup", str(a.warmup)], a.timeout)
+            row.setdefault("config", config)
+            row.setdefault("impl", impl)
+            rows.append(row)
+            print(f"{row['ms_median']:.3f} ms" if "ms_median" in row else row.get("error", "?")[:300], flush=True)
+    result["rows"] = rows
+    if "matmul_gflops" in result["rates"]:
+        result["roofline"] = {}
+        for config in configs:
+            cfg = CONFIGS[config]
+            cost = step_cost(cfg["d"], cfg["N"], cfg["B"], cfg["K"])
+            result["roofline"][config] = dict(cost, **bound(cost, result["rates"]))
+    result["summary"] = summarise(result)
+    result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    md = markdown(result)
+    print(md)
+    if a.json:
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=1)
+        with open(os.path.splitext(a.json)[0] + ".md", "w") as f:
+            f.write(md)
+    failed = [r for r in rows if not r.get("verify", {}).get("ok", False)]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
