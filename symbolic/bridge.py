@@ -210,7 +210,7 @@ BRIDGE_GRAD_CASES = tuple(("merged", s) for s in G.MERGED_SIZES) + tuple(("facto
     + tuple(("stack", s) for s in G.STACK_SIZES)
 
 
-@theorem("bridge.gradients", source=SRC, kind="bridge",
+@theorem("bridge.gradients", source=SRC, kind="bridge", slow=True,
          statement="The symbolic loss (the forward transcription) and its exact derivatives, evaluated at random "
                    "points, equal reference.loss_and_grads (loss, parameter gradients, dE)",
          hypotheses="the configurations of the gradient proofs (merged, factored, stacks, fixed parts at their "

@@ -253,8 +253,16 @@ def run_theorem(th, **injections):
     return res
 
 
-def load_all():
-    """Import every proof module so its theorems register; returns THEOREMS."""
-    from . import prop1, gdpp, gradients, step_size, bridge  # noqa: F401  (import order = report order)
+MODULE_ORDER = ("prop1", "gdpp", "gradients", "step_size", "bridge")
 
-    return THEOREMS
+
+def load_all():
+    """Import every proof module so its theorems register; returns the theorems in
+    report order (by module as in MODULE_ORDER, then in order of definition)."""
+    from . import bridge, gdpp, gradients, prop1, step_size  # noqa: F401
+
+    def rank(item):
+        mod = item[1].fn.__module__.rsplit(".", 1)[-1]
+        return MODULE_ORDER.index(mod) if mod in MODULE_ORDER else len(MODULE_ORDER)
+
+    return dict(sorted(THEOREMS.items(), key=rank))   # sorted() is stable: definition order within a module

@@ -100,6 +100,8 @@ def eigen_coefficient(expr, C, u):
     total = sp.S.Zero
     for t in terms:
         coeff, mats = t.as_coeff_matrices() if hasattr(t, "as_coeff_matrices") else (sp.S.One, [t])
+        # structural identification of the factors (pattern matching for the rewrite),
+        # not a decision of the theorem: that is the scalar residual afterwards
         if not mats or mats[-1] != u:
             raise ValueError(f"term {t} does not end in the eigenvector {u}")
         k = 0
@@ -146,7 +148,7 @@ def _rem(e, ch):
     return sp.rem(sp.expand(e), ch, lam)
 
 
-@theorem("gdpp.eigen.explicit", source=SRC,
+@theorem("gdpp.eigen.explicit", source=SRC, slow=True,
          statement="At explicit sizes: X'^T X' = (I - gamma C) C (I - gamma C) entrywise; for a symmetric C, every root "
                    "lambda of det(C - lambda I) is a root of det(C' - lambda (1 - gamma lambda)^2 I), and the "
                    "eigenvector u(lambda) of C (a null vector of C - lambda I) satisfies C' u = lambda (1 - gamma lambda)^2 u",

@@ -265,7 +265,7 @@ def prove_gradients_factored(backward=R.lsa_backward, sizes=FACTORED_SIZES):
     return pf
 
 
-@theorem("gradients.stack.explicit", source=SRC,
+@theorem("gradients.stack.explicit", source=SRC, slow=True,
          statement="For stacks of K = 2, 3 merged LSA layers (weight-tied or separate), the model backward (layers in "
                    "reverse, a shared layer's gradients summed) equals the exact derivative of the loss: with respect "
                    "to E for fixed rational weights, and with respect to every layer's W_KQ, W_PV for fixed rational "
