@@ -18,7 +18,7 @@ E = [[X, Y], [X_q, Y_q]] with the N context tokens first. The layer (lsa.py) is
 """
 
 import sympy as sp
-from sympy import BlockMatrix, Identity, MatrixSymbol, ZeroMatrix, block_collapse
+from sympy import BlockMatrix, Identity, ZeroMatrix, block_collapse
 
 # The general-dimension symbols: d input width, d_y label width, N context tokens,
 # M query tokens (the reference has M = 1; any M is the same row-wise statement).

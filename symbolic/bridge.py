@@ -19,7 +19,6 @@ import numpy as np
 import sympy as sp
 
 import reference as R
-from reference.lsa import LSAParams, MergedParams
 
 from . import algebra as A
 from . import gradients as G

@@ -11,6 +11,7 @@ import argparse
 import fnmatch
 import json
 import os
+import re
 import sys
 import tempfile
 import textwrap
@@ -74,8 +75,8 @@ def describe(res):
             how = (f"{len(steps)} comparison(s), worst float64 relative error {_num(worst)} "
                    f"(rtol {steps[0].tolerance:g}) at: {wheres}")
         else:
-            hows = "; ".join(dict.fromkeys(s.how.split(" (")[0] for s in steps))
-            how = f"{hows}; {n} residual(s) in all, at: {wheres}"
+            hows = "; ".join(dict.fromkeys(re.sub(r"\s*\(\d+ \w+\)$", "", s.how) for s in steps))
+            how = f"{hows}; {n} checked in all, at: {wheres}"
         lines.append(_wrap(how, "        "))
         for s in steps:
             if not s.holds:

@@ -16,7 +16,7 @@ import sympy as sp
 from sympy import Identity, MatrixSymbol
 
 from . import algebra as A
-from .algebra import N, M, d, d_y, eta, gamma
+from .algebra import N, d, d_y, eta, gamma
 from .core import Proof, theorem
 from .prop1 import explicit_data, general_data
 
