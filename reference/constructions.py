@@ -8,8 +8,9 @@ Sec. 4 / App. A.5 (GD++). Token layout (x, y) of width D = d + d_y.
   DeltaW = -(eta/N) sum_i (W_0 x_i - y_i) x_i^T, one GD step on
   L(W) = 1/(2N) sum_i ||W x_i - y_i||^2 from W_0. With the query's y-slot at
   -W_0 x_q (``build_tokens(..., W_0=W_0)``) the readout is (W_0 + DeltaW) x_q.
-* K stacked copies: K GD steps from W_0 with the same eta (context y-slots carry the
-  residuals y_i - W_k x_i, the query y-slot carries -W_k x_q).
+* K stacked copies: K GD steps from W_0 with the same eta (context y-slots carry
+  y_i - (W_k - W_0) x_i, which are the residuals y_i - W_k x_i when W_0 = 0, and
+  the query y-slot carries -W_k x_q).
 * GD++:  W_K = W_Q as above, W_V = [[I_d, 0], [W_0, -I_y]],
   P = [[-gamma I_d, 0], [0, (eta/N) I_y]].  Every token: x_j <- (I - gamma X^T X) x_j
   (X^T X = sum over context of x_i x_i^T) and y_j <- y_j - DeltaW x_j, both computed
