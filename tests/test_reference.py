@@ -136,7 +136,7 @@ def test_clip_gradient_passes_inside_only():
 def test_verify_json_interface(tmp_path):
     out = tmp_path / "r.json"
     md = tmp_path / "r.md"
-    proc = subprocess.run([sys.executable, "-m", "verify", "--only", "prop1,klayer", "--json", str(out),
+    proc = subprocess.run([sys.executable, "-m", "verify", "--only", "prop1.*,klayer.*", "--json", str(out),
                            "--markdown", str(md)], capture_output=True, text=True)
     rep = json.loads(out.read_text())
     assert {"version", "machine", "claims", "mode"} <= set(rep)
