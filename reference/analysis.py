@@ -143,15 +143,23 @@ def rescale_to_construction(layer, d):
 def construction_match(layer, construction, d):
     """How close a trained one-head layer is to a construction, up to the scale symmetry.
 
-    Returns dict(beta, kq_rel_err, pv_rel_err, rel_err) with
+    Returns dict(beta, kq_rel_err, pv_rel_err, rel_err, eta_over_N,
+    construction_eta_over_N, gamma_equiv) with
     kq_rel_err = ||W_KQ / beta - C_KQ||_F / ||C_KQ||_F and the same for W_PV * beta;
     rel_err is the larger of the two. The construction's own beta is 1 (Prop. 1).
+    eta_over_N and gamma_equiv read the rescaled layer as a GD++ layer, whose W_PV is
+    diag(-gamma I_d, -(eta/N) I_y): gamma = -mean diag of the x-block,
+    eta/N = -mean diag of the y-block.
     """
     beta, KQ, PV = rescale_to_construction(layer, d)
     C_KQ, C_PV = (a[0].astype(np.float64) for a in layer_products(construction))
     kq = float(np.linalg.norm(KQ - C_KQ) / np.linalg.norm(C_KQ))
     pv = float(np.linalg.norm(PV - C_PV) / np.linalg.norm(C_PV))
-    return {"beta": beta, "kq_rel_err": kq, "pv_rel_err": pv, "rel_err": max(kq, pv)}
+    # the construction's y-block of W_PV is -(eta/N) I_y; its eta/N converts to eta via N
+    c_yy = -float(np.mean(np.diag(C_PV[d:, d:])))
+    return {"beta": beta, "kq_rel_err": kq, "pv_rel_err": pv, "rel_err": max(kq, pv),
+            "eta_over_N": -float(np.mean(np.diag(PV[d:, d:]))), "construction_eta_over_N": c_yy,
+            "gamma_equiv": -float(np.mean(np.diag(PV[:d, :d])))}
 
 
 def interpolate(layer, construction, d, t=0.5):

@@ -59,6 +59,7 @@ from .tasks import TaskSpec
 from .tokens import build_tokens
 
 FORMAT_VERSION = 1
+HOST_BACKENDS = ("numpy", "numba")   # backends whose loss_and_grads take NumPy arrays
 
 # Random streams. Training step s draws from default_rng([seed, s]) (tasks.step_rng);
 # every other stream is default_rng([seed or eval_seed, TAG, ...]) with a TAG far above
@@ -410,60 +411,71 @@ def _cast(tasks, dtype):
 
 
 class GDPPParams(NamedTuple):
-    eta: object    # (L,) step sizes, L = 1 (shared) or K
-    gamma: object  # (L,) curvature corrections
+    """What Adam meta-trains for GD++: the entries of the construction's P."""
+    a: object      # (L,) a = eta / N, the y-block of P; L = 1 (shared) or K
+    gamma: object  # (L,) curvature corrections, minus the x-block of P
 
 
-def gdpp_loss_and_grads(tasks, etas, gammas, recurrent):
+def gdpp_loss_and_grads(tasks, etas, gammas, recurrent, loss_and_grads_fn=loss_and_grads):
     """Loss of the GD++ construction on ``tasks`` and its gradient in (eta, gamma).
 
     Forward: the model of ``analysis.gdpp_params`` (gdpp_layer weights); backward: the
     hand-written model backward gives dP per layer, chained through
     P = diag(-gamma I_d, (eta/N) I_y):  deta = tr(dP_yy) / N,  dgamma = -tr(dP_xx).
-    ``recurrent``: one shared pair (etas, gammas of length 1) applied K times, with
-    K = the number of steps in ``etas`` when given K equal values.
+    ``recurrent``: one shared layer applied len(etas) times (all etas and gammas equal);
+    its dP already sums the applications, so deta and dgamma have length 1.
+    ``loss_and_grads_fn``: the reference's (default) or a backend's, same signature.
     Returns (L, deta (L,), dgamma (L,)).
     """
     B, N, d = tasks.X.shape
     d_y = tasks.Y.shape[2]
     params, arch = A.gdpp_params(d, d_y, N, etas, gammas, recurrent, dtype=tasks.X.dtype)
     E = build_tokens(tasks.X, tasks.Y, tasks.x_q)                                # (B, T, D)
-    L, dparams, _ = loss_and_grads(E, tasks.y_q, params, arch, d)
+    L, dparams, _ = loss_and_grads_fn(E, tasks.y_q, params, arch, d)
     deta = np.array([np.trace(g.P[0, d:, d:]) / N for g in dparams])             # (L,)
     dgamma = np.array([-np.trace(g.P[0, :d, :d]) for g in dparams])              # (L,)
     return float(L), deta, dgamma
 
 
 def meta_train_gdpp(cfg, eta0, log=None):
-    """Adam on (eta, gamma) of GD++ (paper-settings.md section 4), in float64.
+    """Adam on GD++'s (eta, gamma) (paper-settings.md section 4), in float64.
 
     Shared (one pair) when ``cfg.gdpp_shared``, one pair per layer otherwise.
-    Initialised at eta = eta0 (the GD-K line search), gamma = eta0 / N^2. Tasks of
-    step s come from default_rng([eval_seed, GDPP tag, s]), independent of the
-    training seed. Returns (etas (K,), gammas (K,), last loss)."""
+    Initialised at eta = eta0 (the GD-K line search), gamma = eta0 / N^2. Adam acts on
+    the entries of P, a = eta / N and gamma (dL/da = N dL/deta): Adam moves every
+    coordinate by about lr per step whatever its scale, and with eta itself as the
+    coordinate 1000 steps at lr 1e-3 move eta by at most ~1, too little to leave the
+    line-search value (measured for recurrent K=2: eta 6.0 -> 6.96, loss 0.146; on P's
+    entries: eta 12.6, gamma 0.167, loss 0.114 after 1000 steps, the paper's gamma 0.179
+    at convergence). Tasks of step s come from default_rng([eval_seed, GDPP tag, s + 1]),
+    independent of the training seed. The forward and backward run on the configured
+    backend's ``loss_and_grads`` when it takes host arrays (numpy, numba), else on the
+    reference. Returns (etas (K,), gammas (K,), last loss)."""
     K, N = cfg.n_layers, cfg.N
+    lag = get_backend(cfg.backend).loss_and_grads if cfg.backend in HOST_BACKENDS else loss_and_grads
     n = 1 if cfg.gdpp_shared else K
-    p = (GDPPParams(np.full(n, float(eta0)), np.full(n, float(eta0) / N ** 2)),)
+    p = (GDPPParams(np.full(n, float(eta0) / N), np.full(n, float(eta0) / N ** 2)),)
     hp = AdamHP(lr=cfg.gdpp_lr, b1=0.9, b2=cfg.gdpp_b2, eps=1e-8, clip_norm=None)
     state = adam_init(p)
     spec = cfg.task_spec(cfg.gdpp_batch)
     L = float("nan")
     for s in range(cfg.gdpp_steps):
         t = spec.sample(np.random.default_rng([cfg.eval_seed, _GDPP, s + 1]))
-        etas, gammas = _expand(p[0], K)
-        L, de, dg = gdpp_loss_and_grads(t, etas, gammas, recurrent=cfg.gdpp_shared)
+        etas, gammas = _expand(p[0], K, N)
+        L, de, dg = gdpp_loss_and_grads(t, etas, gammas, recurrent=cfg.gdpp_shared, loss_and_grads_fn=lag)
         if not np.isfinite(L):
             raise TrainingDiverged(f"GD++ meta-training diverged at step {s + 1} (loss {L})", s + 1)
-        p, state, _ = adam_update(p, (GDPPParams(de, dg),), state, hp)
+        # chain rule to P's entries: a = eta / N, so dL/da = N dL/deta
+        p, state, _ = adam_update(p, (GDPPParams(N * de, dg),), state, hp)
         if log is not None and (s + 1) % max(1, cfg.gdpp_steps // 10) == 0:
             log(s + 1, L)
-    etas, gammas = _expand(p[0], K)
+    etas, gammas = _expand(p[0], K, N)
     return np.asarray(etas), np.asarray(gammas), L
 
 
-def _expand(p, K):
-    """Per-step lists of length K from a shared (length-1) or per-layer GDPPParams."""
-    eta, gamma = np.asarray(p.eta), np.asarray(p.gamma)
+def _expand(p, K, N):
+    """Per-step (etas, gammas) lists of length K from shared (length-1) or per-layer GDPPParams."""
+    eta, gamma = N * np.asarray(p.a), np.asarray(p.gamma)
     if eta.size == 1:
         return [float(eta[0])] * K, [float(gamma[0])] * K
     return [float(e) for e in eta], [float(g) for g in gamma]
@@ -483,7 +495,7 @@ def compute_baselines(cfg, evals, log=None):
     gdpp_loss = A.mean_loss(gdpp_predict(evals.X, evals.Y, evals.x_q, etas, gammas), evals.y_q)
     ls_loss = A.mean_loss(least_squares_predict(evals.X, evals.Y, evals.x_q), evals.y_q)
     if log:
-        log(f"baselines: GD++ ({'shared' if cfg.gdpp_shared else 'per layer'}, {cfg.gdpp_steps} Adam steps) "
+        log(f"baselines: GD++ ({'shared' if cfg.gdpp_shared else 'per layer'}, {cfg.gdpp_steps} Adam steps on P) "
             f"eta {np.round(etas, 3).tolist()} gamma {np.round(gammas, 4).tolist()}, eval loss {gdpp_loss:.5f}; "
             f"least squares {ls_loss:.5f} ({time.perf_counter() - t0:.0f} s)")
     return {"gd_eta": float(eta), "gd_loss": gd_loss, "gdpp_etas": [float(e) for e in etas],
@@ -959,6 +971,23 @@ def ood_sweeps(cfg, params, baselines, input_scales=None, teacher_scales=None):
             rows["lstsq"].append(A.mean_loss(least_squares_predict(t.X, t.Y, t.x_q), t.y_q))
         res[kind] = rows
     return res
+
+
+def load_result(run_dir):
+    """The :class:`RunResult` of a finished run directory (as :func:`train` returned it)."""
+    cfg, params, rows, summary = load_run(run_dir)
+    if summary is None or params is None:
+        raise CheckpointError(f"{run_dir}: not a finished run (no summary.json or checkpoint.npz)")
+    base = next((r for r in rows if r.get("kind") == "baselines"), None)
+    base = {k: v for k, v in base.items() if k != "kind"} if base else summary.get("baselines")
+    return RunResult(cfg, params, base, [r for r in rows if r.get("kind") == "eval"], summary, run_dir)
+
+
+def train_to_dir(cfg_dict, out_dir):
+    """Train a config given as a dict into ``out_dir`` (overwriting) without progress
+    output; returns out_dir. A picklable entry point for worker processes."""
+    train(config_from_dict(cfg_dict), out_dir, overwrite=True, progress=False)
+    return out_dir
 
 
 def load_run(run_dir):

@@ -38,8 +38,18 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(n_layers=2, recurrent=True, dtype="float64")])
+def _numba_or_skip():
+    try:
+        T.check_backend_available("numba")
+    except T.ConfigError as exc:
+        pytest.skip(str(exc))
+    return "numba"
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(n_layers=2, recurrent=True, dtype="float64"), "numba"])
 def test_resume_equals_uninterrupted(tmp_path, kw):
+    if kw == "numba":
+        kw = dict(backend=_numba_or_skip(), n_layers=3, token_clip=1.0, grad_clip=10.0)
     cfg = tiny(**kw)
     full = T.train(cfg, str(tmp_path / "full"), progress=False, analyses=False)
 
@@ -211,6 +221,17 @@ def test_gdpp_gradient_matches_central_differences(recurrent, K):
     assert_close(dg, num_g, "central_diff", what="dL/dgamma")
     if K == 1:
         assert np.all(np.abs(dg) < 1e-12), "gamma cannot change a one-layer readout"
+
+
+def test_gdpp_gradient_same_on_the_backends():
+    backend = _numba_or_skip()
+    from reference.backends import get_backend
+
+    t = R.sample_tasks(np.random.default_rng(8), 32, 3, 6)
+    ref = T.gdpp_loss_and_grads(t, [1.2, 0.8], [0.1, 0.2], False)
+    fast = T.gdpp_loss_and_grads(t, [1.2, 0.8], [0.1, 0.2], False, get_backend(backend).loss_and_grads)
+    for a, b in zip(ref[1:], fast[1:]):
+        assert_close(b, a, "algebra")
 
 
 def test_gdpp_meta_training_lowers_the_loss_below_gd():

@@ -126,29 +126,34 @@ def plot_ood(cfg, ood, path):
 
 
 def plot_weights(cfg, params, base, path):
-    """Rows: each trained layer and head (raw products), then the construction."""
+    """Heat maps of the trained products per layer and head (columns), rows W_KQ and
+    W_PV, then the construction's W_KQ and W_PV for the same layer."""
     consts = T._construction_layers(cfg, base, np.float64)
-    rows = []
+    cols = []
     for k, layer in enumerate(params):
         KQ, PV = A.layer_products(layer)
+        CKQ, CPV = (a[0] for a in A.layer_products(consts[min(k, len(consts) - 1)]))
         for h in range(KQ.shape[0]):
-            rows.append((f"layer {k}" + (f" head {h}" if KQ.shape[0] > 1 else ""), KQ[h], PV[h]))
+            name = ("shared layer" if cfg.recurrent else f"layer {k}") + (f" head {h}" if KQ.shape[0] > 1 else "")
+            cols.append((name, KQ[h], PV[h], CKQ, CPV))
     cname = "GD" if cfg.n_layers == 1 else "GD++"
-    for k, c in enumerate(consts[:1] if cfg.recurrent or cfg.n_layers == 1 else consts):
-        KQ, PV = A.layer_products(c)
-        rows.append((f"{cname} construction" + (f" layer {k}" if len(consts) > 1 else ""), KQ[0], PV[0]))
-    fig, axes = plt.subplots(len(rows), 2, figsize=(7, 3.1 * len(rows)), squeeze=False)
-    for i, (name, KQ, PV) in enumerate(rows):
-        for j, (M, mname) in enumerate(((KQ, "W_KQ = W_K^T W_Q"), (PV, "W_PV = P W_V"))):
+    fig, axes = plt.subplots(4, len(cols), figsize=(3.3 * len(cols) + 0.5, 12.5), squeeze=False)
+    for j, (name, KQ, PV, CKQ, CPV) in enumerate(cols):
+        for i, (M, mname) in enumerate(((KQ, f"{name}: W_KQ"), (PV, f"{name}: W_PV"),
+                                        (CKQ, f"{cname} construction: W_KQ"), (CPV, f"{cname} construction: W_PV"))):
             ax = axes[i, j]
             v = float(np.max(np.abs(M))) or 1.0
             im = ax.imshow(M, cmap="RdBu_r", vmin=-v, vmax=v)
-            ax.set_title(f"{name}: {mname}", fontsize=8)
+            ax.set_title(mname, fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.suptitle(_title(cfg), fontsize=9)
-    return _save(fig, path)
+    fig.suptitle(_title(cfg) + "\nW_KQ = W_K^T W_Q, W_PV = P W_V (raw, before rescaling); token layout (x_1..x_d, y)",
+                 fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def plot_rollout(cfg, ro, path):

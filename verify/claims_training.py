@@ -1,0 +1,308 @@
+"""Claims of the training experiments (issue #4): LSA models trained from scratch with
+the hand-written passes reproduce the paper's trained-vs-GD results.
+
+von Oswald et al. ICML'23, Sec. 3-4, Figs. 2-4 and App. A. Every model is trained once
+per verify run (an in-process memo shared by the claims) into a run directory under
+``ctx.workdir`` (config.json, metrics.jsonl, checkpoint.npz, summary.json), so a
+failing claim can be inspected with ``verify.plots.make_plots(run_dir)``.
+
+Quick mode keeps the paper's batch (2048), learning rates, clipping and evaluation set
+(10,000 tasks) and shortens training to where the claims hold with margin (measured,
+see each claim); ``--full`` uses the paper's step counts and 5 seeds.
+"""
+
+import argparse
+import multiprocessing
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+
+from reference import training as T
+
+from . import registry
+from .registry import Outcome, claim
+
+SRC = "von Oswald et al. ICML'23"
+FULL_SEEDS = (0, 1, 2, 3, 4)
+MAX_WORKERS = 3
+
+# Quick mode: the paper's lr, clipping, init and evaluation set (10,000 tasks), fewer
+# steps (and tasks per step where measured to be safe). Measured on the numpy backend:
+# * one_layer, batch 2048: within 1% of the GD-1 loss by step 500-600 on seeds 0-3;
+#   with batch 512 or 1024 some seeds sit on a plateau at loss 0.40 for > 1000 steps,
+#   so the batch stays at the paper's 2048;
+# * recurrent2, batch 1024: a first plateau near 0.147 until step ~1500, then GD++
+#   (0.116) is reached by step 2250-2500 (seeds 0, 1); 3000 steps leave margin;
+# * layers5, batch 512: below GD-5 from step ~2000; at 3000 steps 23% of the way from
+#   GD-5 (0.114) to per-layer GD++ (0.060); the paper trains 50,000 steps.
+QUICK = {
+    "one_layer": dict(steps=1000, gdpp_steps=100, checkpoint_every=500),
+    "recurrent2": dict(steps=3000, batch=1024, checkpoint_every=500),
+    "layers5": dict(steps=3000, batch=512, gdpp_steps=1000, eval_every=250, checkpoint_every=1000),
+}
+_MEMO = {}
+
+
+def _seeds(ctx):
+    return FULL_SEEDS if ctx.full else (ctx.seed,)
+
+
+def config_for(ctx, experiment, seed):
+    over = {"seed": seed}
+    if not ctx.full:
+        over.update(QUICK[experiment])
+    return T.apply_overrides(T.get_experiment(experiment).config, over)
+
+
+def _run_dir(ctx, cfg):
+    return os.path.join(ctx.workdir, ctx.mode, f"{cfg.experiment}-seed{cfg.seed}")
+
+
+def run_for(ctx, experiment, seed):
+    """Train (once per verify run) the named experiment at ``seed`` in this mode."""
+    cfg = config_for(ctx, experiment, seed)
+    if cfg not in _MEMO:
+        _prefetch(ctx)
+    if cfg not in _MEMO:
+        _MEMO[cfg] = T.train(cfg, _run_dir(ctx, cfg), overwrite=True, progress=False)
+    return _MEMO[cfg]
+
+
+def _selected_experiments(ctx):
+    """The experiments whose claims this verify run selected (from --only on the command
+    line, as the runner reads it); all training experiments when it cannot tell."""
+    from . import runner
+
+    p = argparse.ArgumentParser(add_help=False)
+    runner.add_arguments(p)
+    try:
+        only = p.parse_known_args(sys.argv[1:])[0].only
+    except SystemExit:
+        only = None
+    ids = [c.id for c in registry.select(registry._REGISTRY, ctx.mode, only)]
+    return sorted({i.split(".")[1] for i in ids if i.startswith("training.") and i.split(".")[1] in QUICK})
+
+
+_PREFETCHED = set()
+
+
+def _prefetch(ctx):
+    """Train every run the selected training claims need, in parallel worker processes
+    (one per core, at most MAX_WORKERS), longest first; results come back from the run
+    directories. Each run is the same deterministic computation as in-process."""
+    key = (ctx.mode, ctx.seed, ctx.workdir)
+    if key in _PREFETCHED:
+        return
+    _PREFETCHED.add(key)
+    cfgs = [config_for(ctx, e, s) for e in _selected_experiments(ctx) for s in _seeds(ctx)]
+    cfgs = [c for c in cfgs if c not in _MEMO]
+    workers = min(len(cfgs), os.cpu_count() or 1, MAX_WORKERS)
+    if workers < 2:
+        return
+    cost = {"layers5": 3, "recurrent2": 2, "one_layer": 1}
+    cfgs.sort(key=lambda c: -cost.get(c.experiment, 0))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {c: pool.submit(T.train_to_dir, c.to_dict(), _run_dir(ctx, c)) for c in cfgs}
+        for c, f in futures.items():
+            try:
+                _MEMO[c] = T.load_result(f.result())
+            except Exception:  # noqa: BLE001 - the claim retrains in-process and reports the error
+                pass
+
+
+def runs(ctx, experiment):
+    return [run_for(ctx, experiment, s) for s in _seeds(ctx)]
+
+
+def _per_seed(results, fn):
+    return {f"seed{r.config.seed}": fn(r) for r in results}
+
+
+def _loss_rows(results):
+    return _per_seed(results, lambda r: {"model": r.summary["final"]["loss"], "gd": r.baselines["gd_loss"],
+                                         "gdpp": r.baselines["gdpp_loss"], "lstsq": r.baselines["lstsq_loss"],
+                                         "gd_eta": r.baselines["gd_eta"], "gdpp_etas": r.baselines["gdpp_etas"],
+                                         "gdpp_gammas": r.baselines["gdpp_gammas"]})
+
+
+# ---- one layer (Fig. 2) ---------------------------------------------------------------
+
+@claim("training.one_layer.loss_equals_gd1", source=f"{SRC}, Sec. 3, Fig. 2",
+       statement="A one-layer LSA trained from scratch reaches the loss of one GD step with the line-searched eta",
+       method="one_layer experiment (Adam b2 0.98, clip 0.001, batch 2048, init 0.002/K); quick: 1000 steps, 1 seed; "
+              "full: 5000 steps, 5 seeds. Worst |L_model - L_GD1| / L_GD1 on the 10,000-task eval set")
+def _(ctx):
+    rs = runs(ctx, "one_layer")
+    rel = [abs(r.summary["final"]["loss"] - r.baselines["gd_loss"]) / r.baselines["gd_loss"] for r in rs]
+    return Outcome.at_most(max(rel), 0.02,
+                           "GD-1 is the best one-layer linear-attention predictor up to eta (isotropic data), so the "
+                           "trained loss can only meet it; Adam at a constant lr leaves a measured jitter of about "
+                           "+-0.5% around it; a model still on the early plateau is 100% above (0.40 vs 0.20), one at "
+                           "step 400 about 5-10%",
+                           losses=_loss_rows(rs))
+
+
+@claim("training.one_layer.aligns_with_gd", source=f"{SRC}, Sec. 3, Fig. 2 (alignment)",
+       statement="The trained one-layer model's implicit linear model g = d y_hat / d x_q points the way of GD's (model cos "
+                 "close to 1), and its predictions are close to GD's",
+       method="g from the hand-written backward on the 10,000 eval tasks, against GD-1's weight; worst model cos over "
+              "seeds (preds diff and model diff in the details)")
+def _(ctx):
+    rs = runs(ctx, "one_layer")
+    cos = [r.summary["final"]["model_cos_gd"] for r in rs]
+    return Outcome.at_least(min(cos), 0.99,
+                            "the paper's Fig. 2 shows model cos reaching about 1 (measured 0.999 on every seed); a "
+                            "model on the plateau has cos 0.25, one halfway through its descent (loss 0.25) 0.89",
+                            alignment=_per_seed(rs, lambda r: {k: v for k, v in r.summary["final"].items()
+                                                               if k.endswith("_gd") or k.endswith("_gdpp")}))
+
+
+@claim("training.one_layer.weights_equal_construction", source=f"{SRC}, Prop. 1, Fig. 2 (weights)",
+       statement="The trained products W_KQ = W_K^T W_Q and W_PV = P W_V equal the Prop. 1 construction up to the scale "
+                 "symmetry (W_KQ / beta, W_PV * beta, beta = mean diagonal of W_KQ's x-block)",
+       method="relative Frobenius error of each rescaled product against the construction with the line-searched eta; "
+              "worst over the two products and the seeds (the equivalent eta of the trained layer in the details)")
+def _(ctx):
+    rs = runs(ctx, "one_layer")
+    errs = [r.summary["weights"][0]["rel_err"] for r in rs]
+    return Outcome.at_most(max(errs), 0.1,
+                           "measured 0.03-0.05: the entries that never get a gradient (W_Q's y-column, W_V's x-rows "
+                           "read by nothing) keep their 0.002/K-scale initial values and Adam's constant step leaves "
+                           "eta within ~1-2% of the line search; a model before convergence (step 300) is at 0.68",
+                           weights=_per_seed(rs, lambda r: dict(r.summary["weights"][0],
+                                                                eta_equiv=r.config.N * r.summary["weights"][0]["eta_over_N"],
+                                                                gd_eta=r.baselines["gd_eta"])))
+
+
+@claim("training.one_layer.interpolation", source=f"{SRC}, Sec. 3 (interpolated model)",
+       statement="The model whose products are the average of the rescaled trained ones and the construction's performs "
+                 "like both",
+       method="loss of the interpolated model on the eval set; worst of |L_interp - L_model| and |L_interp - L_GD1| "
+              "relative to L_GD1, over seeds")
+def _(ctx):
+    rs = runs(ctx, "one_layer")
+    rel = []
+    for r in rs:
+        i = r.summary["interpolation"]
+        rel.append(max(abs(i["loss_interpolated"] - i["loss_model"]), abs(i["loss_interpolated"] - i["loss_construction"]))
+                   / i["loss_construction"])
+    return Outcome.at_most(max(rel), 0.02,
+                           "the same 2% as the trained-vs-GD loss claim: if the two end points agree to the Adam "
+                           "jitter (+-0.5%), a model between them must too (measured about 0.1%)",
+                           interpolation=_per_seed(rs, lambda r: r.summary["interpolation"]))
+
+
+@claim("training.one_layer.ood_equals_gd", source=f"{SRC}, Sec. 3, Fig. 3 (out of distribution)",
+       statement="Out of distribution (inputs scaled by alpha in [0.5, 2], teacher scaled by alpha in [0.5, 5]) the "
+                 "trained one-layer model's loss follows GD-1's",
+       method="1000 tasks per alpha on the paper's grids, same tasks for model and GD; worst |L_model - L_GD1| / L_GD1 "
+              "over both sweeps and seeds")
+def _(ctx):
+    rs = runs(ctx, "one_layer")
+    worst, where = 0.0, None
+    for r in rs:
+        for kind, rows in r.summary["ood"].items():
+            m, g = np.array(rows["model"]), np.array(rows["gd"])
+            rel = np.abs(m - g) / g
+            i = int(np.argmax(rel))
+            if rel[i] >= worst:
+                worst, where = float(rel[i]), {"seed": r.config.seed, "sweep": kind, "alpha": rows["alpha"][i],
+                                               "model": float(m[i]), "gd": float(g[i])}
+    return Outcome.at_most(worst, 0.1,
+                           "the worst point is always at the largest input scale, where GD overshoots (loss 30x the "
+                           "in-distribution one) and the loss moves 2-3x as fast as eta: the trained layer's eta is "
+                           "within ~2% of the line search, which gives the measured 3-5%; a model that were not GD "
+                           "would differ by O(1) out there",
+                           worst_point=where)
+
+
+@claim("training.one_layer.rollout_tracks_damped_gd", source=f"{SRC}, Sec. 3 (iterating the trained layer)",
+       statement="Applying the trained layer 50 times, updating only the y-slots with damping 0.75, tracks 50 steps of GD "
+                 "with step size 0.75 * eta",
+       method="1000 tasks; loss after each application against damped GD's after each step; worst relative difference "
+              "over the 50 steps and the seeds")
+def _(ctx):
+    rs = runs(ctx, "one_layer")
+    worst = 0.0
+    for r in rs:
+        m, g = np.array(r.summary["rollout"]["model"]), np.array(r.summary["rollout"]["gd"])
+        worst = max(worst, float(np.max(np.abs(m - g) / g)))
+    return Outcome.at_most(worst, 0.1,
+                           "the layer's ~1-2% deviation from the construction accumulates over 50 applications "
+                           "(measured 3-5%); a layer that were not a GD step would not descend like GD at all",
+                           rollout=_per_seed(rs, lambda r: {"model": r.summary["rollout"]["model"][::7],
+                                                            "gd": r.summary["rollout"]["gd"][::7]}))
+
+
+# ---- recurrent two layers (Fig. 4) --------------------------------------------------
+
+@claim("training.recurrent2.below_gd2", source=f"{SRC}, Sec. 4, Fig. 4",
+       statement="A recurrent (weight-tied) two-layer LSA trained from scratch beats two steps of GD",
+       method="recurrent2 experiment (clip 0.001, lr 1e-3); quick: 3000 steps at batch 1024, 1 seed; full: 5000 steps "
+              "at batch 2048, 5 seeds. Worst L_model / L_GD2 over seeds")
+def _(ctx):
+    rs = runs(ctx, "recurrent2")
+    ratio = [r.summary["final"]["loss"] / r.baselines["gd_loss"] for r in rs]
+    return Outcome.at_most(max(ratio), 0.9,
+                           "GD++ is 0.71 of GD-2 (0.112 vs 0.158); the training passes a first plateau at 0.93 of "
+                           "GD-2 (steps 600-1500) before reaching GD++; 0.9 asks for more than that plateau",
+                           losses=_loss_rows(rs))
+
+
+@claim("training.recurrent2.near_gdpp", source=f"{SRC}, Sec. 4, Fig. 4 (GD++)",
+       statement="The trained recurrent two-layer model sits near GD++ with meta-trained shared (eta, gamma)",
+       method="GD++ (eta, gamma) meta-trained by Adam (lr 1e-3, b2 0.999, batch 512, 1000 steps) on P's entries "
+              "from gamma = eta/N^2; worst |L_model - L_GD++| / L_GD++ over seeds (model cos vs GD++ in the details)")
+def _(ctx):
+    rs = runs(ctx, "recurrent2")
+    rel = [abs(r.summary["final"]["loss"] - r.baselines["gdpp_loss"]) / r.baselines["gdpp_loss"] for r in rs]
+    return Outcome.at_most(max(rel), 0.05,
+                           "measured 0.7-2.6% once the model has left its first plateau (which is 27% above GD++); "
+                           "1000 meta-training steps leave GD++ itself ~1% above its converged loss",
+                           losses=_loss_rows(rs),
+                           model_cos_gdpp=_per_seed(rs, lambda r: r.summary["final"]["model_cos_gdpp"]))
+
+
+@claim("training.recurrent2.gamma_equals_paper", source=f"{SRC}, Sec. 4 (gamma = 0.179 for N = 10)",
+       statement="Read as a GD++ layer, the trained recurrent two-layer model has the curvature correction gamma the "
+                 "paper reports for N = 10 (0.179)",
+       method="gamma = -mean diagonal of the x-block of the rescaled W_PV * beta; worst |gamma - 0.179| / 0.179 over "
+              "seeds (the meta-trained GD++ gamma in the details)")
+def _(ctx):
+    rs = runs(ctx, "recurrent2")
+    g = [r.summary["weights"][0]["gamma_equiv"] for r in rs]
+    rel = [abs(x - 0.179) / 0.179 for x in g]
+    return Outcome.at_most(max(rel), 0.1,
+                           "the paper gives three digits; measured 0.175 (2%) from the trained weights and 0.176 "
+                           "from GD++ meta-trained to convergence; 10% separates it from the GD-like first plateau "
+                           "(gamma near 0) and from an unconverged GD++ (0.09 after 1000 Adam steps on eta itself)",
+                           gamma_model=g, gamma_gdpp=[r.baselines["gdpp_gammas"][0] for r in rs],
+                           eta_model=[r.config.N * r.summary["weights"][0]["eta_over_N"] for r in rs],
+                           eta_gdpp=[r.baselines["gdpp_etas"][0] for r in rs])
+
+
+# ---- five separate layers -----------------------------------------------------------
+
+@claim("training.layers5.approaches_gdpp", source=f"{SRC}, Sec. 4 (non-recurrent K=5)",
+       statement="A five-layer non-recurrent LSA trained from scratch leaves GD-5 behind and approaches GD++ with "
+                 "per-layer meta-trained (eta_k, gamma_k)",
+       method="layers5 experiment (lr 5e-4, clip 10, token clip 10); GD++ per layer from Adam on P's entries. "
+              "Measured: the fraction of the gap from GD-5 to GD++ the model has closed, "
+              "(L_GD5 - L_model) / (L_GD5 - L_GD++), worst over seeds. Quick: 3000 steps at batch 512 (6% of the "
+              "paper's 50,000) against GD++ after 1000 meta-steps; full: 50,000 steps, GD++ 30,000 steps, 5 seeds")
+def _(ctx):
+    rs = runs(ctx, "layers5")
+    frac = [(r.baselines["gd_loss"] - r.summary["final"]["loss"]) / (r.baselines["gd_loss"] - r.baselines["gdpp_loss"])
+            for r in rs]
+    if ctx.full:
+        return Outcome.at_least(min(frac), 0.75,
+                                "the paper's 5-layer model ends near per-layer GD++; 0.75 of the gap closed is "
+                                "'near' while excluding a model that merely beats GD-5",
+                                losses=_loss_rows(rs), gap_closed=frac)
+    return Outcome.at_least(min(frac), 0.1,
+                            "after 6% of the paper's steps the model is measured 23-41% of the way from GD-5 to "
+                            "GD++ (numpy and numba task streams) and still descending; 0.1 asks that it has clearly "
+                            "left GD-5 behind in GD++'s direction, not that it has arrived",
+                            losses=_loss_rows(rs), gap_closed=frac)
