@@ -176,6 +176,83 @@ def test_label_width_two():
             _close(a, b, np.float64, f"gradient leaf {n}")
 
 
+# ----------------------------------------------------------------- D x D space path ----
+# (id, arch, heads, key size, merged, scale). Clip 0.8 at scale 0.3 sends some tasks (not
+# all) to the token fallback; clip 0.05 sends them all; the others never clip.
+DSPACE_CASES = [
+    ("K2", Arch(2), 1, None, False, 0.3),
+    ("K3-recurrent-2heads-key5", Arch(3, recurrent=True), 2, 5, False, 0.3),
+    ("K3-clip-some-fall-back", Arch(3, clip=0.8), 1, None, False, 0.3),
+    ("K4-merged-2heads", Arch(4), 2, None, True, 0.3),
+    ("K4-clip-some-fall-back", Arch(4, clip=0.8), 1, None, False, 0.3),
+    ("K5-clip-all-fall-back", Arch(5, clip=0.05), 1, None, False, 0.3),
+    ("K6-3heads", Arch(6), 3, None, False, 0.2),
+]
+
+
+def _check_dspace(case, dtype, b=B):
+    arch, tasks, params = _setup(case, dtype, b=b)
+    E = build_tokens(tasks.X, tasks.Y, tasks.x_q)
+    L0, g0, aux0 = loss_and_grads(E, tasks.y_q, params, arch, d)
+    L1, g1, aux1 = nb._loss_and_grads(E, tasks.y_q, params, arch, d, path="dspace", need_dE=False)
+    assert aux1["path"] == "dspace"
+    _close(np.reshape(L1, 1), np.reshape(L0, 1), dtype, "loss")
+    _close(aux1["pred"], aux0["pred"], dtype, "pred")
+    for n, (a, b_) in enumerate(zip(_leaves(g1), _leaves(g0))):
+        _close(a, b_, dtype, f"gradient leaf {n}")
+    return aux1["fallback_tasks"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("case", DSPACE_CASES, ids=[c[0] for c in DSPACE_CASES])
+def test_dspace_path_matches_reference(lanes, case, dtype):
+    """Context-only stacks in D x D space (C' = L C L^T, the matrix-vector tail, the
+    factored backward), with the exact token-path fallback for tasks that could clip."""
+    n_fallback = _check_dspace(case, dtype)
+    if "some-fall-back" in case[0]:
+        assert 0 < n_fallback < B, f"{n_fallback} of {B} tasks fell back; the case should mix both paths"
+    elif "all-fall-back" in case[0]:
+        assert n_fallback == B
+    else:
+        assert n_fallback == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+def test_tiny_dspace(dtype):
+    assert 0 < _check_dspace(DSPACE_CASES[2], dtype) < B
+    _check_dspace(DSPACE_CASES[3], dtype)
+
+
+def test_dspace_layers_are_dense_and_factored():
+    """K = 8, D = 33, one head: the backward runs factored for the layers next to the tail
+    and dense before them (the cost rule switches), matching the reference."""
+    rng = np.random.default_rng(5)
+    dd, n = 32, 40
+    arch = Arch(8)
+    tasks = sample_tasks(rng, 5, dd, n)
+    params = tuple(init_lsa_params(rng, dd + 1, scale=0.05, dtype=np.float64) for _ in range(8))
+    E = build_tokens(tasks.X, tasks.Y, tasks.x_q)
+    L0, g0, _ = loss_and_grads(E, tasks.y_q, params, arch, dd)
+    L1, g1, aux = nb._loss_and_grads(E, tasks.y_q, params, arch, dd, path="dspace", need_dE=False)
+    assert aux["path"] == "dspace" and aux["fallback_tasks"] == 0
+    _close(np.reshape(L1, 1), np.reshape(L0, 1), np.float64, "loss")
+    for n_, (a, b_) in enumerate(zip(_leaves(g1), _leaves(g0))):
+        _close(a, b_, np.float64, f"gradient leaf {n_}")
+
+
+def test_path_choice():
+    """auto: D x D space for wide tokens with N + 1 >= D; tokens otherwise, for causal
+    stacks, for d_y > 1, for one layer, and whenever dE or every token is asked for."""
+    p = (init_lsa_params(np.random.default_rng(0), 41),)
+    assert nb._Run(Arch(4), p * 4, 8, 80, 40, 1, np.float32, path="auto").path == "dspace"
+    assert nb._Run(Arch(4), p * 4, 8, 20, 40, 1, np.float32, path="auto").path == "tokens"
+    assert nb._Run(Arch(1), p, 8, 80, 40, 1, np.float32, path="dspace").path == "tokens"
+    assert nb._Run(Arch(4, causal=True), p * 4, 8, 80, 40, 1, np.float32, path="dspace").path == "tokens"
+    assert nb._Run(Arch(4), p * 4, 8, 80, 39, 2, np.float32, path="dspace").path == "tokens"
+    p11 = (init_lsa_params(np.random.default_rng(0), 11),)
+    assert nb._Run(Arch(6), p11 * 6, 8, 10, 10, 1, np.float32, path="auto").path == "tokens"
+
+
 # -------------------------------------------------------------------- training steps ----
 
 def _check_step_on(case, dtype, clip_norm, n_steps=4):
@@ -202,17 +279,29 @@ def _check_step_on(case, dtype, clip_norm, n_steps=4):
                 _close(a, b, dtype, f"{what} leaf {n} after step {step}")
 
 
+@pytest.mark.parametrize("path", ["tokens", "dspace"])
 @pytest.mark.parametrize("clip_norm", [0.001, None], ids=["gradclip", "noclip"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_step_on_matches_numpy_backend(case, dtype, clip_norm):
-    """Several train steps on the same tasks: params, Adam moments, loss and grad norm."""
+def test_step_on_matches_numpy_backend(monkeypatch, case, dtype, clip_norm, path):
+    """Several train steps on the same tasks: params, Adam moments, loss and grad norm
+    (the D x D path where it applies: context-only stacks of two or more layers)."""
+    monkeypatch.setattr(config, "PATH", path)
     _check_step_on(case, dtype, clip_norm)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-def test_tiny_step_on(dtype):
-    _check_step_on(CASES[3], dtype, 0.001, n_steps=2)
+@pytest.mark.parametrize("case", DSPACE_CASES[:5], ids=[c[0] for c in DSPACE_CASES[:5]])
+def test_dspace_step_on_matches_numpy_backend(monkeypatch, case, dtype):
+    monkeypatch.setattr(config, "PATH", "dspace")
+    _check_step_on(case, dtype, 0.001)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+def test_tiny_step_on(monkeypatch, dtype):
+    for path in ("tokens", "dspace"):
+        monkeypatch.setattr(config, "PATH", path)
+        _check_step_on(CASES[3], dtype, 0.001, n_steps=2)
 
 
 def test_module_train_step_matches_reference():
@@ -401,7 +490,10 @@ def test_config_flags_parse(monkeypatch):
         config._int("ICGD_NUMBA_X", 0, {0, 8})
     monkeypatch.setenv("ICGD_NUMBA_X", "off")
     assert config._flag("ICGD_NUMBA_X", True) is False
-    assert set(config.describe()) == {"parallel", "fastmath", "cache", "lanes"}
+    assert set(config.describe()) == {"parallel", "fastmath", "cache", "lanes", "path"}
+    monkeypatch.setenv("ICGD_NUMBA_X", "fast")
+    with pytest.raises(ValueError, match="must be one of"):
+        config._choice("ICGD_NUMBA_X", "auto", {"auto", "tokens"})
 
 
 # ------------------------------------------------------------------- pure-Python run ----

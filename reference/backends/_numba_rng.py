@@ -146,9 +146,9 @@ def uniforms_lanes(ukeys, nvalid, n, U, f32):
 
 
 @njit(**STRICT)
-def sample_block(key, b0, nvalid, d, N, d_y, low, high, w_scale, noise_std, n_dis, f32,
+def sample_block(key, bidx, nvalid, d, N, d_y, low, high, w_scale, noise_std, n_dis, f32,
                  E, yq, W, U, ukeys, nbuf):
-    """Draw tasks b0 .. b0 + nvalid - 1 into one lane block.
+    """Draw tasks bidx[0 .. nvalid-1] (global task indices) into one lane block.
 
     E (T, D, L): context tokens (x_i, y_i), query token (x_q, 0); yq (d_y, L) clean
     query targets; W (d_y, d, L) the teachers (working dtype). Lanes l >= nvalid are
@@ -161,7 +161,7 @@ def sample_block(key, b0, nvalid, d, N, d_y, low, high, w_scale, noise_std, n_di
     W[:] = 0
     nu = N * d + d
     for l in range(nvalid):
-        tk = task_key(key, b0 + l)
+        tk = task_key(key, bidx[l])
         ukeys[l] = stream_key(tk, S_UNIFORM)
         normal_pairs(stream_key(tk, S_TEACHER), d_y * d, nbuf)
         for r in range(d_y):
@@ -187,13 +187,13 @@ def sample_block(key, b0, nvalid, d, N, d_y, low, high, w_scale, noise_std, n_di
                     yq[r, l] = acc
     if noise_std > 0.0:
         for l in range(nvalid):
-            normal_pairs(stream_key(task_key(key, b0 + l), S_NOISE), N * d_y, nbuf)
+            normal_pairs(stream_key(task_key(key, bidx[l]), S_NOISE), N * d_y, nbuf)
             for i in range(N):
                 for r in range(d_y):
                     E[i, d + r, l] = np.float64(E[i, d + r, l]) + noise_std * nbuf[i * d_y + r]
     if n_dis > 0:
         for l in range(nvalid):
-            normal_pairs(stream_key(task_key(key, b0 + l), S_DISTRACT), n_dis * d_y, nbuf)
+            normal_pairs(stream_key(task_key(key, bidx[l]), S_DISTRACT), n_dis * d_y, nbuf)
             for i in range(n_dis):
                 for r in range(d_y):
                     E[i, d + r, l] = nbuf[i * d_y + r]

@@ -38,8 +38,8 @@ def n_chunks_for(n_blocks):
 
 
 @njit(**STRICT)
-def pack_block(E_in, yq_in, b0, nvalid, E0, yq):
-    """Lanes l < nvalid of E0 (T, D, L), yq (d_y, L) from tasks b0 + l; zeros after."""
+def pack_block(E_in, yq_in, bidx, nvalid, E0, yq):
+    """Lanes l < nvalid of E0 (T, D, L), yq (d_y, L) from tasks bidx[l]; zeros after."""
     T, D, L = E0.shape
     d_y = yq.shape[0]
     E0[:] = 0
@@ -48,10 +48,10 @@ def pack_block(E_in, yq_in, b0, nvalid, E0, yq):
         for a in range(D):
             e = E0[t, a]
             for l in range(nvalid):
-                e[l] = E_in[b0 + l, t, a]
+                e[l] = E_in[bidx[l], t, a]
     for r in range(d_y):
         for l in range(nvalid):
-            yq[r, l] = yq_in[b0 + l, r]
+            yq[r, l] = yq_in[bidx[l], r]
 
 
 @njit(**STRICT)
@@ -65,17 +65,18 @@ def unpack_block(X, b0, nvalid, out):
 
 
 @njit(**DRIVER)
-def run_batch(sample, key, E_in, yq_in, B, d, N, d_y, low, high, w_scale, noise_std, n_dis, f32,
+def run_batch(sample, key, E_in, yq_in, tidx, d, N, d_y, low, high, w_scale, noise_std, n_dis, f32,
               A, Bm, lidx, causal, has_clip, clipv, Bf, full_last, need_grad, need_dE, need_pred,
               L, n_chunks, loss_out, dA_acc, dB_acc, pred_out, dE_out, out_tokens):
     """Forward (and backward) of the K layers on B tasks; see the module docstring.
 
-    sample: draw the tasks from ``key`` (E_in, yq_in unused) or read E_in (B, T, D),
-    yq_in (B, d_y). A, Bm (Lp, H, D, D): merged weights per parameter layer; lidx (K,):
+    Runs tasks tidx[0 .. n-1] (global task indices): drawn from ``key`` (sample; E_in,
+    yq_in unused) or read from E_in (B, T, D), yq_in (B, d_y). Per-task outputs go to
+    position j of tidx. A, Bm (Lp, H, D, D): merged weights per parameter layer; lidx (K,):
     parameter layer of each layer. Outputs (filled when asked): loss_out (n_chunks,)
     sums of 0.5 * err^2; dA_acc, dB_acc (n_chunks, Lp, H, D, D) float64 gradient sums
-    of dL/dA, dL/dB (L = the batch mean loss); pred_out (B, d_y); dE_out (B, T, D);
-    out_tokens (B, T, D) (full_last: every token of the last layer, no loss).
+    of dL/dA, dL/dB (L = the loss summed over tasks divided by Bf); pred_out (n, d_y);
+    dE_out (n, T, D); out_tokens (n, T, D) (full_last: every token of the last layer).
     """
     K = lidx.shape[0]
     H = A.shape[1]
@@ -83,7 +84,8 @@ def run_batch(sample, key, E_in, yq_in, B, d, N, d_y, low, high, w_scale, noise_
     T = N + 1
     dt = A.dtype
     nS = T if causal else N
-    n_blocks = (B + L - 1) // L
+    n = tidx.shape[0]
+    n_blocks = (n + L - 1) // L
     for ch in prange(n_chunks):
         blk0 = ch * n_blocks // n_chunks
         blk1 = (ch + 1) * n_blocks // n_chunks
@@ -140,16 +142,19 @@ def run_batch(sample, key, E_in, yq_in, B, d, N, d_y, low, high, w_scale, noise_
         U = np.empty((N * d + d, nL), np.float64)
         ukeys = np.empty(nL, np.uint64)
         nbuf = np.empty(max(d_y * d, N * d_y) + 2, np.float64)
+        bidx = np.empty(L, np.int64)
         loss_sum = 0.0
         for blk in range(blk0, blk1):
             b0 = blk * L
-            nvalid = min(L, B - b0)
+            nvalid = min(L, n - b0)
+            for l in range(nvalid):
+                bidx[l] = tidx[b0 + l]
             E0 = Ein[0]
             if sample:
-                sample_block(key, b0, nvalid, d, N, d_y, low, high, w_scale, noise_std, n_dis, f32,
+                sample_block(key, bidx, nvalid, d, N, d_y, low, high, w_scale, noise_std, n_dis, f32,
                              E0, yq, Wt, U, ukeys, nbuf)
             else:
-                pack_block(E_in, yq_in, b0, nvalid, E0, yq)
+                pack_block(E_in, yq_in, bidx, nvalid, E0, yq)
             # ---- forward, layer by layer
             for k in range(K):
                 p = lidx[k]
@@ -225,9 +230,12 @@ def sample_to_arrays(key, B, d, N, d_y, low, high, w_scale, noise_std, n_dis, f3
     U = np.empty((N * d + d, L), np.float64)
     ukeys = np.empty(L, np.uint64)
     nbuf = np.empty(max(d_y * d, N * d_y) + 2, np.float64)
+    bidx = np.empty(L, np.int64)
     for b0 in range(0, B, L):
         nvalid = min(L, B - b0)
-        sample_block(key, b0, nvalid, d, N, d_y, low, high, w_scale, noise_std, n_dis, f32, E0, yq, Wt, U, ukeys, nbuf)
+        for l in range(nvalid):
+            bidx[l] = b0 + l
+        sample_block(key, bidx, nvalid, d, N, d_y, low, high, w_scale, noise_std, n_dis, f32, E0, yq, Wt, U, ukeys, nbuf)
         for l in range(nvalid):
             b = b0 + l
             for i in range(N):

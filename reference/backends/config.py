@@ -23,6 +23,15 @@ first imported; set them before that):
     axis of every per-block array). ``0`` picks 64, 32, 16 or 8 from the token
     count so one block's tokens stay in the core's cache.
 
+``ICGD_NUMBA_PATH`` (default ``auto``)
+    How context-only stacks of K >= 2 layers with one label are computed when only the
+    loss and the weight gradients are needed (the training step): ``tokens`` (every
+    layer on the tokens, ``_numba_layers``), ``dspace`` (in D x D space,
+    ``_numba_dspace``, with an exact fallback to the token path for tasks whose tokens
+    could be clipped), or ``auto``: ``dspace`` when D >= 24 and N + 1 >= D (there the
+    D x D products are cheaper than the token products and long enough to vectorise
+    per task), else ``tokens``.
+
 ``NUMBA_DISABLE_JIT=1`` (Numba's own switch) runs every kernel as plain Python: slow,
 but the tests use it on tiny sizes to check the kernels' Python semantics.
 """
@@ -59,6 +68,18 @@ FASTMATH = _flag("ICGD_NUMBA_FASTMATH", True)
 CACHE = _flag("ICGD_NUMBA_CACHE", True)
 LANES = _int("ICGD_NUMBA_LANES", 0, {0, 1, 2, 4, 8, 16, 32, 64, 128})
 
+
+def _choice(name, default, allowed):
+    raw = os.environ.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw not in allowed:
+        raise ValueError(f"environment variable {name} must be one of {sorted(allowed)}, got {raw!r}")
+    return raw
+
+
+PATH = _choice("ICGD_NUMBA_PATH", "auto", {"auto", "tokens", "dspace"})
+
 #: LLVM fast-math flags for the math kernels (a set Numba understands), or False.
 FASTMATH_FLAGS = {"reassoc", "contract"} if FASTMATH else False
 
@@ -73,4 +94,4 @@ STRICT = dict(cache=CACHE, fastmath=False, nogil=True, error_model="numpy")
 def describe():
     """The effective flags, for benchmark records and error messages."""
     return {"parallel": PARALLEL, "fastmath": sorted(FASTMATH_FLAGS) if FASTMATH_FLAGS else False,
-            "cache": CACHE, "lanes": LANES or "auto"}
+            "cache": CACHE, "lanes": LANES or "auto", "path": PATH}

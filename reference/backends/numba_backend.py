@@ -38,6 +38,7 @@ from ..tasks import Tasks, TaskSpec, sample_tasks as reference_sample_tasks
 from ..tokens import build_tokens
 from ..train_step import StepResult
 from . import config
+from ._numba_dspace import run_batch_dspace
 from ._numba_rng import run_key
 from ._numba_step import adam_flat, choose_lanes, n_chunks_for, run_batch, sample_to_arrays
 
@@ -168,38 +169,52 @@ def _check_inputs(E, params, arch):
 
 
 class _Run:
-    """Arguments of one ``run_batch`` call that depend only on (arch, params, sizes, dtype)."""
+    """Arguments of ``run_batch`` / ``run_batch_dspace`` calls that depend only on (arch,
+    params, sizes, dtype), and the choice between the two paths."""
 
-    def __init__(self, arch, params, B, N, d, d_y, dtype):
+    def __init__(self, arch, params, B, N, d, d_y, dtype, path=None):
         self.arch, self.B, self.N, self.d, self.d_y = arch, B, N, d, d_y
         self.dtype = dt = np.dtype(dtype)
         D = d + d_y
-        self.A, self.Bm = _merged_stack(params, dt)
+        self.set_params(params)
         self.lidx = np.array([arch.layer_index(k) for k in range(arch.n_layers)], dtype=np.int64)
         self.has_clip = arch.clip is not None
         self.clipv = dt.type(arch.clip if arch.clip is not None else 0.0)
         self.L = _lanes(N + 1, D, dt)
         self.n_chunks = n_chunks_for((B + self.L - 1) // self.L)
+        self.tidx = np.arange(B, dtype=np.int64)
         Lp, H = self.A.shape[:2]
         self.dA = np.zeros((self.n_chunks, Lp, H, D, D))
         self.dB = np.zeros((self.n_chunks, Lp, H, D, D))
         self.loss = np.zeros(self.n_chunks)
+        path = config.PATH if path is None else path
+        can = (not arch.causal) and d_y == 1 and arch.n_layers >= 2
+        if path == "auto":
+            path = "dspace" if (can and D >= 24 and N + 1 >= D) else "tokens"
+        elif path == "dspace" and not can:
+            path = "tokens"
+        self.path = path
+        self.last_fallback = 0      # tasks the last dspace call sent to the token path
+
+    def set_params(self, params):
+        self.A, self.Bm = _merged_stack(params, self.dtype)
+        self.Bt = np.ascontiguousarray(np.swapaxes(self.Bm, -1, -2))
+
+    def _data(self, key, E, y_q, spec):
+        dt, T, D, d_y = self.dtype, self.N + 1, self.d + self.d_y, self.d_y
+        if key is not None:
+            low, high = (float(v) for v in spec.x_range)
+            opts = (low, high, float(spec.w_scale), float(spec.noise_std), int(spec.n_distractors))
+            return True, key, np.zeros((1, T, D), dt), np.zeros((1, d_y), dt), opts
+        E = np.ascontiguousarray(E, dt)
+        y_q = np.ascontiguousarray(y_q if y_q is not None else np.zeros((E.shape[0], d_y)), dt)
+        return False, np.uint64(0), E, y_q, (-0.5, 0.5, 1.0, 0.0, 0)
 
     def __call__(self, *, key=None, E=None, y_q=None, spec=None, full_last=False, need_grad=True,
                  need_dE=False, need_pred=False):
         dt, B, N, d, d_y = self.dtype, self.B, self.N, self.d, self.d_y
         T, D = N + 1, d + d_y
-        sample = key is not None
-        if sample:
-            low, high = (float(v) for v in spec.x_range)
-            opts = (low, high, float(spec.w_scale), float(spec.noise_std), int(spec.n_distractors))
-            E = np.zeros((1, T, D), dt)
-            y_q = np.zeros((1, d_y), dt)
-        else:
-            opts = (-0.5, 0.5, 1.0, 0.0, 0)
-            key = np.uint64(0)
-            E = np.ascontiguousarray(E, dt)
-            y_q = np.ascontiguousarray(y_q if y_q is not None else np.zeros((B, d_y)), dt)
+        sample, key, E, y_q, opts = self._data(key, E, y_q, spec)
         pred = np.empty((B, d_y) if need_pred else (1, 1), dt)
         dE = np.empty((B, T, D) if need_dE else (1, 1, 1), dt)
         out = np.empty((B, T, D) if full_last else (1, 1, 1), dt)
@@ -207,10 +222,30 @@ class _Run:
         self.dB[:] = 0
         self.loss[:] = 0
         with np.errstate(over="ignore"):   # uint64 wrap-around is intended (only matters without JIT)
-            run_batch(sample, key, E, y_q, B, d, N, d_y, *opts, dt == np.float32,
-                      self.A, self.Bm, self.lidx, self.arch.causal, self.has_clip, self.clipv, dt.type(B),
-                      full_last, need_grad, need_dE, need_pred, self.L, self.n_chunks,
-                      self.loss, self.dA, self.dB, pred, dE, out)
+            if self.path == "dspace" and not (need_dE or full_last):
+                failed = np.zeros(B, dtype=np.bool_)
+                run_batch_dspace(sample, key, E, y_q, self.tidx, d, N, *opts, dt == np.float32,
+                                 self.A, self.Bm, self.Bt, self.lidx, self.has_clip, self.clipv, dt.type(B),
+                                 need_grad, need_pred, self.L, self.n_chunks, self.loss, self.dA, self.dB, pred, failed)
+                idx = np.flatnonzero(failed).astype(np.int64)
+                self.last_fallback = int(idx.size)
+                if idx.size:
+                    # exact fallback: the flagged tasks through the token path, added in
+                    loss2, dA2, dB2 = np.zeros(1), np.zeros((1,) + self.dA.shape[1:]), np.zeros((1,) + self.dB.shape[1:])
+                    pred2 = np.empty((idx.size, d_y) if need_pred else (1, 1), dt)
+                    run_batch(sample, key, E, y_q, idx, d, N, d_y, *opts, dt == np.float32,
+                              self.A, self.Bm, self.lidx, self.arch.causal, self.has_clip, self.clipv, dt.type(B),
+                              False, need_grad, False, need_pred, self.L, 1, loss2, dA2, dB2, pred2, dE, out)
+                    self.loss[-1] += loss2[0]
+                    self.dA[-1] += dA2[0]
+                    self.dB[-1] += dB2[0]
+                    if need_pred:
+                        pred[idx] = pred2
+            else:
+                run_batch(sample, key, E, y_q, self.tidx, d, N, d_y, *opts, dt == np.float32,
+                          self.A, self.Bm, self.lidx, self.arch.causal, self.has_clip, self.clipv, dt.type(B),
+                          full_last, need_grad, need_dE, need_pred, self.L, self.n_chunks,
+                          self.loss, self.dA, self.dB, pred, dE, out)
         return dict(loss=float(self.loss.sum() / B), dA=self.dA.sum(axis=0), dB=self.dB.sum(axis=0),
                     pred=pred, dE=dE, out=out)
 
@@ -230,14 +265,23 @@ def model_forward(E, params, arch):
 def loss_and_grads(E, y_q, params, arch, d):
     """Loss of the model on tokens E against y_q, and its gradients, like
     ``reference.model.loss_and_grads``: (L, dparams, aux dict(pred, dE))."""
+    return _loss_and_grads(E, y_q, params, arch, d)
+
+
+def _loss_and_grads(E, y_q, params, arch, d, path=None, need_dE=True):
+    """:func:`loss_and_grads` with the path forced (``path``: None = config, 'tokens',
+    'dspace'; 'dspace' applies only without dE). aux has dE only if need_dE."""
     dt = _check_inputs(E, params, arch)
     B, T, D = E.shape
     d = check_int("d", d, 1, D - 1)
     check_array("y_q", y_q, shape=(B, D - d))
-    run = _Run(arch, params, B, T - 1, d, D - d, dt)
-    res = run(E=E, y_q=y_q, need_dE=True, need_pred=True)
+    run = _Run(arch, params, B, T - 1, d, D - d, dt, path=path)
+    res = run(E=E, y_q=y_q, need_dE=need_dE, need_pred=True)
     grads = _factored_grads(params, res["dA"], res["dB"], dt)
-    return dt.type(res["loss"]), grads, {"pred": res["pred"], "dE": res["dE"]}
+    aux = {"pred": res["pred"], "path": run.path, "fallback_tasks": run.last_fallback}
+    if need_dE:
+        aux["dE"] = res["dE"]
+    return dt.type(res["loss"]), grads, aux
 
 
 def _leaves(tree):
@@ -333,7 +377,7 @@ class Stepper:
             s = self.spec
             r = self._run = _Run(self.arch, params, B, s.N, s.d, s.d_y, self.dtype)
         else:
-            r.A, r.Bm = _merged_stack(params, self.dtype)
+            r.set_params(params)
         return r
 
     def step(self, params, state, step):
