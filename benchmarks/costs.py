@@ -1,70 +1,126 @@
 """Analytic cost of one training step of the Numba backend's algorithm (for the roofline).
 
-Counted for exactly the loops ``reference/backends/_numba_layers.py`` runs (context-only
-stacks, as in configurations a, b, c), per task, then times B. Conventions:
+Counted for exactly the loops the backend runs on a context-only stack (configurations
+a, b, c), per task, then times B, following the backend's own choice of path
+(``reference/backends/config.py``: D x D space when K >= 2, D >= 24 and N + 1 >= D,
+else tokens). Conventions: one multiply-add (MAC) = 2 FLOPs; elementwise adds = 1
+FLOP; comparisons, copies and transposes = 0. T = N + 1, D = d + d_y, S = N key tokens,
+H heads, K layers, one label (d_y = 1).
 
-* one multiply-add (MAC) = 2 FLOPs; elementwise adds (residuals, S = dC + dC^T) = 1
-  FLOP; comparisons (clipping) and copies/transposes = 0 FLOPs;
-* T = N + 1 tokens, D = d + d_y, S = N key tokens, H heads, K layers;
-* forward, full context-only layer (every layer but the last): C = E_ctx^T E_ctx
-  (N D^2 MACs; the kernel computes all D^2 entries), per head B_h^T C and A_h (C B_h)
-  (2 D^3), pre = E + E M^T (T D^2 MACs + T D adds);
+Token path (``_numba_layers``):
+
+* forward, full layer (every layer but the last): C = E_ctx^T E_ctx (N D^2 MACs; all
+  D^2 entries are computed), per head B_h^T C and A_h (C B_h) (2 D^3), pre = E + E M^T
+  (T D^2 MACs + T D adds);
 * forward, last layer (query token only): per head u = B e_q (D^2), s = E u (S D),
-  w = E^T s (S D), A[y] w (d_y D);
-* backward, last layer: per head dA[y] (d_y D), r = A[y]^T g (d_y D), ds (S D),
-  du (S D), dB (D^2); when K > 1 also dE (2 S D) and B^T du (D^2);
+  w = E^T s (S D), A[y] w (D);
+* backward, last layer: per head dA[y] (D), r = A[y]^T g (D), ds (S D), du (S D),
+  dB (D^2); when K > 1 also dE (2 S D) and B^T du (D^2);
 * backward, full layer k: G = dpre^T E (T D^2), per head dA (D^3), V = A^T G (D^3),
   dB = C V (D^3); for k > 0 also dE = dpre + dpre M (T D^2 + T D), per head
-  dC^T = B V^T (D^3) and S += dC + dC^T (2 D^2), dE_ctx += E_ctx S (N D^2);
-* sampling: labels y = W x ((N + 1) d d_y MACs); random 64-bit words: float32 takes two
-  uniforms per word, float64 one; a normal costs 4/pi words on average (polar method:
-  two words per attempt for two normals, accepted with probability pi/4);
-* clip + Adam: 2 FLOPs per parameter for the norm, 12 for the update.
+  dC^T = B V^T (D^3) and S += dC + dC^T (2 D^2), dE_ctx += E_ctx S (N D^2).
+
+D x D path (``_numba_dspace``), nd = K - 2 dense layers then the two-layer tail:
+
+* C_0 = E_ctx^T E_ctx (N D^2); dense layer forward: per head C B_h and A_h (C B_h)
+  (2 D^3), L C and (L C) M^T (2 D^3), q' = L q (D^2);
+* tail forward: q1 = L q (3H D^2), per last-layer head alpha and beta (3H D^2 each),
+  b = B' q1 and C beta (D^2 each); tail backward: per last-layer head C beta, C alpha
+  (2 D^2), L dalpha, L dbeta (3H D^2 each), one outer product and B'^T db (2 D^2); L^T dq
+  (3H D^2); per dM term (2H + 1 of them) and head: four matrix-vector products and two
+  outer products (6 D^2);
+* a factored layer with P pairs: 4P D^2 (L^T and C on both vectors of each pair) plus
+  6H D^2 per term (2P + 1 terms), dq: D^2 (not for layer 0); a dense backward layer:
+  (3 + 4H) D^3 + 2 D^2 ((1 + 3H) D^3 + D^2 for layer 0) plus 2P D^2 to build S from
+  pairs once; the same cost rule as the kernel decides which one runs.
+
+``tests/test_numba_costs.py`` checks the D x D count against the multiply-adds the kernel's
+products actually perform (counted by wrapping them, without JIT).
+
+Both paths: sampling, labels y = W x ((N + 1) d MACs); random 64-bit words: float32
+takes two uniforms per word, float64 one; a normal costs 4/pi words on average (polar
+method: two words per attempt, accepted with probability pi/4); clip + Adam 14 FLOPs
+per parameter.
 
 Bytes: ``dram_bytes`` is the compulsory traffic (parameters, gradients, Adam moments:
-read and written once, 7 arrays of all parameters); tasks are drawn inside the kernel
+7 arrays of all parameters, read or written once); tasks are drawn inside the kernel
 and never stored, and one block's scratch is sized to stay in cache. ``scratch_bytes``
-counts every per-block scratch array written once and read back once (the traffic if
-nothing stayed in cache): an upper bound, reported for reference.
+counts the per-task scratch written once and read back once (the traffic if nothing
+stayed in cache), an upper bound reported for reference.
 """
 
 import math
 
 
-def step_cost(d, N, B, K, H=1, d_y=1, itemsize=4):
-    """dict(flops, dram_bytes, scratch_bytes, random_words) of one step (context-only stack)."""
+def choose_path(d, N, K, d_y=1):
+    """The backend's automatic choice (reference/backends/numba_backend.py, _Run)."""
+    D = d + d_y
+    return "dspace" if (K >= 2 and d_y == 1 and D >= 24 and N + 1 >= D) else "tokens"
+
+
+def _token_macs(d, N, K, H, d_y):
     D, T, S = d + d_y, N + 1, N
-    mac = 0.0      # multiply-adds per task
-    add = 0.0      # plain adds per task
-    # forward
+    mac = add = 0.0
     for _ in range(K - 1):
         mac += N * D * D + 2 * H * D ** 3 + T * D * D
         add += T * D
     mac += H * (D * D + 2 * S * D + d_y * D)
-    # backward, last layer
     mac += H * (2 * d_y * D + 2 * S * D + D * D)
     if K > 1:
         mac += H * (2 * S * D + D * D)
-    # backward, full layers K-2 .. 0
     for k in range(K - 1):
         mac += T * D * D + 3 * H * D ** 3
         if k > 0:
             mac += T * D * D + H * D ** 3 + N * D * D
             add += T * D + 2 * H * D * D
-    # sampling: labels
-    mac += (N + 1) * d * d_y
+    scratch = T * D + (K - 1) * (2 * T * D + (3 + H) * D * D) + H * (2 * D + S) \
+        + (K - 1) * (T * D + 5 * D * D) + T * D
+    return mac, add, scratch
+
+
+def _dspace_macs(d, N, K, H):
+    D = d + 1
+    D2, D3 = D * D, D ** 3
+    nd = K - 2
+    mac = N * D2                                       # C_0
+    mac += nd * (2 * H * D3 + 2 * D3 + D2)             # dense forward layers
+    mac += 3 * H * D2 + H * (6 * H * D2 + 2 * D2)      # tail forward
+    nt = 2 * H + 1
+    mac += H * (4 * D2 + 6 * H * D2) + 3 * H * D2 + nt * H * 6 * D2  # tail backward
+    P = 2 * H * (H + 1) if nd > 0 else 0
+    P_cap = max(2 * D + 8 * H, P + H * (2 * P + 1))
+    dense = False
+    for k in range(nd - 1, -1, -1):
+        if not dense:
+            f_cost = 4 * P + 6 * H * (2 * P + 1)
+            d_cost = D * ((1 + 3 * H) if k == 0 else (3 + 4 * H)) + 2 * P
+            P_new = 0 if k == 0 else P + H * (2 * P + 1)
+            if k == nd - 1 or (f_cost < d_cost and P_new <= P_cap):
+                mac += (f_cost + (0 if k == 0 else 1)) * D2
+                P = P_new
+                continue
+            mac += 2 * P * D2
+            dense = True
+        mac += ((1 + 3 * H) * D3 + D2) if k == 0 else ((3 + 4 * H) * D3 + 2 * D2)
+    scratch = (nd + 1) * D2 + nd * (H + 2) * D2 + 12 * D2 + (N + 1) * D
+    return mac, 0.0, scratch
+
+
+def step_cost(d, N, B, K, H=1, d_y=1, itemsize=4, path=None):
+    """dict(path, flops, dram_bytes, scratch_bytes, random_words, macs_per_task) of one step."""
+    path = choose_path(d, N, K, d_y) if path is None else path
+    D = d + d_y
+    if path == "dspace":
+        mac, add, scratch = _dspace_macs(d, N, K, H)
+    else:
+        mac, add, scratch = _token_macs(d, N, K, H, d_y)
+    mac += (N + 1) * d * d_y                           # labels
     n_params = K * 4 * H * D * D
     flops = B * (2 * mac + add) + 14 * n_params
     uniforms = (N + 1) * d
     words = (math.ceil(uniforms / 2) if itemsize == 4 else uniforms) + (4 / math.pi) * d * d_y
-    dram = 7 * n_params * itemsize
-    # scratch per task: forward caches of full layers (pre, out, C, CB_h, M, tmp), the
-    # input block, the last layer (u, s, w), backward buffers per layer (dE, G, V, Vt, dCt, S)
-    per_task = T * D + (K - 1) * (2 * T * D + (3 + H) * D * D) + H * (2 * D + S) \
-        + (K - 1) * (T * D + 5 * D * D) + T * D
-    scratch = 2 * B * per_task * itemsize
-    return dict(flops=flops, dram_bytes=dram, scratch_bytes=scratch, random_words=B * words,
-                macs_per_task=mac)
+    return dict(path=path, flops=flops, dram_bytes=7 * n_params * itemsize, scratch_bytes=2 * B * scratch * itemsize,
+                random_words=B * words, macs_per_task=mac)
 
 
 def bound(cost, rates):
