@@ -117,7 +117,7 @@ def loss_forward(pred, y_q):
     check_array("pred", pred, ndim=2)
     check_array("y_q", y_q, shape=tuple(pred.shape))
     err = pred - y_q                                                   # (B, d_y)
-    L = 0.5 * (err * err).sum(axis=1).mean()
+    L = (err * err).sum(axis=1).mean() * err.dtype.type(0.5)          # typed 0.5: float32 stays float32 on NumPy 1.x too
     return L, LossCache(err)
 
 

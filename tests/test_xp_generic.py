@@ -54,7 +54,7 @@ def close(actual, desired, kind="algebra", what="arrays"):
     assert_close(a, d.astype(a.dtype) if a.dtype != d.dtype and d.dtype.kind == a.dtype.kind else d, kind, what=what)
 
 
-def setup(seed=0, B=4, N=5, d=3, d_y=1, dtype=np.float64):
+def make_tasks(seed=0, B=4, N=5, d=3, d_y=1, dtype=np.float64):
     rng = np.random.default_rng(seed)
     return R.sample_tasks(rng, B, d, N, d_y, dtype=dtype), rng
 
@@ -62,7 +62,7 @@ def setup(seed=0, B=4, N=5, d=3, d_y=1, dtype=np.float64):
 # -- tokens ----------------------------------------------------------------------------
 
 def test_build_tokens_layout(xp):
-    t, _ = setup(d_y=2)
+    t, _ = make_tasks(d_y=2)
     X, Y, x_q = (to_xp(xp, a) for a in (t.X, t.Y, t.x_q))
     E = R.build_tokens(X, Y, x_q)
     assert_in(xp, E)
@@ -76,7 +76,7 @@ def test_build_tokens_layout(xp):
 
 
 def test_build_tokens_with_W0_starts_the_query_at_minus_W0_xq(xp):
-    t, rng = setup(d_y=2)
+    t, rng = make_tasks(d_y=2)
     W_0 = rng.standard_normal((2, 3))
     E = R.build_tokens(to_xp(xp, t.X), to_xp(xp, t.Y), to_xp(xp, t.x_q), W_0=to_xp(xp, W_0))
     assert_in(xp, E)
@@ -84,14 +84,14 @@ def test_build_tokens_with_W0_starts_the_query_at_minus_W0_xq(xp):
 
 
 def test_build_tokens_with_a_per_task_W0(xp):
-    t, rng = setup(d_y=2)
+    t, rng = make_tasks(d_y=2)
     W_0 = rng.standard_normal((4, 2, 3))
     E = R.build_tokens(to_xp(xp, t.X), to_xp(xp, t.Y), to_xp(xp, t.x_q), W_0=to_xp(xp, W_0))
     close(E[:, -1, 3:], -np.einsum("bij,bj->bi", W_0, t.x_q), what="query y-slot")
 
 
 def test_readout_and_its_backward(xp):
-    t, rng = setup(d_y=2)
+    t, rng = make_tasks(d_y=2)
     E = R.build_tokens(*(to_xp(xp, a) for a in (t.X, t.Y, t.x_q)))
     E = E + to_xp(xp, rng.standard_normal(E.shape))
     pred = R.readout(E, 3)
@@ -120,7 +120,7 @@ LAYER_IDS = ["1head", "2heads-k3-v5", "merged", "causal", "causal-3heads-clip", 
 
 def _layer(case, seed=0, dtype=np.float64):
     H, kd, vd, merged, causal, clip = case
-    t, rng = setup(seed, dtype=dtype)
+    t, rng = make_tasks(seed, dtype=dtype)
     E = R.build_tokens(t.X, t.Y, t.x_q)
     p = R.init_lsa_params(rng, 4, H=H, key_size=kd, value_size=vd, scale=3.0, dtype=dtype, merged=merged)
     return E, p, causal, clip, rng
@@ -155,7 +155,7 @@ ARCH_IDS = ["K1", "K3-recurrent", "K3-clip", "K2-causal"]
 
 @pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
 def test_model_matches_oracle_and_host_gradients(xp, arch):
-    t, rng = setup()
+    t, rng = make_tasks()
     E = R.build_tokens(t.X, t.Y, t.x_q)
     params = tuple(R.init_lsa_params(rng, 4, H=2, scale=1.0, dtype=np.float64) for _ in range(arch.n_param_layers))
     out, _ = R.model_forward(to_xp(xp, E), tree_to(xp, params), arch)
@@ -186,7 +186,7 @@ def test_clip_tokens_and_its_backward(xp):
 
 @pytest.mark.parametrize("K,recurrent", [(1, False), (3, True), (4, False)])
 def test_gd_construction_equals_gd_predict(xp, K, recurrent):
-    t, rng = setup(N=6, d=3, d_y=2)
+    t, rng = make_tasks(N=6, d=3, d_y=2)
     eta = 0.7
     W_0 = rng.standard_normal((2, 3))
     params, arch = R.gd_stack(K, 3, 2, 6, eta, W_0, recurrent=recurrent, xp=xp)
@@ -200,7 +200,7 @@ def test_gd_construction_equals_gd_predict(xp, K, recurrent):
 
 
 def test_gdpp_construction_equals_gdpp_predict(xp):
-    t, _ = setup(N=6, d=3, d_y=1)
+    t, _ = make_tasks(N=6, d=3, d_y=1)
     etas, gammas = [0.9, 0.5, 1.2], [0.1, 0.3, 0.05]
     params, arch = R.gdpp_stack(3, 1, 6, etas, gammas, xp=xp)
     X, Y, x_q = (to_xp(xp, a) for a in (t.X, t.Y, t.x_q))
@@ -214,7 +214,7 @@ def test_gdpp_construction_equals_gdpp_predict(xp):
 # -- explicit solvers ------------------------------------------------------------------------
 
 def test_gdpp_with_zero_gamma_is_gd(xp):
-    t, _ = setup(N=7, d=4, d_y=2)
+    t, _ = make_tasks(N=7, d=4, d_y=2)
     X, Y, x_q = (to_xp(xp, a) for a in (t.X, t.Y, t.x_q))
     a = R.gdpp_predict(X, Y, x_q, [0.5, 1.0], [0.0, 0.0])
     b, _ = R.gd_predict(X, Y, x_q, [0.5, 1.0], 2)
@@ -223,7 +223,7 @@ def test_gdpp_with_zero_gamma_is_gd(xp):
 
 
 def test_least_squares_recovers_the_teacher(xp):
-    t, _ = setup(B=5, N=12, d=4, d_y=2)
+    t, _ = make_tasks(B=5, N=12, d=4, d_y=2)
     X, Y, x_q = (to_xp(xp, a) for a in (t.X, t.Y, t.x_q))
     for ridge in (0.0, 1e-3):
         pred = R.least_squares_predict(X, Y, x_q, ridge=ridge)
@@ -233,7 +233,7 @@ def test_least_squares_recovers_the_teacher(xp):
 
 
 def test_line_search_matches_host(xp):
-    t, _ = setup(B=50, N=10, d=4)
+    t, _ = make_tasks(B=50, N=10, d=4)
     grid = np.arange(0.1, 10, 0.5)
     eta, losses = R.line_search_eta(*(to_xp(xp, a) for a in (t.X, t.Y, t.x_q, t.y_q)), n_steps=1, grid=grid)
     eta_h, losses_h = R.line_search_eta(t.X, t.Y, t.x_q, t.y_q, n_steps=1, grid=grid)
@@ -266,7 +266,7 @@ def test_adam_update_matches_host(xp, clip_norm, dtype):
 
 
 def test_train_step_matches_host(xp):
-    t, rng = setup(B=8, dtype=np.float32)
+    t, rng = make_tasks(B=8, dtype=np.float32)
     arch = R.Arch(2)
     params = tuple(R.init_lsa_params(rng, 4, dtype=np.float32, scale=0.5) for _ in range(2))
     hp = AdamHP(clip_norm=0.001)
