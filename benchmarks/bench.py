@@ -20,8 +20,9 @@ Each (configuration, implementation) runs in its own process (so its peak RSS is
 own and no two threading runtimes share a process), which
 
 1. verifies: ``numba``: its loss and gradients on the reference's tasks and parameters
-   against the reference (float64), and one ``step_on`` against the NumPy backend's
-   (float32), within the tolerance table's float32 "algebra" entry; ``numpy``: float32
+   against the reference (float64), at the initial scale and at a scale where the layers
+   change the tokens, and one ``step_on`` against the NumPy backend's step in float64,
+   within the tolerance table's float32 "algebra" entry; ``numpy``: float32
    against float64; a peer: its loss and gradients on the same tasks and parameters
    against the reference in float64, at the initial scale and at a scale where the
    layers change the tokens (same tolerance). An implementation that fails is not
@@ -166,7 +167,7 @@ def _verdict(checks):
     from reference.tolerances import tolerance
 
     tol = tolerance(np.float32, "algebra")
-    ok = all(c["rel_err"] <= tol.rtol + tol.atol for c in checks)
+    ok = all(c["rel_err"] <= tol.rtol + tol.atol for c in checks if not c.get("info"))
     return dict(ok=ok, rtol=tol.rtol, checks=checks)
 
 
@@ -202,15 +203,26 @@ class Ours:
             return _verdict(checks)
         for label, params in (("init", self.params0), ("big", big_params(self.cfg))):
             checks += self._loss_grad_checks(params, label)
-        # one step_on against the NumPy backend, same tasks and params (float32)
-        ref = numpy_backend.make_stepper(self.arch, self.hp, self.spec, 0, np.float32)
+        # one step_on on the same tasks and params against the NumPy backend's step in
+        # float64 (not in float32: at Adam's first step an entry's update is about
+        # lr * sign(g), so float32 rounding of tiny gradient entries shows in any float32
+        # implementation; the NumPy backend's own float32 error is recorded for comparison)
+        from reference.tasks import Tasks
+
+        c64 = lambda tree: tuple(type(p)(*(np.asarray(a, np.float64) for a in p)) for p in tree)  # noqa: E731
+        flat = lambda r: np.concatenate([a.ravel() for layer in r.params for a in layer])  # noqa: E731
+        p64 = c64(self.params0)
+        t64 = Tasks(*(np.asarray(a, np.float64) for a in self.vtasks))
+        r64 = numpy_backend.make_stepper(self.arch, self.hp, self.spec, 0, np.float64).step_on(p64, adam_init(p64), t64)
+        r32 = numpy_backend.make_stepper(self.arch, self.hp, self.spec, 0, np.float32).step_on(
+            self.params0, adam_init(self.params0), self.vtasks)
         st = adam_init(self.params0)
-        r0 = ref.step_on(self.params0, st, self.vtasks)
         r1 = self.stepper.step_on(self.params0, st, self.vtasks)
-        p0 = np.concatenate([a.ravel() for layer in r0.params for a in layer])
-        p1 = np.concatenate([a.ravel() for layer in r1.params for a in layer])
-        checks.append(dict(what="step_on params vs numpy backend (f32)", rel_err=_rel(p1, p0)))
-        checks.append(dict(what="step_on loss vs numpy backend (f32)", rel_err=_rel([r1.loss], [r0.loss])))
+        checks.append(dict(what="step_on params vs numpy backend float64 step", rel_err=_rel(flat(r1), flat(r64))))
+        checks.append(dict(what="step_on loss vs numpy backend float64 step", rel_err=_rel([r1.loss], [r64.loss])))
+        checks.append(dict(what="(info, not checked) numpy backend float32 step vs its float64 step",
+                           rel_err=_rel(flat(r32), flat(r64)), info=True))
+        r0 = r64
         # the fused step (tasks drawn in the kernel) gives a finite loss near the reference's
         r2 = self.stepper.step(self.params0, st, 0)
         ok = np.isfinite(r2.loss) and abs(r2.loss - r0.loss) < 0.5 * r0.loss
@@ -223,7 +235,12 @@ class Ours:
         d = self.cfg["d"]
         L0, g0 = reference_loss_grads64(self.vtasks, params, self.arch, d)
         E = build_tokens(self.vtasks.X, self.vtasks.Y, self.vtasks.x_q)
-        L1, g1, _ = self.backend.loss_and_grads(E, self.vtasks.y_q, params, self.arch, d)
+        if self.name == "numba":
+            # the path the stepper runs (no dE needed): D x D space where it applies
+            L1, g1, aux = self.backend._loss_and_grads(E, self.vtasks.y_q, params, self.arch, d, need_dE=False)
+            label += f", {aux['path']} path, {aux['fallback_tasks']} tasks via the token fallback"
+        else:
+            L1, g1, _ = self.backend.loss_and_grads(E, self.vtasks.y_q, params, self.arch, d)
         g1 = [a for layer in g1 for a in layer]
         return [dict(what=f"loss vs reference f64 ({label})", rel_err=_rel([float(L1)], [L0])),
                 dict(what=f"grads vs reference f64 ({label})",
@@ -520,7 +537,7 @@ def markdown(result):
     lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for row in result["rows"]:
         ver = row.get("verify", {})
-        worst = max((c["rel_err"] for c in ver.get("checks", [])), default=float("nan"))
+        worst = max((c["rel_err"] for c in ver.get("checks", []) if not c.get("info")), default=float("nan"))
         vtxt = ("yes" if ver.get("ok") else "NO") + f" ({worst:.1e})" if ver else "-"
         if "ms_median" not in row:
             lines.append(f"| {row['config']} | {row['impl']} | {row.get('error', 'not run')[:80]} "
