@@ -13,10 +13,18 @@ oracle (``tests/test_numba_backend.py``), in float32 and float64, and once more 
 * the layers run in merged form (A_h = P_h W_V,h, B_h = W_K,h^T W_Q,h; gradients of
   factored parameters by the chain rule: dW_Q = W_K dB, dW_K = W_Q dB^T,
   dW_V = P^T dA, dP = dA W_V^T);
-* context-only layers use the covariance form (per task C = E_ctx^T E_ctx, D x D) and
-  the last layer computes the query token only, since only its y-slot is read
-  (``_numba_layers``): for one layer that is O(N D + D^2) per task instead of
-  O(T N D + T D^2);
+* token path (``_numba_layers``): context-only layers in covariance form (per task
+  C = E_ctx^T E_ctx, D x D), causal layers in attention form, and the last layer for
+  the query token only, since only its y-slot is read: one layer costs O(N D + D^2) per
+  task instead of O(T N D + T D^2);
+* D x D path (``_numba_dspace``, context-only stacks of K >= 2 layers with one label,
+  when only the loss and weight gradients are needed): without clipping every token is
+  mapped by the same L = I + sum_h A_h C B_h, so a layer maps (C, q) to (L C L^T, L q)
+  at O(H D^3) per task whatever N is; the last two layers reduce to matrix-vector
+  products and the backward near the end runs on low-rank factors. Tasks whose tokens
+  could reach the clip value (a per-coordinate bound) go through the token path, so the
+  result is always the reference's function. ``ICGD_NUMBA_PATH`` (config.py) chooses;
+  by default D x D when D >= 24 and N + 1 >= D;
 * ``stepper.step`` draws its tasks inside the kernel with a counter-based generator
   (SplitMix64) keyed by (seed, step, task): NOT the tasks the NumPy backend draws for
   the same (seed, step), same distribution (``_numba_rng``). ``step_on`` with given
@@ -373,11 +381,13 @@ class Stepper:
 
     def _runner(self, params, B):
         r = self._run
-        if r is None or r.B != B:
-            s = self.spec
-            r = self._run = _Run(self.arch, params, B, s.N, s.d, s.d_y, self.dtype)
-        else:
+        if r is not None and r.B == B:
+            shape = r.A.shape
             r.set_params(params)
+            if r.A.shape == shape:
+                return r
+        s = self.spec
+        r = self._run = _Run(self.arch, params, B, s.N, s.d, s.d_y, self.dtype)
         return r
 
     def step(self, params, state, step):
