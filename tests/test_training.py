@@ -343,3 +343,19 @@ def test_cli_bad_config_fails_before_work(tmp_path, capsys):
     assert _cli(["no_such_experiment", "--out", str(out)]) == 2
     assert not out.exists()
     assert _cli(["--list"]) == 0 and "recurrent2" in capsys.readouterr().out
+
+
+def test_cli_resume_reuses_the_run_config(tmp_path, capsys):
+    out = tmp_path / "run"
+    sets = [f"--set={k}={v}" for k, v in TINY.items() if k != "steps"]
+    assert _cli(["recurrent2", "--steps", "20", *sets, "--out", str(out), "--quiet", "--no-plots"]) == 0
+    assert _cli(["--out", str(out), "--resume", "--steps", "40", "--quiet", "--no-plots"]) == 0
+    rows = T.read_metrics(str(out / "metrics.jsonl"))
+    assert [r["step"] for r in rows if r.get("kind") == "eval"] == [0, 10, 20, 30, 40]
+    full = T.train(T.apply_overrides(T.EXPERIMENTS["recurrent2"].config, {**TINY, "steps": 40}), None,
+                   progress=False, analyses=False)
+    assert _same_params(full.params, T.load_checkpoint(str(out / "checkpoint.npz")).params)
+    capsys.readouterr()
+    assert _cli(["--out", str(out), "--resume", "--lr", "0.5", "--quiet", "--no-plots"]) == 4
+    assert "different configuration: lr" in capsys.readouterr().err
+    assert _cli(["one_layer", "--out", str(out), "--resume", "--quiet"]) == 2

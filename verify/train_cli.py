@@ -2,7 +2,8 @@
 
     icgd train one_layer --out runs/one_layer
     icgd train recurrent2 --steps 2000 --set lr=5e-4 --out runs/r2
-    icgd train recurrent2 --out runs/r2 --resume        (continue an interrupted run)
+    icgd train --out runs/r2 --resume                   (continue an interrupted run; its
+                                                         config.json is reused, --steps may grow)
     icgd train --list                                   (the named experiments)
 
 The experiment's config (``reference.training.EXPERIMENTS``) is overridden field by
@@ -16,6 +17,7 @@ Exit codes: 0 done, 2 bad configuration, 3 training diverged, 4 checkpoint refus
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import typing
@@ -40,8 +42,12 @@ def add_arguments(p):
     for f in dataclasses.fields(T.TrainConfig):
         if f.name == "experiment":
             continue
-        g.add_argument(f"--{f.name}", dest=f"cfg__{f.name}", metavar=T._type_name(hints[f.name]).upper().replace(" ", ""),
-                       default=None, help=f"default: the experiment's value")
+        g.add_argument(f"--{f.name}", dest=f"cfg__{f.name}", metavar=_metavar(hints[f.name]), default=None)
+
+
+def _metavar(tp):
+    """INT, FLOAT, BOOL, STR, or FLOAT|none for an optional field."""
+    return "|".join("none" if n == "None" else n.upper() for n in T._type_name(tp).split(" or "))
 
 
 def _overrides(args):
@@ -58,11 +64,23 @@ def _overrides(args):
 
 
 def effective_config(args):
-    """The experiment's config with the command-line overrides applied (ConfigError if bad)."""
+    """The experiment's config with the command-line overrides applied (ConfigError if bad).
+    With --resume and an existing run in --out, the run's config.json is the base (so
+    the overrides need not be repeated; the experiment name is optional)."""
+    over = _overrides(args)
+    saved = os.path.join(args.out, T.CONFIG_FILE) if args.out else None
+    if args.resume and saved and os.path.exists(saved):
+        try:
+            with open(saved) as f:
+                base = T.config_from_dict(json.load(f))
+        except (OSError, ValueError, TypeError) as exc:
+            raise T.ConfigError(f"{saved}: unreadable config ({exc})") from exc
+        if args.experiment and args.experiment != base.experiment:
+            raise T.ConfigError(f"{args.out} holds a run of {base.experiment!r}, not {args.experiment!r}")
+        return T.apply_overrides(base, over), sorted(over)
     if not args.experiment:
         raise T.ConfigError("name an experiment (one of: " + ", ".join(T.EXPERIMENTS) + "); see --list")
     exp = T.get_experiment(args.experiment)
-    over = _overrides(args)
     return T.apply_overrides(exp.config, over), sorted(over)
 
 
