@@ -424,11 +424,23 @@ def rates_worker():
     return out
 
 
-def run_worker_process(args_list, timeout):
+def thread_env(threads):
+    """Environment for worker processes limited to ``threads`` threads (None: unchanged):
+    Numba, OpenMP (PyTorch), OpenBLAS/MKL (NumPy) and XLA (JAX)."""
+    env = dict(os.environ)
+    if threads:
+        n = str(threads)
+        env.update(NUMBA_NUM_THREADS=n, OMP_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n, MKL_NUM_THREADS=n)
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+                            f" intra_op_parallelism_threads={n}").strip()
+    return env
+
+
+def run_worker_process(args_list, timeout, threads=None):
     """Run ``python -m benchmarks.bench --worker ...`` and return its JSON (or an error row)."""
     cmd = [sys.executable, "-m", "benchmarks.bench", "--worker"] + args_list
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=thread_env(threads),
                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     except subprocess.TimeoutExpired:
         return dict(error=f"timed out after {timeout} s")
@@ -529,7 +541,8 @@ def markdown(result):
         lines.append(f"Rates: float32 matmul {r['matmul_gflops']:.0f} GFLOP/s (2048^2, all threads), copy "
                      f"{r['copy_gbs']:.1f} GB/s, SplitMix64 {r['rng_words_per_s'] / 1e9:.2f} G words/s "
                      f"(NumPy PCG64 float32 {r['numpy_pcg64_float32_per_s'] / 1e9:.2f} G/s, one thread).")
-    lines.append(f"Command: `{result['command']}`; {result['repeats']} timed steps after {result['warmup']} "
+    lines.append(f"Command: `{result['command']}`; threads: {result.get('threads', 'all cores')}; "
+                 f"{result['repeats']} timed steps after {result['warmup']} "
                  "warm-up steps (JIT/compile excluded); each row in its own process.")
     lines.append("")
     lines.append("| config | impl | ms/step median | p10 | p90 | sample | forward | backward | adam | "
@@ -589,6 +602,8 @@ def parse(argv):
     p.add_argument("--warmup", type=int, default=5, help="untimed steps after the first")
     p.add_argument("--label", default="provisional", help="label written in the table's title")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per (config, impl) process")
+    p.add_argument("--threads", type=int, default=None,
+                   help="limit every implementation to this many threads (default: all cores)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--rates", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", default=None, help=argparse.SUPPRESS)
@@ -622,16 +637,17 @@ def main(argv=None):
     else:
         impls = list(OURS) + available_peers()
     result = dict(label=a.label, command="python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
-                  configs=configs, repeats=a.repeats, warmup=a.warmup, machine=machine_info(), versions=versions(),
+                  configs=configs, repeats=a.repeats, warmup=a.warmup, threads=a.threads or "all cores",
+                  machine=machine_info(), versions=versions(),
                   unavailable_peers=dict(UNAVAILABLE_REASONS), started=time.strftime("%Y-%m-%d %H:%M:%S"))
     print("measuring machine rates ...", flush=True)
-    result["rates"] = run_worker_process(["--rates"], a.timeout)
+    result["rates"] = run_worker_process(["--rates"], a.timeout, a.threads)
     rows = []
     for config in configs:
         for impl in impls:
             print(f"{config} {impl} ...", end=" ", flush=True)
             row = run_worker_process(["--impl", impl, "--config", config, "--repeats", str(a.repeats),
-                                      "--warmup", str(a.warmup)], a.timeout)
+                                      "--warmup", str(a.warmup)], a.timeout, a.threads)
             row.setdefault("config", config)
             row.setdefault("impl", impl)
             rows.append(row)
