@@ -236,10 +236,13 @@ def _(ctx):
     for r in rs:
         m, g = np.array(r.summary["rollout"]["model"]), np.array(r.summary["rollout"]["gd"])
         worst = max(worst, float(np.max(np.abs(m - g) / g)))
-    return Outcome.at_most(worst, 0.1,
-                           "the layer's ~1-2% deviation from the construction accumulates over 50 applications "
-                           "(measured 3.5-6% on 5 seeds); a layer that were not a GD step would not descend like "
-                           "GD at all",
+    return Outcome.at_most(worst, 0.15,
+                           "measured 3.5-6% (5 full seeds) and 5-8% (quick, numba and numpy task streams); not from "
+                           "eta (a 2% eta change moves this curve by 1%) but from the entries one application never "
+                           "uses and training leaves near their init (W_KQ's y-row and y-column meet the query's "
+                           "y-slot once it is non-zero), 3-5% of the construction's norm; 0.15 is about twice the "
+                           "worst measured, while a layer off the construction (e.g. on the early plateau) ends "
+                           "several times above damped GD",
                            rollout=_per_seed(rs, lambda r: {"model": r.summary["rollout"]["model"][::7],
                                                             "gd": r.summary["rollout"]["gd"][::7]}))
 
@@ -312,7 +315,7 @@ def _(ctx):
                                 "'near' while excluding a model that merely beats GD-5",
                                 losses=_loss_rows(rs), gap_closed=frac)
     return Outcome.at_least(min(frac), 0.1,
-                            "after 6% of the paper's steps the model is measured 23-41% of the way from GD-5 to "
+                            "after 6% of the paper's steps the model is measured 21-41% of the way from GD-5 to "
                             "GD++ (numpy and numba task streams) and still descending; 0.1 asks that it has clearly "
                             "left GD-5 behind in GD++'s direction, not that it has arrived",
                             losses=_loss_rows(rs), gap_closed=frac)

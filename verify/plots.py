@@ -137,7 +137,12 @@ def plot_weights(cfg, params, base, path):
             name = ("shared layer" if cfg.recurrent else f"layer {k}") + (f" head {h}" if KQ.shape[0] > 1 else "")
             cols.append((name, KQ[h], PV[h], CKQ, CPV))
     cname = "GD" if cfg.n_layers == 1 else "GD++"
-    fig, axes = plt.subplots(4, len(cols), figsize=(3.3 * len(cols) + 0.5, 12.5), squeeze=False)
+    one = len(cols) == 1   # one layer and head: a 2 x 2 grid (trained row, construction row)
+    if one:
+        fig, grid = plt.subplots(2, 2, figsize=(8, 7), squeeze=False)
+        axes = np.array([grid[0, 0], grid[0, 1], grid[1, 0], grid[1, 1]]).reshape(4, 1)
+    else:
+        fig, axes = plt.subplots(4, len(cols), figsize=(3.3 * len(cols) + 0.5, 12.5), squeeze=False)
     for j, (name, KQ, PV, CKQ, CPV) in enumerate(cols):
         for i, (M, mname) in enumerate(((KQ, f"{name}: W_KQ"), (PV, f"{name}: W_PV"),
                                         (CKQ, f"{cname} construction: W_KQ"), (CPV, f"{cname} construction: W_PV"))):
@@ -148,9 +153,9 @@ def plot_weights(cfg, params, base, path):
             ax.set_xticks([])
             ax.set_yticks([])
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.suptitle(_title(cfg) + "\nW_KQ = W_K^T W_Q, W_PV = P W_V (raw, before rescaling); token layout (x_1..x_d, y)",
+    fig.suptitle(_title(cfg) + "\nW_KQ = W_K^T W_Q, W_PV = P W_V (raw, not rescaled);\ntoken layout (x_1 .. x_d, y)",
                  fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
