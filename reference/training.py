@@ -491,7 +491,11 @@ def compute_baselines(cfg, evals, log=None):
     gd_loss = A.mean_loss(pred_gd, evals.y_q)
     if log:
         log(f"baselines: GD-{K} eta {eta:.3f} (line search on {cfg.line_search_tasks} tasks), eval loss {gd_loss:.5f}")
-    etas, gammas, _ = meta_train_gdpp(cfg, eta, log=None)
+    gdpp_log = None
+    if log and cfg.gdpp_steps >= 2000:
+        def gdpp_log(s, L):
+            log(f"baselines: GD++ meta-training step {s}/{cfg.gdpp_steps}, batch loss {L:.5f}")
+    etas, gammas, _ = meta_train_gdpp(cfg, eta, log=gdpp_log)
     gdpp_loss = A.mean_loss(gdpp_predict(evals.X, evals.Y, evals.x_q, etas, gammas), evals.y_q)
     ls_loss = A.mean_loss(least_squares_predict(evals.X, evals.Y, evals.x_q), evals.y_q)
     if log:
