@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 
@@ -95,7 +96,11 @@ def check_config(tag, cfg, peers, args, failures):
     rng = np.random.default_rng(1234)
     data = np_tasks(c, rng)
     Xs = [d[: min(256, c["B"])] for d in data]  # smaller batch for the f64 FD
-    scales = {"init": c["init_std"], "big": 0.3 / math.sqrt(D)}
+    # "big": random params whose per-layer update E M^T has relative size about
+    # args.big (M = P W_V C W_K^T W_Q, |C| ~ N d / 12), so the layers matter
+    # but the K > 3 token clamp stays (mostly) inactive.
+    big = (args.big * 12.0 / (c["N"] * c["d"] * D * D)) ** 0.25
+    scales = {"init": c["init_std"], "big": big}
     rows = []
     for sname, std in scales.items():
         params = [np.clip(rng.standard_normal((D, D)), -2, 2).astype(np.float32) * np.float32(std)
@@ -137,7 +142,8 @@ def check_config(tag, cfg, peers, args, failures):
         # attn vs cov, and agreement across peers
         names = list(got)
         for name in names:
-            twin = name[:-4] + ("cov" if name.endswith("attn") else "attn")
+            base, form = name.rsplit("-", 1)
+            twin = f"{base}-{'cov' if form == 'attn' else 'attn'}"
             others = [twin] if twin in got else []
             others += [n for n in names if n != name and n != twin][:1]
             for o in others:
@@ -185,6 +191,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--parts", action="store_true", help="also time sample/forward/backward/adam")
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--big", type=float, default=0.3,
+                    help="target relative per-layer update for the second ('big') check scale")
     args = ap.parse_args(argv)
 
     peers = available_peers()
@@ -211,12 +219,15 @@ def main(argv=None):
         if args.parts:
             hdr += "".join(f" {p:>9}" for p in ("sample", "forward", "backward", "adam"))
         print(hdr)
+        load0 = os.getloadavg()[0]
         for name in peers:
             t = time_peer(name, cfg, args)
             line = f"{name:20} {t['median_ms']:9.2f} {t['min_ms']:9.2f} {t['first_s']:9.2f} {t['loss']:10.4g}"
             if args.parts:
                 line += "".join(f" {t[p]:9.2f}" for p in ("sample", "forward", "backward", "adam"))
             print(line, flush=True)
+        print(f"(1-min load average {load0:.2f} before timing, {os.getloadavg()[0]:.2f} after, "
+              f"{os.cpu_count()} CPUs: timings are only meaningful on an otherwise idle machine)")
     print()
     if failures:
         print("FAILED:")

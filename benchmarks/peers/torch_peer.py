@@ -14,7 +14,7 @@ and Adam written by hand.
 
 Compile mode: the WHOLE update (forward + loss + gradient via
 ``torch.func.grad_and_value`` + global-norm clip + Adam) is a single
-``torch.compile(fullgraph=True)`` function of (params, m, v, t, X, Y, xq, yq).
+``torch.compile(fullgraph=True, dynamic=False)`` function of (params, m, v, t, X, Y, xq, yq).
 Task sampling (``torch.Generator``-driven) stays eager, because dynamo does
 not trace explicit generators; it is a few RNG kernels.  If the full-graph
 compile ever fails at first call, the peer falls back to compiling only the
@@ -76,6 +76,17 @@ def _clip_adam(torch, params, g, m, v, t, clip: float, lr: float):
     return params, m, v, t
 
 
+def _raise_recompile_limit(torch, at_least: int = 128) -> None:
+    """Every peer's compiled closures share code objects, and dynamo keeps at
+    most ``recompile_limit`` (default 8) specialisations per code object before
+    silently running it eagerly.  A benchmark builds peers for several configs,
+    forms and (in verification) batch shapes in one process, so raise it."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name) and getattr(cfg, name) < at_least:
+            setattr(cfg, name, at_least)
+
+
 class TorchPeer:
     """One LSA training step in PyTorch. ``form`` in {"attn", "cov"}."""
 
@@ -97,15 +108,16 @@ class TorchPeer:
         self.v = torch.zeros_like(p)
         self.t = torch.zeros((), dtype=torch.float32)
         self._loss = torch.full((), float("nan"))
-        self._parts = None
 
         clamp, clip, lr = c["clamp"], c["clip"], c["lr"]
 
         def loss_fn(params, X, Y, xq, yq):
             return _lsa_loss(torch, params, X, Y, xq, yq, form, clamp)
 
+        compiled = self.compiled
+
         def value_and_grad(params, X, Y, xq, yq):
-            if self.compiled:
+            if compiled:
                 g, loss = torch.func.grad_and_value(loss_fn)(params, X, Y, xq, yq)
                 return loss, g
             with torch.enable_grad():
@@ -126,13 +138,15 @@ class TorchPeer:
         self._value_and_grad = value_and_grad
         self._clip_adam = clip_adam
         if self.compiled:
+            _raise_recompile_limit(torch)
+            cc = dict(fullgraph=True, dynamic=False)
             self.compile_mode = "full-step"
-            self._update = torch.compile(update, fullgraph=True)
+            self._update = torch.compile(update, **cc)
             # Separately compiled pieces, for parts() and the verification
             # helpers (torch.compile is lazy: nothing compiles until called).
-            self._loss_fn_c = torch.compile(loss_fn, fullgraph=True)
-            self._vg_c = torch.compile(value_and_grad, fullgraph=True)
-            self._clip_adam_c = torch.compile(clip_adam, fullgraph=True)
+            self._loss_fn_c = torch.compile(loss_fn, **cc)
+            self._vg_c = torch.compile(value_and_grad, **cc)
+            self._clip_adam_c = torch.compile(clip_adam, **cc)
         else:
             self.compile_mode = None
             self._update = update
@@ -157,6 +171,11 @@ class TorchPeer:
             if not self.compiled or self.compile_mode != "full-step":
                 raise
             # Fallback: compiled loss only, eager gradient plumbing / Adam.
+            import traceback
+            import warnings
+
+            warnings.warn(f"{self.name}: full-step torch.compile failed, falling back to compiling the "
+                          f"loss only:\n{traceback.format_exc(limit=3)}")
             self.compile_mode = "loss-only"
             torch = self.torch
             loss_c = self._loss_fn_c
