@@ -16,8 +16,9 @@ Implementations: ``numba`` (reference.backends.numba_backend, tasks drawn inside
 fused kernel), ``numpy`` (the reference), and the peers of ``benchmarks/peers`` that are
 installed (PyTorch eager and torch.compile, JAX jit; attention and covariance forms).
 
-Each (configuration, implementation) runs in its own process (so its peak RSS is its
-own and no two threading runtimes share a process), which
+Each (configuration, implementation) is verified in one process and, if it passes,
+timed in a fresh one (so no two threading runtimes share a process and the peak RSS is
+the implementation's own):
 
 1. verifies: ``numba``: its loss and gradients on the reference's tasks and parameters
    against the reference (float64), at the initial scale and at a scale where the layers
@@ -32,8 +33,8 @@ own and no two threading runtimes share a process), which
    Then each part (sample, forward = loss only, backward = loss and gradients, adam =
    clip + Adam) alone, median over ``repeats`` calls. Parts are separate calls, so they
    need not add up to the fused step.
-3. records peak RSS (VmHWM of the process) and RSS after imports, thread counts and the
-   load average before and after (a busy machine makes timings meaningless; the table
+3. records the timing process's peak RSS (VmHWM), its RSS after imports, thread counts
+   and the load average before and after (a busy machine makes timings meaningless; the table
    shows it).
 
 A roofline line per configuration: FLOPs, bytes and random words of one Numba step
@@ -350,8 +351,17 @@ def make_impl(name, cfg):
 
 # ----------------------------------------------------------------------------- worker --
 
-def worker(impl_name, config, repeats, warmup):
-    """Verify, then time one implementation on one configuration (run in its own process)."""
+def verify_worker(impl_name, config):
+    """Verify one implementation on one configuration (in its own process)."""
+    cfg = CONFIGS[config]
+    t0 = time.perf_counter()
+    impl = make_impl(impl_name, cfg)
+    return dict(config=config, impl=impl_name, verify=impl.verify(), verify_s=time.perf_counter() - t0)
+
+
+def time_worker(impl_name, config, repeats, warmup):
+    """Time one (already verified) implementation on one configuration, in a fresh process
+    so the peak RSS is the implementation's own (imports, build, steps and parts)."""
     cfg = CONFIGS[config]
     load0 = os.getloadavg()
     t0 = time.perf_counter()
@@ -359,10 +369,6 @@ def worker(impl_name, config, repeats, warmup):
     row = dict(config=config, impl=impl_name, cfg=cfg)
     impl = make_impl(impl_name, cfg)
     row["rss_after_build_mib"] = rss_mib()
-    row["verify"] = impl.verify()
-    if not row["verify"]["ok"]:
-        row["error"] = "verification failed; not timed"
-        return row
     t_first = time.perf_counter()
     impl.step()                                    # first step: JIT / compile, excluded
     row["first_step_s"] = time.perf_counter() - t_first
@@ -606,6 +612,7 @@ def parse(argv):
                    help="limit every implementation to this many threads (default: all cores)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--rates", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--verify-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", default=None, help=argparse.SUPPRESS)
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -617,7 +624,12 @@ def parse(argv):
 def main(argv=None):
     a = parse(sys.argv[1:] if argv is None else argv)
     if a.worker:
-        row = rates_worker() if a.rates else worker(a.impl, a.config, a.repeats, a.warmup)
+        if a.rates:
+            row = rates_worker()
+        elif a.verify_only:
+            row = verify_worker(a.impl, a.config)
+        else:
+            row = time_worker(a.impl, a.config, a.repeats, a.warmup)
         print(json.dumps(row))
         return 0
     from benchmarks.costs import bound, step_cost
@@ -646,10 +658,13 @@ def main(argv=None):
     for config in configs:
         for impl in impls:
             print(f"{config} {impl} ...", end=" ", flush=True)
-            row = run_worker_process(["--impl", impl, "--config", config, "--repeats", str(a.repeats),
-                                      "--warmup", str(a.warmup)], a.timeout, a.threads)
-            row.setdefault("config", config)
-            row.setdefault("impl", impl)
+            ver = run_worker_process(["--verify-only", "--impl", impl, "--config", config], a.timeout, a.threads)
+            if ver.get("verify", {}).get("ok"):
+                row = run_worker_process(["--impl", impl, "--config", config, "--repeats", str(a.repeats),
+                                          "--warmup", str(a.warmup)], a.timeout, a.threads)
+            else:
+                row = dict(error=ver.get("error", "verification failed; not timed"))
+            row.update(config=config, impl=impl, verify=ver.get("verify", {}), verify_s=ver.get("verify_s"))
             rows.append(row)
             print(f"{row['ms_median']:.3f} ms" if "ms_median" in row else row.get("error", "?")[:300], flush=True)
     result["rows"] = rows
