@@ -37,12 +37,13 @@ the implementation's own):
    and the load average before and after (a busy machine makes timings meaningless; the table
    shows it).
 
-A roofline line per configuration: FLOPs, bytes and random words of one Numba step
+A roofline line per configuration: FLOPs, bytes and random numbers of one Numba step
 (``benchmarks/costs.py``, counted analytically for the algorithm it runs), the machine's
 float32 matmul rate (a 2048^2 np.matmul, all threads), copy bandwidth (a 256 MiB copy)
-and random-number rate (the backend's SplitMix64 generator on all threads; NumPy's
-PCG64 recorded too), the bound max(FLOPs / matmul rate, bytes / bandwidth, random words
-/ rate), and the fraction of it the Numba step reaches.
+and random-number rates (the backend's generator on all threads: SplitMix64 words and
+polar-method normals; NumPy's PCG64 recorded too), the bound max(FLOPs / matmul rate,
+bytes / bandwidth, words / word rate + normals / normal rate), and the fraction of it the
+Numba step reaches.
 
 Output: ``--json FILE`` (one object: machine, versions, rates, rows, roofline, ratios)
 and the same stem with ``.md`` (a readable table); the table is also printed.
@@ -392,7 +393,7 @@ def rates_worker():
     import numba
     from numba import njit, prange
 
-    from reference.backends._numba_rng import stream_key, task_key, uniforms_lanes
+    from reference.backends._numba_rng import normal_pairs, stream_key, task_key, uniforms_lanes
 
     out = {}
     n = 2048
@@ -407,25 +408,41 @@ def rates_worker():
     ts = timed(lambda: np.copyto(y, x), 2, 7)
     out["copy_gbs"] = 2 * x.nbytes / min(ts) / 1e9
     rng = np.random.default_rng(0)
-    buf = np.empty(2 ** 24, np.float32)
-    ts = timed(lambda: rng.random(out=buf, dtype=np.float32), 1, 5)
+    buf = np.empty(2 ** 20, np.float32)
+    ts = timed(lambda: rng.random(out=buf, dtype=np.float32), 1, 9)
     out["numpy_pcg64_float32_per_s"] = buf.size / min(ts)
+    ts = timed(lambda: rng.standard_normal(out=buf, dtype=np.float32), 1, 9)
+    out["numpy_normal_float32_per_s"] = buf.size / min(ts)
 
     @njit(parallel=True)
-    def splitmix_all_threads(n_chunks, L, n_words, U):
+    def words_all_threads(n_chunks, L, n_words, reps, U):
+        # each chunk refills its own cache-resident (2 n_words, L) buffer reps times
         for ch in prange(n_chunks):
             keys = np.empty(L, np.uint64)
             for l in range(L):
                 keys[l] = stream_key(task_key(np.uint64(12345), ch * L + l), 0)
-            uniforms_lanes(keys, L, 2 * n_words, U[ch], True)
+            for r in range(reps):
+                keys[0] += np.uint64(1)
+                uniforms_lanes(keys, L, 2 * n_words, U[ch], True)
 
-    chunks, L, nw = 8 * numba.get_num_threads(), 64, 4096
+    @njit(parallel=True)
+    def normals_all_threads(n_chunks, n, reps, out):
+        for ch in prange(n_chunks):
+            for r in range(reps):
+                normal_pairs(stream_key(task_key(np.uint64(777), ch * reps + r), 1), n, out[ch])
+
+    chunks, L, nw, reps = 8 * numba.get_num_threads(), 64, 64, 64
     U = np.empty((chunks, 2 * nw, L))
-    splitmix_all_threads(1, L, 16, U)
-    ts = timed(lambda: splitmix_all_threads(chunks, L, nw, U), 1, 5)
-    out["rng_words_per_s"] = chunks * L * nw / min(ts)
-    out["rng_float32_per_s"] = 2 * out["rng_words_per_s"]
-    out["rng_generator"] = "SplitMix64 (the numba backend's), all threads, 64 lanes, 2 float32 per word"
+    words_all_threads(1, L, 8, 1, U)
+    ts = timed(lambda: words_all_threads(chunks, L, nw, reps, U), 1, 7)
+    out["rng_words_per_s"] = chunks * L * nw * reps / min(ts)
+    nn = 1024
+    Z = np.empty((chunks, nn))
+    normals_all_threads(1, 8, 1, Z)
+    ts = timed(lambda: normals_all_threads(chunks, nn, reps, Z), 1, 7)
+    out["rng_normals_per_s"] = chunks * nn * reps / min(ts)
+    out["rng_generator"] = ("the numba backend's: SplitMix64 words (two float32 uniforms each) and polar-method "
+                            "normals, all threads, cache-resident buffers")
     out["threads"] = dict(numba=numba.get_num_threads(), openblas=os.environ.get("OPENBLAS_NUM_THREADS", "default"))
     return out
 
@@ -545,8 +562,10 @@ def markdown(result):
     r = result.get("rates", {})
     if "matmul_gflops" in r:
         lines.append(f"Rates: float32 matmul {r['matmul_gflops']:.0f} GFLOP/s (2048^2, all threads), copy "
-                     f"{r['copy_gbs']:.1f} GB/s, SplitMix64 {r['rng_words_per_s'] / 1e9:.2f} G words/s "
-                     f"(NumPy PCG64 float32 {r['numpy_pcg64_float32_per_s'] / 1e9:.2f} G/s, one thread).")
+                     f"{r['copy_gbs']:.1f} GB/s, the backend's generator {r['rng_words_per_s'] / 1e9:.2f} G words/s "
+                     f"and {r['rng_normals_per_s'] / 1e6:.0f} M normals/s (all threads); NumPy PCG64 "
+                     f"{r['numpy_pcg64_float32_per_s'] / 1e9:.2f} G uniforms/s and "
+                     f"{r['numpy_normal_float32_per_s'] / 1e6:.0f} M normals/s (one thread).")
     lines.append(f"Command: `{result['command']}`; threads: {result.get('threads', 'all cores')}; "
                  f"{result['repeats']} timed steps after {result['warmup']} "
                  "warm-up steps (JIT/compile excluded); each row in its own process.")
@@ -585,7 +604,8 @@ def markdown(result):
                      f"{fmt(s.get('numba_fraction_of_bound'), '{:.2f}')} |")
     lines.append("")
     lines.append("Roofline (numba algorithm, benchmarks/costs.py): " + "; ".join(
-        f"{c}: {rf['flops'] / 1e6:.1f} MFLOP, {rf['random_words'] / 1e6:.2f} M random words, "
+        f"{c}: {rf['path']} path, {rf['flops'] / 1e6:.1f} MFLOP, {rf['random_words'] / 1e6:.2f} M random words "
+        f"+ {rf['normals'] / 1e3:.0f} k normals, "
         f"{rf['dram_bytes'] / 1e3:.0f} kB compulsory / {rf['scratch_bytes'] / 1e6:.1f} MB scratch "
         f"-> compute {rf['compute_ms']:.3f} ms, RNG {rf['rng_ms']:.3f} ms, DRAM {rf['dram_ms']:.4f} ms"
         for c, rf in result.get("roofline", {}).items()) + ".")

@@ -37,10 +37,10 @@ D x D path (``_numba_dspace``), nd = K - 2 dense layers then the two-layer tail:
 ``tests/test_numba_costs.py`` checks the D x D count against the multiply-adds the kernel's
 products actually perform (counted by wrapping them, without JIT).
 
-Both paths: sampling, labels y = W x ((N + 1) d MACs); random 64-bit words: float32
-takes two uniforms per word, float64 one; a normal costs 4/pi words on average (polar
-method: two words per attempt, accepted with probability pi/4); clip + Adam 14 FLOPs
-per parameter.
+Both paths: sampling, labels y = W x ((N + 1) d MACs); random numbers: the uniforms as
+64-bit words (float32 takes two uniforms per word, float64 one) and the d d_y normals of
+the teacher (polar method), charged at the generator's measured word and normal rates;
+clip + Adam 14 FLOPs per parameter.
 
 Bytes: ``dram_bytes`` is the compulsory traffic (parameters, gradients, Adam moments:
 7 arrays of all parameters, read or written once); tasks are drawn inside the kernel
@@ -118,9 +118,9 @@ def step_cost(d, N, B, K, H=1, d_y=1, itemsize=4, path=None):
     n_params = K * 4 * H * D * D
     flops = B * (2 * mac + add) + 14 * n_params
     uniforms = (N + 1) * d
-    words = (math.ceil(uniforms / 2) if itemsize == 4 else uniforms) + (4 / math.pi) * d * d_y
+    words = math.ceil(uniforms / 2) if itemsize == 4 else uniforms
     return dict(path=path, flops=flops, dram_bytes=7 * n_params * itemsize, scratch_bytes=2 * B * scratch * itemsize,
-                random_words=B * words, macs_per_task=mac)
+                random_words=B * words, normals=B * d * d_y, macs_per_task=mac)
 
 
 def bound(cost, rates):
@@ -128,7 +128,7 @@ def bound(cost, rates):
     terms = {
         "compute_ms": 1e3 * cost["flops"] / (rates["matmul_gflops"] * 1e9),
         "dram_ms": 1e3 * cost["dram_bytes"] / (rates["copy_gbs"] * 1e9),
-        "rng_ms": 1e3 * cost["random_words"] / (rates["rng_words_per_s"]),
+        "rng_ms": 1e3 * (cost["random_words"] / rates["rng_words_per_s"] + cost["normals"] / rates["rng_normals_per_s"]),
     }
     terms["bound_ms"] = max(terms.values())
     terms["bound_by"] = max((k for k in terms if k != "bound_ms"), key=terms.get).replace("_ms", "")
