@@ -99,7 +99,8 @@ def direct(backend, steps, batch, eval_every, eval_tasks, seed=0):
 def via_training(backend, steps, batch, eval_every, eval_tasks):
     from reference.training import TrainConfig, train
 
-    cfg = TrainConfig(steps=steps, batch=batch, eval_every=eval_every, checkpoint_every=max(eval_every, 500 // eval_every * eval_every),
+    every = max(eval_every, 500 // eval_every * eval_every)
+    cfg = TrainConfig(steps=steps, batch=batch, eval_every=eval_every, checkpoint_every=every,
                       eval_tasks=eval_tasks, backend=backend)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
