@@ -416,6 +416,32 @@ def test_tasks_options():
     assert 1.8 < W.std() < 2.2, f"teacher std {W.std():.3f}, want w_scale = 2"
 
 
+@pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="threads need the JIT")
+@pytest.mark.parametrize("path", ["tokens", "dspace"])
+def test_results_do_not_depend_on_the_thread_count(monkeypatch, path):
+    """Chunks are a fixed partition added in chunk order: 1 and 2 threads give the same bits."""
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs NUMBA_NUM_THREADS >= 2")
+    monkeypatch.setattr(config, "PATH", path)
+    monkeypatch.setattr(config, "LANES", 2)
+    arch, _, params = _setup(DSPACE_CASES[4], np.float32, b=40)
+    spec = TaskSpec(d=d, N=N, B=40)
+    results = []
+    before = numba.get_num_threads()
+    try:
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            st = nb.make_stepper(arch, AdamHP(clip_norm=0.001), spec, 3, np.float32)
+            results.append(st.step(params, adam_init(params), 5))
+    finally:
+        numba.set_num_threads(before)
+    assert results[0].loss == results[1].loss and results[0].grad_norm == results[1].grad_norm
+    for a, b_ in zip(_leaves(results[0].params), _leaves(results[1].params)):
+        np.testing.assert_array_equal(a, b_)
+
+
 def test_returned_params_are_not_mutated():
     arch, _, params = _setup(CASES[0], np.float64)
     hp = AdamHP(clip_norm=0.001)
