@@ -52,11 +52,11 @@ import numpy as np
 from . import analysis as A
 from .backends import BACKENDS, DEFAULT_TRAIN_BACKEND, get_backend
 from .lsa import LSAParams, init_lsa_params
-from .model import Arch, loss_and_grads
+from .model import Arch, loss_and_grads, model_forward
 from .optim import AdamHP, AdamState, adam_init, adam_update
 from .solvers import gdpp_predict, least_squares_predict, line_search_eta
 from .tasks import TaskSpec
-from .tokens import build_tokens
+from .tokens import build_tokens, readout
 
 FORMAT_VERSION = 1
 HOST_BACKENDS = ("numpy", "numba")   # backends whose loss_and_grads take NumPy arrays
@@ -932,14 +932,7 @@ def final_analyses(cfg, params, baselines, evals):
     out["construction"] = "gd" if cfg.n_layers == 1 else "gdpp"
     if cfg.heads == 1:
         out["weights"] = [A.construction_match(p, c, cfg.d) for p, c in zip(params, consts)]
-        consts_m = _construction_layers(cfg, baselines, dtype)
-        interp = tuple(A.interpolate(p, c, cfg.d, 0.5) for p, c in zip(params, consts_m))
-        pred_i, _ = A.sensitivity(E, interp, arch, cfg.d)
-        pred_c, _ = A.sensitivity(E, tuple(consts_m), arch, cfg.d)
-        pred_m, _ = A.sensitivity(E, params, arch, cfg.d)
-        out["interpolation"] = {"loss_interpolated": A.mean_loss(pred_i, evals.y_q),
-                                "loss_model": A.mean_loss(pred_m, evals.y_q),
-                                "loss_construction": A.mean_loss(pred_c, evals.y_q)}
+        out["interpolation"] = _interpolation(cfg, params, baselines, evals, E)
     out["products"] = [{"W_KQ": A.layer_products(p)[0].tolist(), "W_PV": A.layer_products(p)[1].tolist()}
                        for p in params]
     out["ood"] = ood_sweeps(cfg, params, baselines)
@@ -951,6 +944,29 @@ def final_analyses(cfg, params, baselines, evals):
             "gd": A.damped_gd_losses(rr, baselines["gd_eta"], cfg.rollout_steps, cfg.rollout_damping).tolist(),
             "damping": cfg.rollout_damping}
     return out
+
+
+def _interpolation(cfg, params, baselines, evals, E):
+    """Loss of the model averaged (t = 0.5) with its construction, in the model's arch.
+
+    Only meaningful when the model's architecture can represent the construction: with
+    token clipping the construction's tokens may exceed the clip (per-layer GD++ with
+    large step sizes does), and then the construction inside the clipped arch is another
+    function; the analysis is skipped with that reason."""
+    arch, dtype = cfg.arch(), cfg.np_dtype
+    consts_m = tuple(_construction_layers(cfg, baselines, dtype))
+    out_c, cache_c = model_forward(E, consts_m, Arch(arch.n_layers, recurrent=arch.recurrent))
+    res = {"loss_construction": A.mean_loss(readout(out_c, cfg.d), evals.y_q)}
+    peak = max(float(np.max(np.abs(o))) for o in cache_c.outputs)
+    if arch.clip is not None and peak > arch.clip:
+        res["skipped"] = (f"the construction's tokens reach {peak:.3g}, beyond the token clip {arch.clip:g}: the "
+                          "clipped architecture cannot represent it")
+        return res
+    interp = tuple(A.interpolate(p, c, cfg.d, 0.5) for p, c in zip(params, consts_m))
+    pred_i, _ = A.sensitivity(E, interp, arch, cfg.d)
+    pred_m, _ = A.sensitivity(E, params, arch, cfg.d)
+    res.update(loss_interpolated=A.mean_loss(pred_i, evals.y_q), loss_model=A.mean_loss(pred_m, evals.y_q))
+    return res
 
 
 def ood_sweeps(cfg, params, baselines, input_scales=None, teacher_scales=None):

@@ -359,3 +359,16 @@ def test_cli_resume_reuses_the_run_config(tmp_path, capsys):
     assert _cli(["--out", str(out), "--resume", "--lr", "0.5", "--quiet", "--no-plots"]) == 4
     assert "different configuration: lr" in capsys.readouterr().err
     assert _cli(["one_layer", "--out", str(out), "--resume", "--quiet"]) == 2
+
+
+def test_interpolation_skipped_when_the_clip_cannot_represent_the_construction():
+    cfg = tiny(n_layers=2, recurrent=False, token_clip=0.5, dtype="float64")
+    ev = cfg.task_spec(50).sample(np.random.default_rng(5))
+    E = R.build_tokens(ev.X, ev.Y, ev.x_q)
+    params = T.init_params(cfg)
+    big = {"gd_eta": 1.0, "gdpp_etas": [40.0, 40.0], "gdpp_gammas": [0.1, 0.1]}
+    res = T._interpolation(cfg, params, big, ev, E)
+    assert "skipped" in res and "beyond the token clip" in res["skipped"]
+    small = {"gd_eta": 1.0, "gdpp_etas": [0.5, 0.5], "gdpp_gammas": [0.01, 0.01]}
+    res = T._interpolation(T.TrainConfig(**{**TINY, "n_layers": 2, "dtype": "float64"}), params, small, ev, E)
+    assert set(res) == {"loss_construction", "loss_interpolated", "loss_model"}

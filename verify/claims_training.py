@@ -300,23 +300,31 @@ def _(ctx):
 # ---- five separate layers -----------------------------------------------------------
 
 @claim("training.layers5.approaches_gdpp", source=f"{SRC}, Sec. 4 (non-recurrent K=5)",
-       statement="A five-layer non-recurrent LSA trained from scratch leaves GD-5 behind and approaches GD++ with "
-                 "per-layer meta-trained (eta_k, gamma_k)",
+       statement="A five-layer non-recurrent LSA trained from scratch leaves GD-5 behind and reaches GD++ with per-layer "
+                 "meta-trained (eta_k, gamma_k) (in our full run it then goes on well below GD++)",
        method="layers5 experiment (lr 5e-4, clip 10, token clip 10); GD++ per layer from Adam on P's entries. "
               "Measured: the fraction of the gap from GD-5 to GD++ the model has closed, "
-              "(L_GD5 - L_model) / (L_GD5 - L_GD++), worst over seeds. Quick: 3000 steps at batch 512 (6% of the "
-              "paper's 50,000) against GD++ after 1000 meta-steps; full: 50,000 steps, GD++ 30,000 steps, 5 seeds")
+              "(L_GD5 - L_model) / (L_GD5 - L_GD++) (1 = at GD++, > 1 = below it), worst over seeds. Quick: 3000 "
+              "steps at batch 512 (6% of the paper's 50,000) against GD++ after 1000 meta-steps; full: 50,000 steps, "
+              "GD++ 30,000 steps, 5 seeds")
 def _(ctx):
     rs = runs(ctx, "layers5")
     frac = [(r.baselines["gd_loss"] - r.summary["final"]["loss"]) / (r.baselines["gd_loss"] - r.baselines["gdpp_loss"])
             for r in rs]
+    details = dict(losses=_loss_rows(rs), gap_closed=frac,
+                   model_over_gdpp=[r.summary["final"]["loss"] / r.baselines["gdpp_loss"] for r in rs],
+                   final_alignment=_per_seed(rs, lambda r: {k: v for k, v in r.summary["final"].items()
+                                                            if k.endswith("_gd") or k.endswith("_gdpp")}))
     if ctx.full:
         return Outcome.at_least(min(frac), 0.75,
-                                "the paper's 5-layer model ends near per-layer GD++; 0.75 of the gap closed is "
-                                "'near' while excluding a model that merely beats GD-5",
-                                losses=_loss_rows(rs), gap_closed=frac)
+                                "the paper's 5-layer model ends at per-layer GD++; 0.75 of the gap closed is 'near "
+                                "or beyond GD++' and excludes a model that merely beats GD-5. Measured 1.25 (seed 0, "
+                                "numba): the model crosses GD++'s loss at step 17,000, where its alignment with GD++ "
+                                "peaks (model cos 0.995, preds diff 0.07), and ends at 0.0105 vs GD++ 0.0304",
+                                **details)
     return Outcome.at_least(min(frac), 0.1,
                             "after 6% of the paper's steps the model is measured 21-41% of the way from GD-5 to "
                             "GD++ (numpy and numba task streams) and still descending; 0.1 asks that it has clearly "
-                            "left GD-5 behind in GD++'s direction, not that it has arrived",
-                            losses=_loss_rows(rs), gap_closed=frac)
+                            "left GD-5 behind in GD++'s direction, not that it has arrived (in the full run it "
+                            "reaches GD++ at step 17,000)",
+                            **details)

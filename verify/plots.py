@@ -73,7 +73,7 @@ def plot_loss(cfg, hist, base, summary, path):
         ax.axhline(base["lstsq_loss"], color=COLORS["lstsq"], ls="-.", label=f"least squares: {base['lstsq_loss']:.4f}")
     else:
         ax.plot([], [], color=COLORS["lstsq"], ls="-.", label=f"least squares: {base['lstsq_loss']:.1e} (off scale)")
-    if summary and "interpolation" in summary:
+    if summary and "loss_interpolated" in summary.get("interpolation", {}):
         li = summary["interpolation"]["loss_interpolated"]
         ax.plot([steps[-1]], [li], marker="*", ms=12, ls="", color=COLORS["interp"], label=f"interpolated model: {li:.4f}")
     ax.set_yscale("log")

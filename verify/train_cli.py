@@ -148,8 +148,10 @@ def summary_text(res):
     for k, w in enumerate(s.get("weights", [])):
         lines.append(f"layer {k}: beta {w['beta']:.4f}, |W_KQ/beta - C| / |C| {w['kq_rel_err']:.4f}, "
                      f"|W_PV*beta - C| / |C| {w['pv_rel_err']:.4f} (C = {s['construction'].upper()} construction)")
-    if "interpolation" in s:
-        i = s["interpolation"]
+    i = s.get("interpolation")
+    if i and "skipped" in i:
+        lines.append(f"interpolation skipped: {i['skipped']}")
+    elif i:
         lines.append(f"interpolated model loss {i['loss_interpolated']:.5f} (model {i['loss_model']:.5f}, "
                      f"construction {i['loss_construction']:.5f})")
     if res.run_dir:
