@@ -36,14 +36,15 @@ MAX_WORKERS = 3
 # * one_layer, batch 2048: within 1% of the GD-1 loss by step 500-600 on seeds 0-3;
 #   with batch 512 or 1024 some seeds sit on a plateau at loss 0.40 for > 1000 steps,
 #   so the batch stays at the paper's 2048;
-# * recurrent2: a first plateau near 0.147 until step ~1500, then GD++ (0.112) is
-#   reached (within 5%) by step 2250-2500 at batch 1024 (seeds 0, 1) and by step
-#   1700-2500 at batch 2048 (seeds 0-4); 4000 steps at batch 1024 leave margin;
+# * recurrent2, batch 2048: a first plateau near 0.147 until step ~1500, then GD++
+#   (0.112) is reached (within 5%) by step 1700-2500 (seeds 0-4); from step 3000 on
+#   every evaluation is within 2.8% of GD++. With batch 1024 Adam's jitter doubles
+#   (up to 3.4% above GD++ at a single evaluation), so the batch stays at 2048;
 # * layers5, batch 512: below GD-5 from step ~2000; at 3000 steps 21-41% of the way from
 #   GD-5 (0.114) to per-layer GD++ (0.060); the paper trains 50,000 steps.
 QUICK = {
     "one_layer": dict(steps=1000, gdpp_steps=100, checkpoint_every=500),
-    "recurrent2": dict(steps=4000, batch=1024, checkpoint_every=500),
+    "recurrent2": dict(steps=3000, checkpoint_every=500),
     "layers5": dict(steps=3000, batch=512, gdpp_steps=1000, eval_every=250, checkpoint_every=1000),
 }
 _MEMO = {}
@@ -252,8 +253,8 @@ def _(ctx):
 
 @claim("training.recurrent2.below_gd2", source=f"{SRC}, Sec. 4, Fig. 4",
        statement="A recurrent (weight-tied) two-layer LSA trained from scratch beats two steps of GD",
-       method="recurrent2 experiment (clip 0.001, lr 1e-3); quick: 4000 steps at batch 1024, 1 seed; full: 5000 steps "
-              "at batch 2048, 5 seeds. Worst L_model / L_GD2 over seeds")
+       method="recurrent2 experiment (clip 0.001, lr 1e-3, batch 2048); quick: 3000 steps, 1 seed; full: 5000 steps, "
+              "5 seeds. Worst L_model / L_GD2 over seeds")
 def _(ctx):
     rs = runs(ctx, "recurrent2")
     ratio = [r.summary["final"]["loss"] / r.baselines["gd_loss"] for r in rs]
@@ -271,9 +272,9 @@ def _(ctx):
     rs = runs(ctx, "recurrent2")
     rel = [abs(r.summary["final"]["loss"] - r.baselines["gdpp_loss"]) / r.baselines["gdpp_loss"] for r in rs]
     return Outcome.at_most(max(rel), 0.05,
-                           "measured 0.4-1.5% on 5 seeds at 5000 steps (0.7% in quick mode) once the model has left "
-                           "its first plateau (27% above GD++); 1000 meta-training steps leave GD++ itself ~1% above "
-                           "its converged loss",
+                           "measured 0.4-1.5% on 5 seeds at 5000 steps, and every evaluation from step 3000 on "
+                           "within 2.8% (Adam's jitter) once the model has left its first plateau (27% above GD++); "
+                           "1000 meta-training steps leave GD++ itself ~1% above its converged loss",
                            losses=_loss_rows(rs),
                            model_cos_gdpp=_per_seed(rs, lambda r: r.summary["final"]["model_cos_gdpp"]))
 
