@@ -117,6 +117,10 @@ def plot_ood(cfg, ood, path):
             ax.plot(a, r["lstsq"], color=COLORS["lstsq"], ls="-.", label="least squares")
         ax.axvline(1.0, color="gray", lw=0.8)
         ax.set_yscale("log")
+        top = 10 * max(max(r["model"]), max(r["gd"]))
+        if max(r["gdpp"]) > top:   # per-layer GD++ with large step sizes can blow up far out
+            ax.set_ylim(0.5 * min(min(r["model"]), min(r["gd"]), min(r["gdpp"])), top)
+            ax.text(0.02, 0.02, "GD++ leaves the plot above", transform=ax.transAxes, fontsize=7, color=COLORS["gdpp"])
         ax.set_xlabel(xl)
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3, which="both")
