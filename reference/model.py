@@ -20,7 +20,6 @@ from typing import NamedTuple, Optional
 from ._checks import check_array, check_float, check_int
 from .lsa import LSAParams, MergedParams, lsa_backward, lsa_forward
 from .tokens import readout, readout_backward
-from .xp import get_xp
 
 
 @dataclass(frozen=True)

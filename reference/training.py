@@ -49,6 +49,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from ._io import write_text_atomic  # noqa: F401  (also used by the CLI)
 from . import analysis as A
 from .backends import BACKENDS, DEFAULT_TRAIN_BACKEND, get_backend
 from .lsa import LSAParams, init_lsa_params
@@ -647,20 +648,6 @@ CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, SUMMARY_FILE = "config.json", "metri
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, SUMMARY_FILE)
 
 
-def write_text_atomic(path, text):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def read_metrics(path):
     """The rows of a metrics.jsonl file (a truncated last line is dropped)."""
     rows = []
@@ -926,7 +913,6 @@ def final_analyses(cfg, params, baselines, evals):
     """Weights vs construction, interpolation, OOD sweeps, roll-out. Returns a dict."""
     out = {}
     dtype = cfg.np_dtype
-    arch = cfg.arch()
     evals_m = _cast(evals, dtype)
     E = build_tokens(evals_m.X, evals_m.Y, evals_m.x_q)
     consts = _construction_layers(cfg, baselines, np.float64)

@@ -10,10 +10,9 @@ skipped. Exit code 2 when ``--only`` matches no theorem.
 import argparse
 import fnmatch
 import json
-import os
 import re
 import sys
-import tempfile
+from reference._io import write_text_atomic
 import textwrap
 import time
 
@@ -92,20 +91,6 @@ def brief_line(res):
     return f"{mark}  {res.id:<34} {meas:<28} ({res.seconds:.2f} s)"
 
 
-def _write_atomic(path, text):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def run(args):
     import sympy
 
@@ -136,7 +121,7 @@ def run(args):
         rep = {"sympy": sympy.__version__, "seed": args.seed, "seconds": round(seconds, 2),
                "n_established": len(results) - n_failed, "n_failed": n_failed,
                "theorems": [r.as_dict() for r in results]}
-        _write_atomic(args.json, json.dumps(rep, indent=2, default=str) + "\n")
+        write_text_atomic(args.json, json.dumps(rep, indent=2, default=str) + "\n")
     return 1 if n_failed else 0
 
 

@@ -9,7 +9,7 @@ import json
 import os
 import platform
 import sys
-import tempfile
+from reference._io import write_text_atomic
 
 
 def machine_info():
@@ -40,18 +40,7 @@ def verdict_line(row):
             f"{row['comparison']} {fmt_num(row['tolerance']):>9}   ({row['seconds']:.1f}s)")
 
 
-def write_atomic(path, text):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+write_atomic = write_text_atomic
 
 
 def to_json(report):
