@@ -7,7 +7,7 @@ is tested against this file. Use it at tiny sizes only.
 
 import numpy as np
 
-from .lsa import LSAParams, MergedParams
+from .lsa import MergedParams
 
 
 def oracle_lsa_layer(E, params, causal=False, clip=None):

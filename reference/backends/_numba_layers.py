@@ -29,7 +29,6 @@ Each backward walks its forward in reverse and quotes the line it differentiates
 Gradients of the shared weights are summed over the lanes into float64 accumulators.
 """
 
-import numpy as np
 from numba import njit
 
 from .config import KERNEL
@@ -261,8 +260,6 @@ def ctx_full_forward(E, A, Bm, N, has_clip, c, C, CB, M, tmp, pre, out):
     Stores C (D, D, L), CB (H, D, D, L) = C B_h, M (D, D, L), pre (T, D, L) for the backward.
     """
     H = A.shape[0]
-    D = E.shape[1]
-    L = E.shape[2]
     # C = E_ctx^T E_ctx                                               (D, D, L)
     lmm_tn(E[:N], E[:N], C, False)
     M[:] = 0
