@@ -58,6 +58,7 @@ from .optim import AdamHP, AdamState, adam_init, adam_update
 from .solvers import gdpp_predict, least_squares_predict, line_search_eta
 from .tasks import TaskSpec
 from .tokens import build_tokens, readout
+from .xp import get_xp, to_numpy
 
 FORMAT_VERSION = 1
 HOST_BACKENDS = ("numpy", "numba")   # backends whose loss_and_grads take NumPy arrays
@@ -348,6 +349,11 @@ def check_backend_available(name):
         raise ConfigError(f"backend {name!r} cannot be imported: {exc}; use backend=numpy") from exc
     if not hasattr(mod, "make_stepper"):
         raise ConfigError(f"backend {name!r} has no make_stepper(); it cannot train yet")
+    if hasattr(mod, "check_available"):
+        try:
+            mod.check_available()
+        except (RuntimeError, ImportError, OSError) as exc:
+            raise ConfigError(f"backend {name!r} cannot run here: {exc}") from exc
     return mod
 
 
@@ -545,7 +551,18 @@ def init_params(cfg):
 
 
 def params_finite(params):
-    return all(bool(np.all(np.isfinite(a))) for layer in params for a in layer)
+    """True when every parameter array (NumPy or CuPy; None entries skipped) is finite.
+    One device-to-host transfer for CuPy parameters."""
+    arrays = [a for layer in params for a in layer if a is not None]
+    if not arrays:
+        return True
+    xp = get_xp(*arrays)
+    return bool(xp.all(xp.stack([xp.all(xp.isfinite(a)) for a in arrays])))
+
+
+def host_params(params):
+    """The parameters as host NumPy arrays (CuPy arrays are copied; NumPy ones returned as is)."""
+    return tuple(type(layer)(*(to_numpy(a) for a in layer)) for layer in params)
 
 
 # --------------------------------------------------------------------------------------
@@ -567,7 +584,7 @@ def save_checkpoint(path, cfg, step, params, state, extra):
     for prefix, tree in (("params", params), ("adam.m", state.m), ("adam.v", state.v)):
         for i, layer in enumerate(tree):
             for name, a in zip(layer._fields, layer):
-                arrays[f"{prefix}.{i}.{name}"] = np.asarray(a)
+                arrays[f"{prefix}.{i}.{name}"] = to_numpy(a)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".ckpt-", suffix=".npz")
@@ -826,7 +843,7 @@ def train(cfg, out_dir=None, *, resume=False, overwrite=False, progress=True, lo
         return {"baselines": baselines, "seconds": seconds()}
 
     def eval_row(step_, train_loss, grad_norm):
-        row = {"kind": "eval", "step": step_, **evaluate(params, cfg, E_eval, evals, refs),
+        row = {"kind": "eval", "step": step_, **evaluate(host_params(params), cfg, E_eval, evals, refs),
                "train_loss": train_loss, "grad_norm": grad_norm, "seconds": seconds()}
         if not np.isfinite(row["loss"]):
             _diverged(step_, row["loss"], True)
@@ -866,12 +883,13 @@ def train(cfg, out_dir=None, *, resume=False, overwrite=False, progress=True, lo
         if _fault is not None:
             res = _fault(step, res)
         step += 1
+        loss, gnorm = float(res.loss), float(res.grad_norm)
         finite = params_finite(res.params)
-        if not (np.isfinite(res.loss) and np.isfinite(res.grad_norm) and finite):
-            _diverged(step, res.loss, finite, res.grad_norm)
+        if not (np.isfinite(loss) and np.isfinite(gnorm) and finite):
+            _diverged(step, loss, finite, gnorm)
         params, state = res.params, res.state
-        losses.append(res.loss)
-        norms.append(res.grad_norm)
+        losses.append(loss)
+        norms.append(gnorm)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             row = eval_row(step, float(np.mean(losses)), float(np.mean(norms)))
             eval_text = f", eval {row['loss']:.5f}, cos(GD) {row['model_cos_gd']:.3f}"
@@ -879,8 +897,9 @@ def train(cfg, out_dir=None, *, resume=False, overwrite=False, progress=True, lo
         if ckpt_path is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
             save_checkpoint(ckpt_path, cfg, step, params, state, extra())
             last_ckpt[0] = step
-        bar.update(step, res.loss, eval_text + gd_text)
+        bar.update(step, loss, eval_text + gd_text)
     bar.close()
+    params = host_params(params)
 
     history = [r for r in metrics.rows if r.get("kind") == "eval"]
     summary = {"experiment": cfg.experiment, "steps": cfg.steps, "seed": cfg.seed, "baselines": baselines,

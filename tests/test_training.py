@@ -372,3 +372,70 @@ def test_interpolation_skipped_when_the_clip_cannot_represent_the_construction()
     small = {"gd_eta": 1.0, "gdpp_etas": [0.5, 0.5], "gdpp_gammas": [0.01, 0.01]}
     res = T._interpolation(T.TrainConfig(**{**TINY, "n_layers": 2, "dtype": "float64"}), params, small, ev, E)
     assert set(res) == {"loss_construction", "loss_interpolated", "loss_model"}
+
+
+# ---- host copies and backend availability ------------------------------------------
+
+def test_params_finite_sees_every_array_and_host_params_keeps_the_layout():
+    params = T.init_params(tiny(n_layers=2, recurrent=False))
+    assert T.params_finite(params)
+    bad = list(params)
+    W = bad[1].W_V.copy()
+    W[0, 1, 2] = np.nan
+    bad[1] = bad[1]._replace(W_V=W)
+    assert not T.params_finite(tuple(bad))
+    host = T.host_params(params)
+    assert type(host[0]) is type(params[0]) and _same_params(host, params)
+
+
+def test_unusable_cupy_backend_is_a_config_error_before_work(tmp_path):
+    try:
+        from reference.backends import cupy_backend
+        cupy_backend.check_available()
+    except (ImportError, RuntimeError):
+        pass
+    else:
+        pytest.skip("CuPy and a CUDA device are usable here")
+    with pytest.raises(T.ConfigError, match="backend 'cupy'"):
+        T.train(tiny(backend="cupy"), str(tmp_path / "c"), progress=False)
+    assert not (tmp_path / "c").exists()
+
+
+# ---- verify --reuse-runs ---------------------------------------------------------------
+
+def test_verify_reuses_only_a_finished_run_of_the_same_config(tmp_path, monkeypatch):
+    from verify import claims_training as CT
+    from verify import registry
+
+    cfg = tiny(steps=20)
+    monkeypatch.setattr(CT, "config_for", lambda ctx, experiment, seed: T.apply_overrides(cfg, {"seed": seed}))
+    monkeypatch.setattr(CT, "_prefetch", lambda ctx: None)
+    monkeypatch.setattr(CT, "_MEMO", {})
+    trained = []
+    real_train = T.train
+
+    def counting_train(c, out_dir=None, **kw):
+        trained.append((c.seed, c.lr))
+        return real_train(c, out_dir, **kw)
+
+    monkeypatch.setattr(T, "train", counting_train)
+    ctx = registry.Context(mode="quick", seed=0, workdir=str(tmp_path), reuse_runs=True)
+    first = CT.run_for(ctx, "one_layer", 0)
+    assert trained == [(0, cfg.lr)]
+    CT._MEMO.clear()
+    again = CT.run_for(ctx, "one_layer", 0)                      # same config, finished: reused
+    assert trained == [(0, cfg.lr)] and _same_params(again.params, first.params)
+    assert again.run_dir in registry.reused_runs()
+    CT._MEMO.clear()
+    no_reuse = registry.Context(mode="quick", seed=0, workdir=str(tmp_path), reuse_runs=False)
+    CT.run_for(no_reuse, "one_layer", 0)                         # without the flag: retrained
+    assert len(trained) == 2
+    CT._MEMO.clear()
+    cfg = tiny(steps=20, lr=2e-3)                                # another config in the same directory
+    CT.run_for(ctx, "one_layer", 0)
+    assert trained[-1] == (0, 2e-3)
+    CT._MEMO.clear()
+    run_dir = CT._run_dir(ctx, cfg)                              # an interrupted run is not finished
+    os.unlink(os.path.join(run_dir, T.SUMMARY_FILE))
+    CT.run_for(ctx, "one_layer", 0)
+    assert len(trained) == 4

@@ -67,13 +67,33 @@ def _run_dir(ctx, cfg):
     return os.path.join(ctx.workdir, ctx.mode, f"{cfg.experiment}-seed{cfg.seed}")
 
 
+def _reusable(ctx, cfg):
+    """The finished run of ``cfg`` already in the work directory, or None. Only with
+    ``--reuse-runs``; the run's config.json must equal ``cfg`` field by field (backend,
+    dtype and seed included) and its last evaluation must be at ``cfg.steps``."""
+    if not ctx.reuse_runs:
+        return None
+    d = _run_dir(ctx, cfg)
+    try:
+        r = T.load_result(d)
+    except (OSError, ValueError, KeyError, T.CheckpointError):
+        return None
+    final = r.summary.get("final") or {}
+    if r.config != cfg or final.get("step") != cfg.steps:
+        return None
+    registry.note_reused(d)
+    print(f"reusing the finished run in {d}", file=sys.stderr, flush=True)
+    return r
+
+
 def run_for(ctx, experiment, seed):
     """Train (once per verify run) the named experiment at ``seed`` in this mode."""
     cfg = config_for(ctx, experiment, seed)
     if cfg not in _MEMO:
         _prefetch(ctx)
     if cfg not in _MEMO:
-        _MEMO[cfg] = T.train(cfg, _run_dir(ctx, cfg), overwrite=True, progress=False)
+        r = _reusable(ctx, cfg)
+        _MEMO[cfg] = r if r is not None else T.train(cfg, _run_dir(ctx, cfg), overwrite=True, progress=False)
     return _MEMO[cfg]
 
 
@@ -104,6 +124,10 @@ def _prefetch(ctx):
         return
     _PREFETCHED.add(key)
     cfgs = [config_for(ctx, e, s) for e in _selected_experiments(ctx) for s in _seeds(ctx)]
+    for c in cfgs:
+        r = _reusable(ctx, c) if c not in _MEMO else None
+        if r is not None:
+            _MEMO[c] = r
     cfgs = [c for c in cfgs if c not in _MEMO]
     workers = min(len(cfgs), os.cpu_count() or 1, MAX_WORKERS)
     if workers < 2:

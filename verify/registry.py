@@ -60,11 +60,13 @@ class Claim:
 
 @dataclass
 class Context:
-    """What a claim function may use: the mode, a seed, and a work directory."""
+    """What a claim function may use: the mode, a seed, a work directory, and whether
+    finished training runs already in the work directory may be reused."""
 
     mode: str = "quick"
     seed: int = 0
     workdir: str = "runs/verify"
+    reuse_runs: bool = False
 
     @property
     def full(self):
@@ -134,6 +136,20 @@ def run_claim(c, ctx):
                    traceback=traceback.format_exc())
     row["seconds"] = round(time.perf_counter() - t0, 3)
     return row
+
+
+_REUSED: list = []
+
+
+def note_reused(run_dir):
+    """Record that a claim used a finished run found on disk instead of training it."""
+    if run_dir not in _REUSED:
+        _REUSED.append(run_dir)
+
+
+def reused_runs():
+    """The run directories reused in this process (``--reuse-runs``), in order."""
+    return list(_REUSED)
 
 
 def import_error_rows():

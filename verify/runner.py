@@ -16,6 +16,9 @@ def add_arguments(p):
     p.add_argument("--list", action="store_true", help="list the claims and exit")
     p.add_argument("--seed", type=int, default=0, help="base seed for the numeric claims (default 0)")
     p.add_argument("--workdir", default="runs/verify", help="where training claims keep their runs (default runs/verify)")
+    p.add_argument("--reuse-runs", action="store_true",
+                   help="use a finished run already in --workdir instead of retraining it, when its config.json equals "
+                        "the one the claim asks for and it reached the last step (the report lists the reused runs)")
 
 
 def run(args):
@@ -28,7 +31,7 @@ def run(args):
     if not claims and not registry._IMPORT_ERRORS:
         print(f"no claim matches {args.only!r}", file=sys.stderr)
         return 2
-    ctx = registry.Context(mode=mode, seed=args.seed, workdir=args.workdir)
+    ctx = registry.Context(mode=mode, seed=args.seed, workdir=args.workdir, reuse_runs=args.reuse_runs)
     print(f"icgd {__version__} verify, {mode} mode, {len(claims)} claims", flush=True)
     t0 = time.perf_counter()
     rows = registry.import_error_rows()
@@ -41,7 +44,7 @@ def run(args):
     n_failed = sum(not r["passed"] for r in rows)
     rep = {"version": __version__, "mode": mode, "machine": report.machine_info(),
            "seconds": round(time.perf_counter() - t0, 2), "n_passed": len(rows) - n_failed,
-           "n_failed": n_failed, "claims": rows}
+           "n_failed": n_failed, "reused_runs": registry.reused_runs(), "claims": rows}
     if args.json:
         report.write_atomic(args.json, report.to_json(rep))
     if args.markdown:
