@@ -44,7 +44,9 @@ MAX_WORKERS = 3
 #   GD-5 (0.114) to per-layer GD++ (0.060); the paper trains 50,000 steps.
 QUICK = {
     "one_layer": dict(steps=1000, gdpp_steps=100, checkpoint_every=500),
+    "two_heads": dict(steps=1000, gdpp_steps=100, checkpoint_every=500),
     "recurrent2": dict(steps=3000, checkpoint_every=500),
+    "recurrent10": dict(steps=3500, checkpoint_every=500),
     "layers5": dict(steps=3000, batch=512, gdpp_steps=1000, eval_every=250, checkpoint_every=1000),
 }
 _MEMO = {}
@@ -132,7 +134,7 @@ def _prefetch(ctx):
     workers = min(len(cfgs), os.cpu_count() or 1, MAX_WORKERS)
     if workers < 2:
         return
-    cost = {"layers5": 3, "recurrent2": 2, "one_layer": 1}
+    cost = {"layers5": 4, "recurrent10": 3, "recurrent2": 2, "one_layer": 1, "two_heads": 1}
     cfgs.sort(key=lambda c: -cost.get(c.experiment, 0))
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {c: pool.submit(T.train_to_dir, c.to_dict(), _run_dir(ctx, c)) for c in cfgs}
@@ -273,6 +275,47 @@ def _(ctx):
                                                             "gd": r.summary["rollout"]["gd"][::7]}))
 
 
+# ---- two heads (Sec. 3) -----------------------------------------------------------
+
+def _first_step_within(r, ref_key, rel):
+    """First evaluation step whose loss is within ``rel`` of the baseline ``ref_key``."""
+    ref = r.baselines[ref_key]
+    return next((h["step"] for h in r.history if abs(h["loss"] - ref) <= rel * ref), None)
+
+
+@claim("training.two_heads.loss_equals_gd1", source=f"{SRC}, Sec. 3 (two heads)",
+       statement="A one-layer LSA with two heads trained from scratch also reaches the loss of one GD step (the paper "
+                 "adds the second head to remove the early plateau; at batch 2048 we see none with one head either: "
+                 "two heads come within 5% of GD-1 by step 300-400, one head by step 400-500)",
+       method="two_heads experiment (K=1, H=2, otherwise as one_layer); quick: 1000 steps, 1 seed; full: 5000 "
+              "steps, 5 seeds. Worst |L_model - L_GD1| / L_GD1 on the eval set (the first evaluation within 5% of "
+              "GD-1 per seed in the details)")
+def _(ctx):
+    rs = runs(ctx, "two_heads")
+    rel = [abs(r.summary["final"]["loss"] - r.baselines["gd_loss"]) / r.baselines["gd_loss"] for r in rs]
+    return Outcome.at_most(max(rel), 0.02,
+                           "the same bound as one head: GD-1 is the best one-layer linear-attention predictor up to "
+                           "eta, and a second head adds no expressiveness toward a lower loss (the heads' sum is again "
+                           "one bilinear map); measured 0.1-0.4% on 5 seeds at 5000 steps and 0.2-0.4% at step 1000 (the quick length), while at step 200 a model is still 40% above",
+                           losses=_loss_rows(rs),
+                           first_step_within_5pct=_per_seed(rs, lambda r: _first_step_within(r, "gd_loss", 0.05)))
+
+
+@claim("training.two_heads.aligns_with_gd", source=f"{SRC}, Sec. 3 (two heads)",
+       statement="The two heads together implement GD: the trained model's implicit linear model points the way of "
+                 "GD-1's (model cos close to 1)",
+       method="g = d y_hat / d x_q from the hand-written backward on the 10,000 eval tasks, against GD-1's weight; "
+              "worst model cos over seeds")
+def _(ctx):
+    rs = runs(ctx, "two_heads")
+    cos = [r.summary["final"]["model_cos_gd"] for r in rs]
+    return Outcome.at_least(min(cos), 0.99,
+                            "as for one head (measured 0.9991-0.9994 on 5 seeds at 5000 steps, 0.9986-0.9993 at step 1000); a model still descending (loss 0.30, step "
+                            "200 of seed 0) has cos 0.83",
+                            alignment=_per_seed(rs, lambda r: {k: v for k, v in r.summary["final"].items()
+                                                               if k.endswith("_gd")}))
+
+
 # ---- recurrent two layers (Fig. 4) --------------------------------------------------
 
 @claim("training.recurrent2.below_gd2", source=f"{SRC}, Sec. 4, Fig. 4",
@@ -320,6 +363,80 @@ def _(ctx):
                            gamma_model=g, gamma_gdpp=[r.baselines["gdpp_gammas"][0] for r in rs],
                            eta_model=[r.config.N * r.summary["weights"][0]["eta_over_N"] for r in rs],
                            eta_gdpp=[r.baselines["gdpp_etas"][0] for r in rs])
+
+
+# ---- recurrent ten layers (Sec. 4) --------------------------------------------------
+
+def _gap_closed(r):
+    """(L_GD - L_model) / (L_GD - L_GD++): 0 at GD-K, 1 at GD++, > 1 below GD++."""
+    b = r.baselines
+    return (b["gd_loss"] - r.summary["final"]["loss"]) / (b["gd_loss"] - b["gdpp_loss"])
+
+
+@claim("training.recurrent10.below_gd10", source=f"{SRC}, Sec. 4 (recurrent K=10)",
+       statement="A recurrent (weight-tied) ten-layer LSA trained from scratch beats ten steps of GD",
+       method="recurrent10 experiment (lr 5e-4, clip 10, token clip 10, batch 2048); quick: 3500 steps, 1 seed; "
+              "full: 5000 steps, 5 seeds. Worst L_model / L_GD10 over seeds")
+def _(ctx):
+    rs = runs(ctx, "recurrent10")
+    ratio = [r.summary["final"]["loss"] / r.baselines["gd_loss"] for r in rs]
+    return Outcome.at_most(max(ratio), 0.9,
+                           "measured 0.61-0.65 on 5 seeds at 5000 steps and 0.73-0.78 at step 3500 (the quick "
+                           "length); the training first sits at 0.91-0.97 of GD-10 (steps 1500-2000), so 0.9 asks "
+                           "for more than reaching GD and stalling there",
+                           losses=_loss_rows(rs))
+
+
+@claim("training.recurrent10.reaches_gdpp", source=f"{SRC}, Sec. 4 (recurrent K=10, GD++)",
+       statement="The trained recurrent ten-layer model closes the gap from GD-10 to GD++ with shared (eta, gamma) "
+                 "meta-trained as in the paper (1000 Adam steps), and in the full run goes below it",
+       method="fraction of the gap closed, (L_GD10 - L_model) / (L_GD10 - L_GD++), worst over seeds (1 = at GD++). "
+              "The paper's 1000 meta-steps leave shared GD++ at K=10 far from converged: 0.0634 (eta 9.5, gamma "
+              "0.025); 10,000 steps reach 0.0311 (eta 52.8, gamma 0.201) and it is still descending, so this claim "
+              "is about the paper's GD++, not about the best GD++")
+def _(ctx):
+    rs = runs(ctx, "recurrent10")
+    frac = [_gap_closed(r) for r in rs]
+    details = dict(losses=_loss_rows(rs), gap_closed=frac,
+                   gdpp_converged_reference={"gdpp_steps": 10000, "loss": 0.0311, "eta": 52.75, "gamma": 0.2011},
+                   final_alignment=_per_seed(rs, lambda r: {k: v for k, v in r.summary["final"].items()
+                                                            if k.endswith("_gd") or k.endswith("_gdpp")}))
+    if ctx.full:
+        return Outcome.at_least(min(frac), 1.0,
+                                "the paper's trained recurrent models end at or below its GD++; measured 1.44-1.62 "
+                                "(losses 0.051-0.055 vs GD++ 0.0634, GD-10 0.0835) on 5 seeds, still descending "
+                                "(about 0.005 per 1000 steps at step 5000), i.e. on the way to the converged GD++ "
+                                "(0.031) rather than at it",
+                                **details)
+    return Outcome.at_least(min(frac), 0.5,
+                            "at step 3500 (70% of the paper's steps) measured 0.90-1.10 on 5 seeds; 0.5 asks that the "
+                            "model is clearly past the GD-10 plateau and half way to GD++",
+                            **details)
+
+
+@claim("training.recurrent10.curvature_correction", source=f"{SRC}, Sec. 4 (GD++)",
+       statement="Read as a GD++ layer, the trained recurrent ten-layer model applies a curvature correction: its "
+                 "gamma is clearly positive (plain GD has gamma = 0)",
+       method="gamma = -mean diagonal of the x-block of the rescaled W_PV * beta; smallest over seeds (the eta it "
+              "implies and the meta-trained GD++ values in the details)")
+def _(ctx):
+    rs = runs(ctx, "recurrent10")
+    g = [r.summary["weights"][0]["gamma_equiv"] for r in rs]
+    details = dict(gamma_model=g, gamma_gdpp=[r.baselines["gdpp_gammas"][0] for r in rs],
+                   eta_model=[r.config.N * r.summary["weights"][0]["eta_over_N"] for r in rs],
+                   eta_gdpp=[r.baselines["gdpp_etas"][0] for r in rs])
+    # gamma of seed 0 along its training: 0.0026 at step 1500 (the GD-10 plateau, model cos vs GD 0.999),
+    # 0.015 at 2500, 0.047 at 3500, 0.122 at 5000
+    if ctx.full:
+        return Outcome.at_least(min(g), 0.05,
+                                "measured 0.120-0.126 on 5 seeds at 5000 steps (between the paper-protocol GD++'s "
+                                "0.025 and the converged GD++'s 0.201); plain GD has gamma exactly 0 and the model "
+                                "on its GD-10 plateau (step 1500) 0.0026; 0.05 is far above both and well below the "
+                                "measured values", **details)
+    return Outcome.at_least(min(g), 0.02,
+                            "gamma grows as the model leaves GD (seed 0: 0.0026 on the GD-10 plateau at step 1500, "
+                            "0.015 at 2500, 0.047 at 3500, 0.122 at 5000); at the quick length (3500) 0.02 is 8x "
+                            "the plateau value and half the measured one", **details)
 
 
 # ---- five separate layers -----------------------------------------------------------
