@@ -43,7 +43,11 @@ float32 matmul rate (a 2048^2 np.matmul, all threads), copy bandwidth (a 256 MiB
 and random-number rates (the backend's generator on all threads: SplitMix64 words and
 polar-method normals; NumPy's PCG64 recorded too), the bound max(FLOPs / matmul rate,
 bytes / bandwidth, words / word rate + normals / normal rate), and the fraction of it the
-Numba step reaches.
+Numba step reaches. The per-task products are D x D (D = d + 1), far from the 2048^2 size
+that sets the matmul rate, so the line also gives the rate NumPy/OpenBLAS reaches on
+batches of D x D float32 products (one batch per thread, all threads) and the time the
+step's FLOPs would take at that rate: what a kernel made of the best small BLAS calls
+could expect.
 
 Output: ``--json FILE`` (one object: machine, versions, rates, rows, roofline, ratios)
 and the same stem with ``.md`` (a readable table); the table is also printed.
@@ -443,8 +447,33 @@ def rates_worker():
     out["rng_normals_per_s"] = chunks * nn * reps / min(ts)
     out["rng_generator"] = ("the numba backend's: SplitMix64 words (two float32 uniforms each) and polar-method "
                             "normals, all threads, cache-resident buffers")
+    out["small_matmul_gflops"] = {str(D): small_matmul_gflops(D, numba.get_num_threads())
+                                  for D in sorted({c["d"] + 1 for c in CONFIGS.values()})}
     out["threads"] = dict(numba=numba.get_num_threads(), openblas=os.environ.get("OPENBLAS_NUM_THREADS", "default"))
     return out
+
+
+def small_matmul_gflops(D, threads, per_thread=512):
+    """float32 rate (GFLOP/s) of np.matmul on batches of D x D products, one batch of
+    ``per_thread`` products per thread, the threads running at once (np.matmul releases
+    the GIL; OpenBLAS does not split products this small)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(0)
+    A = rng.random((threads, per_thread, D, D), dtype=np.float32)
+    Bm = rng.random((threads, per_thread, D, D), dtype=np.float32)
+    C = np.empty_like(A)
+    reps = max(1, int(2e8 // (2 * per_thread * D ** 3)))
+    with ThreadPoolExecutor(threads) as ex:
+        def one(t):
+            for _ in range(reps):
+                np.matmul(A[t], Bm[t], out=C[t])
+
+        def run():
+            list(ex.map(one, range(threads)))
+
+        ts = timed(run, 1, 7)
+    return threads * reps * 2 * per_thread * D ** 3 / min(ts) / 1e9
 
 
 def thread_env(threads):
@@ -551,6 +580,15 @@ def summarise(result):
     return out
 
 
+def _D(config):
+    return CONFIGS[config]["d"] + 1
+
+
+def _numba_ms(config, result):
+    return next((r["ms_median"] for r in result["rows"] if r["config"] == config and r["impl"] == "numba"
+                 and "ms_median" in r), None)
+
+
 def markdown(result):
     lines = []
     m, v = result["machine"], result["versions"]
@@ -608,6 +646,10 @@ def markdown(result):
         f"+ {rf['normals'] / 1e3:.0f} k normals, "
         f"{rf['dram_bytes'] / 1e3:.0f} kB compulsory / {rf['scratch_bytes'] / 1e6:.1f} MB scratch "
         f"-> compute {rf['compute_ms']:.3f} ms, RNG {rf['rng_ms']:.3f} ms, DRAM {rf['dram_ms']:.4f} ms"
+        + (f"; at the {rf['small_matmul_gflops']:.0f} GFLOP/s NumPy reaches on batched {_D(c)}x{_D(c)} "
+           f"products the FLOPs take {rf['compute_small_ms']:.3f} ms"
+           + (f" (numba at {rf['compute_small_ms'] / _numba_ms(c, result):.2f} of that)" if _numba_ms(c, result) else "")
+           if "compute_small_ms" in rf else "")
         for c, rf in result.get("roofline", {}).items()) + ".")
     bad = [r for r in result["rows"] if "ms_median" not in r]
     if bad:
@@ -694,6 +736,10 @@ def main(argv=None):
             cfg = CONFIGS[config]
             cost = step_cost(cfg["d"], cfg["N"], cfg["B"], cfg["K"])
             result["roofline"][config] = dict(cost, **bound(cost, result["rates"]))
+            small = result["rates"].get("small_matmul_gflops", {}).get(str(cfg["d"] + 1))
+            if small:
+                result["roofline"][config].update(small_matmul_gflops=small,
+                                                  compute_small_ms=1e3 * cost["flops"] / (small * 1e9))
     result["summary"] = summarise(result)
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     md = markdown(result)
