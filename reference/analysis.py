@@ -162,6 +162,43 @@ def construction_match(layer, construction, d):
             "gamma_equiv": -float(np.mean(np.diag(PV[:d, :d])))}
 
 
+def readout_map(W_KQ, W_PV, d):
+    """The part of a one-layer LSA the prediction depends on, summed over heads.
+
+    For context-only attention the query's y-slot after the layer is
+    sum_h W_PV,h[y, :] C W_KQ,h[:, :d] x_q with C = sum_i e_i e_i^T (the query's
+    y-slot is 0), so the prediction is the bilinear form
+    T[a, b, j] = sum_h W_PV,h[y, a] W_KQ,h[b, j] (a, b < D, j < d) applied to C and x_q.
+    T is invariant to each head's scale symmetry and to how the heads split the work; it
+    drops only the entries no prediction reads. ``W_KQ``, ``W_PV``: (H, D, D) or (D, D).
+    d_y = 1 (the y row is the last). Returns T (D, D, d), float64."""
+    KQ = np.asarray(W_KQ, dtype=np.float64)
+    PV = np.asarray(W_PV, dtype=np.float64)
+    if KQ.ndim == 2:
+        KQ, PV = KQ[None], PV[None]
+    if KQ.ndim != 3 or KQ.shape != PV.shape or KQ.shape[1] != KQ.shape[2] or not 0 < d < KQ.shape[1]:
+        raise ValueError(f"W_KQ and W_PV must both be (H, D, D) with 0 < d < D; got {KQ.shape}, {PV.shape}, d={d}")
+    return np.einsum("ha,hbj->abj", PV[:, -1, :], KQ[:, :, :d])
+
+
+def readout_map_match(W_KQ, W_PV, construction, d):
+    """||T - T_c||_F / ||T_c||_F for the readout maps (:func:`readout_map`) of trained
+    products (any number of heads) and of a construction layer; per head, the same error of
+    that head's own map against the best multiple of T_c (a head that alone did GD would
+    score near 0). Returns dict(rel_err, per_head_rel_err)."""
+    Tc = readout_map(*layer_products(construction), d)
+    T = readout_map(W_KQ, W_PV, d)
+    nc = np.linalg.norm(Tc)
+    per_head = []
+    KQ = np.asarray(W_KQ).reshape((-1,) + np.shape(W_KQ)[-2:])
+    PV = np.asarray(W_PV).reshape(KQ.shape)
+    for h in range(KQ.shape[0]):
+        Th = readout_map(KQ[h], PV[h], d)
+        c = float(np.sum(Th * Tc) / nc ** 2)
+        per_head.append(float(np.linalg.norm(Th - c * Tc) / np.linalg.norm(c * Tc)) if c != 0 else float("inf"))
+    return {"rel_err": float(np.linalg.norm(T - Tc) / nc), "per_head_rel_err": per_head}
+
+
 def interpolate(layer, construction, d, t=0.5):
     """The merged layer (1 - t) * rescaled trained products + t * construction products.
 

@@ -297,6 +297,33 @@ def test_construction_match_removes_scale_and_interpolation_of_construction_is_i
     assert_close(mi.W_KQ, mc.W_KQ, "algebra") and assert_close(mi.W_PV, mc.W_PV, "algebra")
 
 
+def test_readout_map_is_what_the_prediction_reads_and_sees_through_head_splits():
+    rng = np.random.default_rng(11)
+    d, N, H = 4, 6, 2
+    D = d + 1
+    layer = R.init_lsa_params(rng, D, H=H, scale=1.0, dtype=np.float64)
+    KQ, PV = A.layer_products(layer)
+    T = A.readout_map(KQ, PV, d)
+    tasks = R.sample_tasks(rng, 7, d, N, 1, dtype=np.float64)
+    E = R.build_tokens(tasks.X, tasks.Y, tasks.x_q)
+    out, _ = R.model_forward(E, (layer,), R.Arch(1))
+    C = np.einsum("nia,nic->nac", E[:, :N], E[:, :N])
+    pred = -np.einsum("abj,nab,nj->n", T, C, tasks.x_q)[:, None]
+    assert_close(pred, R.readout(out, d), "algebra")
+    # a GD construction split over two heads by a term that cancels in the sum
+    c = R.gd_layer(d, 1, N, 1.5)
+    cKQ, cPV = (a[0] for a in A.layer_products(c))
+    G = rng.standard_normal((D, D))
+    beta = -0.6
+    split = (np.stack([(cKQ + G) * beta, cKQ - G]), np.stack([cPV / 2 / beta, cPV / 2]))
+    m = A.readout_map_match(*split, c, d)
+    assert m["rel_err"] < 1e-12 and min(m["per_head_rel_err"]) > 0.1
+    bad = (split[0], np.stack([cPV / 2 / beta, cPV / 3]))        # the heads no longer add up to GD
+    assert A.readout_map_match(*bad, c, d)["rel_err"] > 0.1
+    with pytest.raises(ValueError, match="W_KQ and W_PV"):
+        A.readout_map(KQ, PV[:, :, :3], d)
+
+
 def test_rollout_of_the_gd_layer_is_damped_gd():
     rng = np.random.default_rng(4)
     d, N, eta = 3, 8, 1.5
