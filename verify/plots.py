@@ -67,7 +67,8 @@ def plot_loss(cfg, hist, base, summary, path):
         ax.plot(*zip(*tr), color=COLORS["model"], lw=1, alpha=0.4, label="trained LSA (training batches)")
     K = cfg.n_layers
     ax.axhline(base["gd_loss"], color=COLORS["gd"], ls="--", label=f"GD-{K}, eta {base['gd_eta']:.2f}: {base['gd_loss']:.4f}")
-    ax.axhline(base["gdpp_loss"], color=COLORS["gdpp"], ls=":", lw=2, label=f"GD++: {base['gdpp_loss']:.4f}")
+    gdpp_kind = f"{'shared' if cfg.gdpp_shared else 'per layer'}, {cfg.gdpp_steps} meta-steps"
+    ax.axhline(base["gdpp_loss"], color=COLORS["gdpp"], ls=":", lw=2, label=f"GD++ ({gdpp_kind}): {base['gdpp_loss']:.4f}")
     lo = min(min(r["loss"] for r in hist), base["gd_loss"], base["gdpp_loss"])
     if base["lstsq_loss"] > 1e-3 * lo:
         ax.axhline(base["lstsq_loss"], color=COLORS["lstsq"], ls="-.", label=f"least squares: {base['lstsq_loss']:.4f}")
