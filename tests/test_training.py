@@ -466,3 +466,13 @@ def test_verify_reuses_only_a_finished_run_of_the_same_config(tmp_path, monkeypa
     os.unlink(os.path.join(run_dir, T.SUMMARY_FILE))
     CT.run_for(ctx, "one_layer", 0)
     assert len(trained) == 4
+
+
+def test_report_lists_reused_runs():
+    from verify import report
+
+    rep = {"version": "x", "mode": "full", "machine": {"platform": "p", "cpus": 2}, "seconds": 0.0, "n_passed": 0,
+           "n_failed": 0, "reused_runs": ["runs/verify/full/one_layer-seed0"], "claims": []}
+    md = report.to_markdown(rep)
+    assert "not retrained here: `runs/verify/full/one_layer-seed0`" in md
+    assert "reused" not in report.to_markdown(dict(rep, reused_runs=[]))

@@ -464,7 +464,7 @@ def _(ctx):
 
 @claim("training.layers5.approaches_gdpp", source=f"{SRC}, Sec. 4 (non-recurrent K=5)",
        statement="A five-layer non-recurrent LSA trained from scratch leaves GD-5 behind and reaches GD++ with per-layer "
-                 "meta-trained (eta_k, gamma_k) (in our full run it then goes on well below GD++)",
+                 "meta-trained (eta_k, gamma_k) (in our full runs it then goes on well below GD++)",
        method="layers5 experiment (lr 5e-4, clip 10, token clip 10); GD++ per layer from Adam on P's entries. "
               "Measured: the fraction of the gap from GD-5 to GD++ the model has closed, "
               "(L_GD5 - L_model) / (L_GD5 - L_GD++) (1 = at GD++, > 1 = below it), worst over seeds. Quick: 3000 "
@@ -481,10 +481,12 @@ def _(ctx):
     if ctx.full:
         return Outcome.at_least(min(frac), 0.75,
                                 "the paper's 5-layer model ends at per-layer GD++; 0.75 of the gap closed is 'near "
-                                "or beyond GD++' and excludes a model that merely beats GD-5. Measured 1.25 (seed 0, "
-                                "numba): the model crosses GD++'s loss at step 17,000, where its alignment with GD++ "
-                                "peaks (model cos 0.995, preds diff 0.07), and ends at 0.0105 vs GD++ 0.0304",
-                                **details)
+                                "or beyond GD++' and excludes a model that merely beats GD-5. Measured 1.25-1.28 on 5 "
+                                "seeds (numba): the model crosses GD++'s loss between steps 10,000 and 18,000, near "
+                                "where its alignment with GD++ peaks (model cos 0.99-0.995), and ends at 0.0083-0.0105 "
+                                "vs GD++ 0.0304; GD++ meta-trained for 100,000 steps instead of 30,000 reaches "
+                                "0.0245, so the model's lead is not an unconverged baseline",
+                                gdpp_100k_reference={"gdpp_steps": 100000, "loss": 0.02447}, **details)
     return Outcome.at_least(min(frac), 0.1,
                             "after 6% of the paper's steps the model is measured 21-41% of the way from GD-5 to "
                             "GD++ (numpy and numba task streams) and still descending; 0.1 asks that it has clearly "

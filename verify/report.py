@@ -54,8 +54,8 @@ def to_markdown(report):
              "| claim | verdict | measured | tolerance | source | statement | tolerance reason |",
              "|---|---|---|---|---|---|---|"]
     if report.get("reused_runs"):
-        lines[3:3] = ["Training runs reused from disk (--reuse-runs), not retrained here: "
-                      + ", ".join(f"`{d}`" for d in report["reused_runs"]) + ".", ""]
+        lines[3:3] = ["", "Training runs reused from disk (--reuse-runs), not retrained here: "
+                      + ", ".join(f"`{d}`" for d in report["reused_runs"]) + "."]
     for r in report["claims"]:
         verdict = "pass" if r["passed"] else "**FAIL**"
         meas = "error: " + r["error"] if r.get("error") else fmt_num(r["measured"])
