@@ -297,7 +297,8 @@ def _(ctx):
     return Outcome.at_most(max(rel), 0.02,
                            "the same bound as one head: GD-1 is the best one-layer linear-attention predictor up to "
                            "eta, and a second head adds no expressiveness toward a lower loss (the heads' sum is again "
-                           "one bilinear map); measured 0.1-0.4% on 5 seeds at 5000 steps and 0.2-0.4% at step 1000 (the quick length), while at step 200 a model is still 40% above",
+                           "one bilinear map); measured 0.1-0.4% on 5 seeds at 5000 steps and 0.2-0.4% at step "
+                           "1000 (the quick length), while at step 200 a model is still 40% above",
                            losses=_loss_rows(rs),
                            first_step_within_5pct=_per_seed(rs, lambda r: _first_step_within(r, "gd_loss", 0.05)))
 
@@ -311,8 +312,8 @@ def _(ctx):
     rs = runs(ctx, "two_heads")
     cos = [r.summary["final"]["model_cos_gd"] for r in rs]
     return Outcome.at_least(min(cos), 0.99,
-                            "as for one head (measured 0.9991-0.9994 on 5 seeds at 5000 steps, 0.9986-0.9993 at step 1000); a model still descending (loss 0.30, step "
-                            "200 of seed 0) has cos 0.83",
+                            "as for one head (measured 0.9991-0.9994 on 5 seeds at 5000 steps, 0.9986-0.9993 at "
+                            "step 1000); a model still descending (loss 0.30, step 200 of seed 0) has cos 0.83",
                             alignment=_per_seed(rs, lambda r: {k: v for k, v in r.summary["final"].items()
                                                                if k.endswith("_gd")}))
 
