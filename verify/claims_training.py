@@ -154,8 +154,42 @@ def _per_seed(results, fn):
     return {f"seed{r.config.seed}": fn(r) for r in results}
 
 
+def _final_loss(r):
+    return r.summary["final"]["loss"]
+
+
+def _rel_to(results, baseline):
+    """|L_model - L_baseline| / L_baseline per run (``baseline``: a key of the baselines)."""
+    return [abs(_final_loss(r) - r.baselines[baseline]) / r.baselines[baseline] for r in results]
+
+
+def _over(results, baseline):
+    """L_model / L_baseline per run."""
+    return [_final_loss(r) / r.baselines[baseline] for r in results]
+
+
+def _gap_closed(r):
+    """(L_GD - L_model) / (L_GD - L_GD++): 0 at GD-K, 1 at GD++, > 1 below GD++."""
+    b = r.baselines
+    return (b["gd_loss"] - _final_loss(r)) / (b["gd_loss"] - b["gdpp_loss"])
+
+
+def _alignment(results, refs=("gd", "gdpp")):
+    """The final evaluation's alignment metrics against the references ``refs``, per seed."""
+    return _per_seed(results, lambda r: {k: v for k, v in r.summary["final"].items()
+                                         if k.rsplit("_", 1)[-1] in refs})
+
+
+def _gdpp_reading(results):
+    """The trained first layer read as a GD++ layer (gamma, eta) next to the meta-trained GD++'s."""
+    return dict(gamma_model=[r.summary["weights"][0]["gamma_equiv"] for r in results],
+                gamma_gdpp=[r.baselines["gdpp_gammas"][0] for r in results],
+                eta_model=[r.config.N * r.summary["weights"][0]["eta_over_N"] for r in results],
+                eta_gdpp=[r.baselines["gdpp_etas"][0] for r in results])
+
+
 def _loss_rows(results):
-    return _per_seed(results, lambda r: {"model": r.summary["final"]["loss"], "gd": r.baselines["gd_loss"],
+    return _per_seed(results, lambda r: {"model": _final_loss(r), "gd": r.baselines["gd_loss"],
                                          "gdpp": r.baselines["gdpp_loss"], "lstsq": r.baselines["lstsq_loss"],
                                          "gd_eta": r.baselines["gd_eta"], "gdpp_etas": r.baselines["gdpp_etas"],
                                          "gdpp_gammas": r.baselines["gdpp_gammas"]})
@@ -169,7 +203,7 @@ def _loss_rows(results):
               "full: 5000 steps, 5 seeds. Worst |L_model - L_GD1| / L_GD1 on the 10,000-task eval set")
 def _(ctx):
     rs = runs(ctx, "one_layer")
-    rel = [abs(r.summary["final"]["loss"] - r.baselines["gd_loss"]) / r.baselines["gd_loss"] for r in rs]
+    rel = _rel_to(rs, "gd_loss")
     return Outcome.at_most(max(rel), 0.02,
                            "GD-1 is the best one-layer linear-attention predictor up to eta (isotropic data), so the "
                            "trained loss can only meet it; Adam at a constant lr leaves a measured jitter of about "
@@ -190,8 +224,7 @@ def _(ctx):
                             "the paper's Fig. 2 shows model cos reaching about 1 (measured 0.9991-0.9995 on 5 "
                             "seeds); a "
                             "model on the plateau has cos 0.25, one halfway through its descent (loss 0.25) 0.89",
-                            alignment=_per_seed(rs, lambda r: {k: v for k, v in r.summary["final"].items()
-                                                               if k.endswith("_gd") or k.endswith("_gdpp")}))
+                            alignment=_alignment(rs))
 
 
 @claim("training.one_layer.weights_equal_construction", source=f"{SRC}, Prop. 1, Fig. 2 (weights)",
@@ -293,7 +326,7 @@ def _first_step_within(r, ref_key, rel):
               "GD-1 per seed in the details)")
 def _(ctx):
     rs = runs(ctx, "two_heads")
-    rel = [abs(r.summary["final"]["loss"] - r.baselines["gd_loss"]) / r.baselines["gd_loss"] for r in rs]
+    rel = _rel_to(rs, "gd_loss")
     return Outcome.at_most(max(rel), 0.02,
                            "the same bound as one head: GD-1 is the best one-layer linear-attention predictor up to "
                            "eta, and a second head adds no expressiveness toward a lower loss (the heads' sum is again "
@@ -314,8 +347,7 @@ def _(ctx):
     return Outcome.at_least(min(cos), 0.99,
                             "as for one head (measured 0.9991-0.9994 on 5 seeds at 5000 steps, 0.9986-0.9993 at "
                             "step 1000); a model still descending (loss 0.30, step 200 of seed 0) has cos 0.83",
-                            alignment=_per_seed(rs, lambda r: {k: v for k, v in r.summary["final"].items()
-                                                               if k.endswith("_gd")}))
+                            alignment=_alignment(rs, refs=("gd",)))
 
 
 @claim("training.two_heads.heads_sum_to_construction", source=f"{SRC}, Prop. 1 (two heads)",
@@ -346,7 +378,7 @@ def _(ctx):
               "5 seeds. Worst L_model / L_GD2 over seeds")
 def _(ctx):
     rs = runs(ctx, "recurrent2")
-    ratio = [r.summary["final"]["loss"] / r.baselines["gd_loss"] for r in rs]
+    ratio = _over(rs, "gd_loss")
     return Outcome.at_most(max(ratio), 0.9,
                            "GD++ is 0.71 of GD-2 (0.112 vs 0.158); the training passes a first plateau at 0.93 of "
                            "GD-2 (steps 600-1500) before reaching GD++; 0.9 asks for more than that plateau",
@@ -359,7 +391,7 @@ def _(ctx):
               "from gamma = eta/N^2; worst |L_model - L_GD++| / L_GD++ over seeds (model cos vs GD++ in the details)")
 def _(ctx):
     rs = runs(ctx, "recurrent2")
-    rel = [abs(r.summary["final"]["loss"] - r.baselines["gdpp_loss"]) / r.baselines["gdpp_loss"] for r in rs]
+    rel = _rel_to(rs, "gdpp_loss")
     return Outcome.at_most(max(rel), 0.05,
                            "measured 0.4-1.5% on 5 seeds at 5000 steps, and every evaluation from step 3000 on "
                            "within 2.8% (Adam's jitter) once the model has left its first plateau (27% above GD++); "
@@ -375,25 +407,17 @@ def _(ctx):
               "seeds (the meta-trained GD++ gamma in the details)")
 def _(ctx):
     rs = runs(ctx, "recurrent2")
-    g = [r.summary["weights"][0]["gamma_equiv"] for r in rs]
-    rel = [abs(x - 0.179) / 0.179 for x in g]
+    reading = _gdpp_reading(rs)
+    rel = [abs(x - 0.179) / 0.179 for x in reading["gamma_model"]]
     return Outcome.at_most(max(rel), 0.1,
                            "the paper gives three digits; measured 0.173-0.174 from the trained weights (5 seeds) "
                            "and 0.176 from GD++ meta-trained to convergence (3000 steps); 10% separates it from the "
                            "GD-like first plateau (gamma near 0) and from an unconverged GD++ (0.09 after 1000 Adam "
                            "steps on eta itself)",
-                           gamma_model=g, gamma_gdpp=[r.baselines["gdpp_gammas"][0] for r in rs],
-                           eta_model=[r.config.N * r.summary["weights"][0]["eta_over_N"] for r in rs],
-                           eta_gdpp=[r.baselines["gdpp_etas"][0] for r in rs])
+                           **reading)
 
 
 # ---- recurrent ten layers (Sec. 4) --------------------------------------------------
-
-def _gap_closed(r):
-    """(L_GD - L_model) / (L_GD - L_GD++): 0 at GD-K, 1 at GD++, > 1 below GD++."""
-    b = r.baselines
-    return (b["gd_loss"] - r.summary["final"]["loss"]) / (b["gd_loss"] - b["gdpp_loss"])
-
 
 @claim("training.recurrent10.below_gd10", source=f"{SRC}, Sec. 4 (recurrent K=10)",
        statement="A recurrent (weight-tied) ten-layer LSA trained from scratch beats ten steps of GD",
@@ -401,7 +425,7 @@ def _gap_closed(r):
               "full: 5000 steps, 5 seeds. Worst L_model / L_GD10 over seeds")
 def _(ctx):
     rs = runs(ctx, "recurrent10")
-    ratio = [r.summary["final"]["loss"] / r.baselines["gd_loss"] for r in rs]
+    ratio = _over(rs, "gd_loss")
     return Outcome.at_most(max(ratio), 0.9,
                            "measured 0.61-0.65 on 5 seeds at 5000 steps and 0.73-0.78 at step 3500 (the quick "
                            "length); the training first sits at 0.91-0.97 of GD-10 (steps 1500-2000), so 0.9 asks "
@@ -421,8 +445,7 @@ def _(ctx):
     frac = [_gap_closed(r) for r in rs]
     details = dict(losses=_loss_rows(rs), gap_closed=frac,
                    gdpp_converged_reference={"gdpp_steps": 10000, "loss": 0.0311, "eta": 52.75, "gamma": 0.2011},
-                   final_alignment=_per_seed(rs, lambda r: {k: v for k, v in r.summary["final"].items()
-                                                            if k.endswith("_gd") or k.endswith("_gdpp")}))
+                   final_alignment=_alignment(rs))
     if ctx.full:
         return Outcome.at_least(min(frac), 1.0,
                                 "the paper's trained recurrent models end at or below its GD++; measured 1.44-1.62 "
@@ -443,10 +466,8 @@ def _(ctx):
               "implies and the meta-trained GD++ values in the details)")
 def _(ctx):
     rs = runs(ctx, "recurrent10")
-    g = [r.summary["weights"][0]["gamma_equiv"] for r in rs]
-    details = dict(gamma_model=g, gamma_gdpp=[r.baselines["gdpp_gammas"][0] for r in rs],
-                   eta_model=[r.config.N * r.summary["weights"][0]["eta_over_N"] for r in rs],
-                   eta_gdpp=[r.baselines["gdpp_etas"][0] for r in rs])
+    details = _gdpp_reading(rs)
+    g = details["gamma_model"]
     # gamma of seed 0 along its training: 0.0026 at step 1500 (the GD-10 plateau, model cos vs GD 0.999),
     # 0.015 at 2500, 0.047 at 3500, 0.122 at 5000
     if ctx.full:
@@ -473,12 +494,10 @@ def _(ctx):
               "GD++ 30,000 steps, 5 seeds")
 def _(ctx):
     rs = runs(ctx, "layers5")
-    frac = [(r.baselines["gd_loss"] - r.summary["final"]["loss"]) / (r.baselines["gd_loss"] - r.baselines["gdpp_loss"])
-            for r in rs]
+    frac = [_gap_closed(r) for r in rs]
     details = dict(losses=_loss_rows(rs), gap_closed=frac,
-                   model_over_gdpp=[r.summary["final"]["loss"] / r.baselines["gdpp_loss"] for r in rs],
-                   final_alignment=_per_seed(rs, lambda r: {k: v for k, v in r.summary["final"].items()
-                                                            if k.endswith("_gd") or k.endswith("_gdpp")}))
+                   model_over_gdpp=_over(rs, "gdpp_loss"),
+                   final_alignment=_alignment(rs))
     if ctx.full:
         return Outcome.at_least(min(frac), 0.75,
                                 "the paper's 5-layer model ends at per-layer GD++; 0.75 of the gap closed is 'near "
