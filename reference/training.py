@@ -552,12 +552,13 @@ def init_params(cfg):
 
 def params_finite(params):
     """True when every parameter array (NumPy or CuPy; None entries skipped) is finite.
-    One device-to-host transfer for CuPy parameters."""
+    Runs every training step: NumPy arrays are checked one by one (no stacking), CuPy
+    arrays with a single device-to-host transfer."""
     arrays = [a for layer in params for a in layer if a is not None]
-    if not arrays:
-        return True
     xp = get_xp(*arrays)
-    return bool(xp.all(xp.stack([xp.all(xp.isfinite(a)) for a in arrays])))
+    if xp is np:
+        return all(bool(np.isfinite(a).all()) for a in arrays)
+    return bool(xp.stack([xp.isfinite(a).all() for a in arrays]).all())
 
 
 def host_params(params):
