@@ -574,19 +574,17 @@ def summarise(result):
             s["best_peer"] = bp["impl"]
             s["best_peer_ms"] = bp["ms_median"]
             s["numba_speedup_over_best_peer"] = bp["ms_median"] / nbr["ms_median"]
-        if nbr and config in result.get("roofline", {}):
-            s["numba_fraction_of_bound"] = result["roofline"][config]["bound_ms"] / nbr["ms_median"]
+        rf = result.get("roofline", {}).get(config, {})
+        if nbr and rf:
+            s["numba_fraction_of_bound"] = rf["bound_ms"] / nbr["ms_median"]
+        if nbr and "compute_small_ms" in rf:
+            s["numba_fraction_of_small_product_time"] = rf["compute_small_ms"] / nbr["ms_median"]
         out[config] = s
     return out
 
 
 def _D(config):
     return CONFIGS[config]["d"] + 1
-
-
-def _numba_ms(config, result):
-    return next((r["ms_median"] for r in result["rows"] if r["config"] == config and r["impl"] == "numba"
-                 and "ms_median" in r), None)
 
 
 def markdown(result):
@@ -648,7 +646,8 @@ def markdown(result):
         f"-> compute {rf['compute_ms']:.3f} ms, RNG {rf['rng_ms']:.3f} ms, DRAM {rf['dram_ms']:.4f} ms"
         + (f"; at the {rf['small_matmul_gflops']:.0f} GFLOP/s NumPy reaches on batched {_D(c)}x{_D(c)} "
            f"products the FLOPs take {rf['compute_small_ms']:.3f} ms"
-           + (f" (numba at {rf['compute_small_ms'] / _numba_ms(c, result):.2f} of that)" if _numba_ms(c, result) else "")
+           + (f" (numba at {result['summary'][c]['numba_fraction_of_small_product_time']:.2f} of that)"
+              if "numba_fraction_of_small_product_time" in result["summary"].get(c, {}) else "")
            if "compute_small_ms" in rf else "")
         for c, rf in result.get("roofline", {}).items()) + ".")
     bad = [r for r in result["rows"] if "ms_median" not in r]
