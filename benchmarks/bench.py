@@ -130,13 +130,13 @@ def _rel(a, b):
 def problem(cfg, seed=0):
     """Arch, AdamHP, TaskSpec, float32 initial params (the official init) and float32
     verification tasks drawn by the reference."""
-    from reference import Arch, init_lsa_params
+    from reference import lsa_stack, init_lsa_params
     from reference.optim import AdamHP
     from reference.tasks import TaskSpec, step_rng
 
     h = hyper(cfg)
     K, d = cfg["K"], cfg["d"]
-    arch = Arch(n_layers=K, clip=h["token_clip"])
+    arch = lsa_stack(n_layers=K, clip=h["token_clip"])
     hp = AdamHP(lr=h["lr"], clip_norm=h["grad_clip"])
     spec = TaskSpec(d=d, N=cfg["N"], B=cfg["B"])
     rng = np.random.default_rng(seed)
@@ -149,7 +149,7 @@ def big_params(cfg, seed=1):
     """Random params whose layers change the tokens by about 10% per layer (|M| ~ 0.1,
     M = P W_V C W_K^T W_Q with |C| ~ N d / 12), so verification tests the layers, not
     the identity; the K > 3 token clip stays mostly inactive."""
-    from reference.lsa import LSAParams
+    from reference.layers.lsa import LSAParams
 
     d, N, K = cfg["d"], cfg["N"], cfg["K"]
     D = d + 1
@@ -243,7 +243,7 @@ class Ours:
         E = build_tokens(self.vtasks.X, self.vtasks.Y, self.vtasks.x_q)
         if self.name == "numba":
             # the path the stepper runs (no dE needed): D x D space where it applies
-            L1, g1, aux = self.backend._loss_and_grads(E, self.vtasks.y_q, params, self.arch, d, need_dE=False)
+            L1, g1, aux = self.backend.loss_and_grads(E, self.vtasks.y_q, params, self.arch, d, need_dE=False)
             label += f", {aux['path']} path, {aux['fallback_tasks']} tasks via the token fallback"
         else:
             L1, g1, _ = self.backend.loss_and_grads(E, self.vtasks.y_q, params, self.arch, d)
@@ -271,19 +271,19 @@ class Ours:
                 "adam": lambda: adam_update(params, grads, state, hp),
             }
         nb = self.backend
-        run = nb._Run(self.arch, params, self.spec.B, self.spec.N, d, 1, np.float32)
+        run = nb.BatchRun(self.arch, params, self.spec.B, self.spec.N, d, 1, np.float32)
         res = run(E=E, y_q=tasks.y_q)
-        grads = nb._factored_grads(params, res["dA"], res["dB"], np.float32)
+        grads = nb.factored_grads(params, res["dA"], res["dB"], np.float32)
 
         def backward():
             r = run(E=E, y_q=tasks.y_q)
-            nb._factored_grads(params, r["dA"], r["dB"], np.float32)
+            nb.factored_grads(params, r["dA"], r["dB"], np.float32)
 
         return {
             "sample": lambda: self.stepper.sample(1),
             "forward": lambda: run(E=E, y_q=tasks.y_q, need_grad=False),
             "backward": backward,
-            "adam": lambda: nb._adam(params, grads, state, hp, np.dtype(np.float32)),
+            "adam": lambda: nb.adam_update(params, grads, state, hp, np.dtype(np.float32)),
         }
 
     def threads(self):
@@ -397,7 +397,9 @@ def rates_worker():
     import numba
     from numba import njit, prange
 
-    from reference.backends._numba_rng import normal_pairs, stream_key, task_key, uniforms_lanes
+    from reference.backends.numba_backend import rng_kernels
+
+    normal_pairs, stream_key, task_key, uniforms_lanes = rng_kernels()
 
     out = {}
     n = 2048

@@ -71,12 +71,12 @@ FP32_LANES_PER_SM = {(6, 0): 64, (6, 1): 128, (7, 0): 64, (7, 5): 64, (8, 0): 64
 
 def settings(cfg):
     """Arch, AdamHP and TaskSpec of a configuration (the paper's rules for K)."""
-    from reference import Arch
+    from reference import lsa_stack
     from reference.optim import AdamHP
     from reference.tasks import TaskSpec
 
     K = cfg["K"]
-    arch = Arch(n_layers=K, recurrent=False, clip=10.0 if K > 3 else None)
+    arch = lsa_stack(n_layers=K, recurrent=False, clip=10.0 if K > 3 else None)
     hp = AdamHP(lr=1e-3 if K <= 3 else 5e-4, clip_norm=0.001 if K <= 2 else 10.0)
     return arch, hp, TaskSpec(d=cfg["d"], N=cfg["N"], B=cfg["B"])
 

@@ -39,7 +39,7 @@ def _eval_loss_fn(backend, arch, E, y_q, d):
         from reference.backends import numba_backend as nb
 
         def f(params):
-            run = nb._Run(arch, params, E.shape[0], E.shape[1] - 1, d, 1, np.float32)
+            run = nb.BatchRun(arch, params, E.shape[0], E.shape[1] - 1, d, 1, np.float32)
             return run(E=E, y_q=y_q, need_grad=False)["loss"]
         return f
 
@@ -51,14 +51,14 @@ def _eval_loss_fn(backend, arch, E, y_q, d):
 
 def direct(backend, steps, batch, eval_every, eval_tasks, seed=0):
     t_start = time.perf_counter()
-    from reference import Arch, build_tokens, init_lsa_params
+    from reference import lsa_stack, build_tokens, init_lsa_params
     from reference.backends import get_backend
     from reference.optim import AdamHP, adam_init
     from reference.solvers import gd_predict, line_search_eta
     from reference.tasks import TaskSpec, step_rng
 
     d, N = 10, 10
-    arch = Arch(1)
+    arch = lsa_stack(1)
     hp = AdamHP(lr=1e-3, b1=0.9, b2=0.98, eps=1e-8, clip_norm=0.001)
     spec = TaskSpec(d=d, N=N, B=batch)
     evals = TaskSpec(d=d, N=N, B=eval_tasks).sample(step_rng(2023, 0), dtype=np.float32)

@@ -15,8 +15,10 @@ __version__ = "0.1.0"
 
 from .xp import get_xp, to_numpy
 from .tasks import Tasks, TaskSpec, sample_tasks, step_rng, uniform_moments
-from .tokens import build_tokens, readout, readout_backward, split_token
-from .lsa import (
+from .tokens import TokenLayout, build_tokens, readout, readout_backward, split_token
+from .layers import LayerSpec, LayerType, InitSettings, get_layer, layer_types, register
+from .layers.lsa import (
+    LSA,
     LSAParams,
     MergedParams,
     lsa_forward,
@@ -26,6 +28,7 @@ from .lsa import (
 )
 from .model import (
     Arch,
+    lsa_stack,
     model_forward,
     model_backward,
     loss_forward,

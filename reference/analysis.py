@@ -31,8 +31,8 @@ import numpy as np
 
 from ._checks import check_float, check_int
 from .constructions import gd_layer, gdpp_layer
-from .lsa import MergedParams, lsa_forward, to_merged
-from .model import Arch, model_backward, model_forward
+from .layers.lsa import MergedParams, lsa_forward, to_merged
+from .model import Arch, lsa_stack, model_backward, model_forward
 from .solvers import gd_predict
 from .tasks import sample_tasks
 from .tokens import build_tokens, readout, readout_backward
@@ -105,9 +105,9 @@ def gdpp_params(d, d_y, N, etas, gammas, recurrent, dtype=np.float64):
     if recurrent:
         if len(set(etas)) != 1 or len(set(gammas)) != 1:
             raise ValueError("a recurrent GD++ stack needs one (eta, gamma) for every layer")
-        return (gdpp_layer(d, d_y, N, etas[0], gammas[0], dtype=dtype),), Arch(K, recurrent=True)
+        return (gdpp_layer(d, d_y, N, etas[0], gammas[0], dtype=dtype),), lsa_stack(K, recurrent=True)
     layers = tuple(gdpp_layer(d, d_y, N, e, g, dtype=dtype) for e, g in zip(etas, gammas))
-    return layers, Arch(K, recurrent=False)
+    return layers, lsa_stack(K, recurrent=False)
 
 
 def gdpp_reference(tasks, etas, gammas):

@@ -20,8 +20,8 @@ Sec. 4 / App. A.5 (GD++). Token layout (x, y) of width D = d + d_y.
 import numpy as np
 
 from ._checks import check_array, check_dtype, check_float, check_int
-from .lsa import LSAParams
-from .model import Arch
+from .layers.lsa import LSAParams
+from .model import lsa_stack
 from .xp import to_numpy
 
 
@@ -80,7 +80,7 @@ def gd_stack(K, d, d_y, N, eta, W_0=None, *, recurrent=False, dtype=np.float64, 
     """K layers doing K GD steps from W_0. Returns (params tuple, Arch)."""
     K = check_int("K", K, 1)
     layer = gd_layer(d, d_y, N, eta, W_0, dtype=dtype, xp=xp)
-    arch = Arch(n_layers=K, recurrent=recurrent)
+    arch = lsa_stack(n_layers=K, recurrent=recurrent)
     return (layer,) * arch.n_param_layers, arch
 
 
@@ -91,4 +91,4 @@ def gdpp_stack(d, d_y, N, etas, gammas, W_0=None, *, dtype=np.float64, xp=np):
     if len(etas) != len(gammas) or not etas:
         raise ValueError(f"etas and gammas must be non-empty and of equal length, got {len(etas)} and {len(gammas)}")
     layers = tuple(gdpp_layer(d, d_y, N, e, g, W_0, dtype=dtype, xp=xp) for e, g in zip(etas, gammas))
-    return layers, Arch(n_layers=len(layers), recurrent=False)
+    return layers, lsa_stack(n_layers=len(layers), recurrent=False)

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .lsa import lsa_backward, lsa_forward
+from .layers.lsa import lsa_backward, lsa_forward
 from .model import loss_and_grads, loss_forward, model_backward, model_forward
 from .tokens import readout
 from .tolerances import allclose_report, tolerance

@@ -1,83 +1,176 @@
-"""A stack of K LSA layers, its readout and loss: forward and hand-written backward.
+"""A model: a stack of registered layers, its readout and loss, forward and
+hand-written backward.
 
-Architecture (:class:`Arch`): K layers, recurrent (one weight-tied layer applied K
-times) or separate (K layers with their own weights); context-only or causal
-attention; optional token clipping after every layer (the official code clips to
-[-10, 10] when K > 3).
+Architecture (:class:`Arch`): K layer specs (:class:`reference.layers.LayerSpec`, a
+registered kind plus its options) and the weight tying, ``tie[k]`` = the index of the
+parameter set layer k uses. Today's recurrent (looped) stack of one LSA layer applied
+K times is ``tie = (0, 0, ..., 0)``; separate layers are ``tie = (0, 1, ..., K-1)``.
+:func:`lsa_stack` builds every LSA configuration of the paper. Parameters are a tuple
+with one entry per distinct parameter set (a parameter tree, ``reference.tree``).
 
-Loss (official code; the paper's Eq. 5 drops the 1/2):
+Readout and loss (official code; the paper's Eq. 5 drops the 1/2), for the token
+layout :class:`reference.tokens.TokenLayout`:
 
-    L = 0.5 * mean_b || y_hat_b - y_q,b ||^2,   y_hat = -E_K[:, N, d:]
+    L = 0.5 * mean_b || y_hat_b - y_q,b ||^2,   y_hat = layout.readout(E_K)
 
-(squared error summed over the d_y label dims, averaged over the B tasks).
-The model backward walks the layers in reverse; for a recurrent stack the gradients
-of the K applications of the shared layer are summed.
+(squared error summed over the d_y label dims, averaged over the B tasks; for the
+regression layout y_hat = -E_K[:, N, d:]). The model backward walks the layers in
+reverse; the gradients of the applications of a shared parameter set are summed.
 """
 
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
-from ._checks import check_array, check_float, check_int
-from .lsa import LSAParams, MergedParams, lsa_backward, lsa_forward
-from .tokens import readout, readout_backward
+from ._checks import check_array, check_int
+from .layers import LayerSpec
+from .tokens import as_layout
+from .tree import tree_add
 
 
 @dataclass(frozen=True)
 class Arch:
-    """How the layers are stacked. ``n_layers`` = K."""
+    """K layer specs and their weight tying. ``tie`` defaults to separate weights."""
 
-    n_layers: int = 1
-    recurrent: bool = False
-    causal: bool = False
-    clip: Optional[float] = None
+    layers: tuple
+    tie: Optional[tuple] = None
 
     def __post_init__(self):
-        check_int("n_layers", self.n_layers, 1)
-        if not isinstance(self.recurrent, bool):
-            raise TypeError(f"recurrent must be a bool, got {self.recurrent!r}")
-        if not isinstance(self.causal, bool):
-            raise TypeError(f"causal must be a bool, got {self.causal!r}")
-        if self.clip is not None:
-            check_float("clip", self.clip, 0.0, allow_equal_min=False)
+        layers = tuple(self.layers)
+        if not layers:
+            raise ValueError("an Arch needs at least one layer")
+        for k, s in enumerate(layers):
+            if not isinstance(s, LayerSpec):
+                raise TypeError(f"layers[{k}] must be a LayerSpec, got {type(s).__name__}")
+        tie = tuple(range(len(layers))) if self.tie is None else tuple(self.tie)
+        if len(tie) != len(layers):
+            raise ValueError(f"tie must have one entry per layer ({len(layers)}), got {len(tie)}")
+        seen = []
+        for k, i in enumerate(tie):
+            check_int(f"tie[{k}]", i, 0)
+            if i > len(seen):
+                raise ValueError(f"tie must number parameter sets in order of first use (0, 1, ...), got {tie}")
+            if i == len(seen):
+                seen.append(layers[k])
+            elif layers[k] != seen[i]:
+                raise ValueError(f"layers {tie.index(i)} and {k} share parameter set {i} but have different "
+                                 f"specs ({seen[i]!r} vs {layers[k]!r})")
+        object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "tie", tie)
+
+    @property
+    def n_layers(self):
+        """K, the number of layer applications."""
+        return len(self.layers)
 
     @property
     def n_param_layers(self):
-        """How many distinct layer parameter sets the model has (1 if recurrent)."""
-        return 1 if self.recurrent else self.n_layers
+        """How many distinct parameter sets the model has (1 for a recurrent stack)."""
+        return max(self.tie) + 1
+
+    @property
+    def recurrent(self):
+        """True when every layer uses parameter set 0 (a looped, weight-tied stack)."""
+        return self.n_param_layers == 1 and self.n_layers > 1
 
     def layer_index(self, k):
         """Index into the params tuple used by layer k (0-based)."""
-        return 0 if self.recurrent else k
+        return self.tie[k]
+
+    def param_specs(self):
+        """The spec of each parameter set, in order."""
+        return [self.layers[self.tie.index(i)] for i in range(self.n_param_layers)]
+
+    def kinds(self):
+        return tuple(s.kind for s in self.layers)
+
+    def option(self, name):
+        """The value of option ``name`` shared by every layer (ValueError if they differ
+        or a layer lacks it): for backends that run uniform stacks only."""
+        vals = {s.opts.get(name, _MISSING) for s in self.layers}
+        if len(vals) != 1 or _MISSING in vals:
+            raise ValueError(f"the layers do not share one value of option {name!r}: "
+                             f"{[s.opts.get(name, '-') for s in self.layers]}")
+        return vals.pop()
+
+    def widths(self, D_in):
+        """Token widths before each layer and after the last: K + 1 ints."""
+        out = [check_int("D_in", D_in, 1)]
+        for s in self.layers:
+            out.append(s.out_width(out[-1]))
+        return out
+
+    def init(self, rng, D_in, settings):
+        """Initial parameters: each parameter set drawn in order from ``rng``."""
+        widths = self.widths(D_in)
+        return tuple(self.layers[k].init(rng, widths[k], settings)
+                     for k in (self.tie.index(i) for i in range(self.n_param_layers)))
+
+    def param_types(self):
+        return [s.param_type() for s in self.param_specs()]
+
+    def cache_floats(self, T, D_in):
+        """Numbers the model's forward caches hold per task (every layer's cache)."""
+        widths = self.widths(D_in)
+        return sum(s.cache_floats(T, widths[k]) for k, s in enumerate(self.layers)) + T * widths[-1]
+
+    def to_dict(self):
+        return {"layers": [s.to_dict() for s in self.layers], "tie": list(self.tie)}
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(tuple(LayerSpec.from_dict(s) for s in d["layers"]), tuple(d["tie"]))
+
+
+_MISSING = object()
+
+
+def lsa_stack(n_layers=1, recurrent=False, causal=False, clip=None, **options):
+    """K LSA layers (``layers.lsa``), weight-tied when ``recurrent``: every LSA
+    configuration of the paper. ``options`` are further LSA options (heads,
+    key_size, value_size, merged)."""
+    K = check_int("n_layers", n_layers, 1)
+    if not isinstance(recurrent, bool):
+        raise TypeError(f"recurrent must be a bool, got {recurrent!r}")
+    spec = LayerSpec("lsa", (("causal", causal), ("clip", clip), *options.items()))
+    return Arch((spec,) * K, (0,) * K if recurrent else None)
 
 
 class ModelCache(NamedTuple):
-    layer_caches: list   # K LSACache
-    outputs: list        # K arrays (B, T, D): tokens after each layer
+    layer_caches: list   # K layer caches
+    outputs: list        # K arrays (B, T, D_k): tokens after each layer
     arch: Arch
 
 
-def _check_model_params(params, arch):
+def _check_model_params(params, arch, D_in=None):
+    """Raise unless ``params`` is a tuple with one entry per parameter set of ``arch``,
+    each of a type the layer takes (and, with ``D_in``, of the right widths)."""
     if not isinstance(arch, Arch):
         raise TypeError(f"arch must be an Arch, got {type(arch).__name__}")
     if not isinstance(params, (tuple, list)):
-        raise TypeError("params must be a tuple of per-layer LSAParams/MergedParams, "
+        raise TypeError("params must be a tuple with one parameter NamedTuple per parameter set, "
                         f"got {type(params).__name__}")
     if len(params) != arch.n_param_layers:
         kind = "recurrent" if arch.recurrent else "separate"
         raise ValueError(f"params must hold {arch.n_param_layers} layer(s) for a {kind} "
                          f"stack of K={arch.n_layers}, got {len(params)}")
-    for p in params:
-        if not isinstance(p, (LSAParams, MergedParams)):
-            raise TypeError(f"each layer's params must be LSAParams or MergedParams, got {type(p).__name__}")
+    widths = None if D_in is None else arch.widths(D_in)
+    for i, spec in enumerate(arch.param_specs()):
+        p = params[i]
+        if not (isinstance(p, tuple) and hasattr(p, "_fields")):
+            raise TypeError(f"params[{i}] must be a parameter NamedTuple of layer {spec.kind!r}, "
+                            f"got {type(p).__name__}")
+        if widths is not None:
+            spec.check_params(p, widths[arch.tie.index(i)])
 
 
 def model_forward(E, params, arch):
-    """Apply the K layers to tokens E (B, T, D). Returns (E_K (B, T, D), cache)."""
-    _check_model_params(params, arch)
+    """Apply the K layers to tokens E (B, T, D). Returns (E_K (B, T, D_K), cache)."""
+    check_array("E", E, ndim=3)
+    _check_model_params(params, arch, E.shape[2])
     caches, outputs = [], []
     h = E
-    for k in range(arch.n_layers):
-        h, c = lsa_forward(h, params[arch.layer_index(k)], causal=arch.causal, clip=arch.clip)
+    for k, spec in enumerate(arch.layers):
+        h, c = spec.forward(h, params[arch.layer_index(k)])
         caches.append(c)
         outputs.append(h)
     return h, ModelCache(caches, outputs, arch)
@@ -90,21 +183,21 @@ def model_backward(dout, cache):
     grads = [None] * arch.n_param_layers
     dh = dout
     for k in reversed(range(arch.n_layers)):
-        dh, g = lsa_backward(dh, cache.layer_caches[k])
+        dh, g = arch.layers[k].backward(dh, cache.layer_caches[k])
         i = arch.layer_index(k)
-        grads[i] = g if grads[i] is None else type(g)(*(a + b for a, b in zip(grads[i], g)))
+        grads[i] = g if grads[i] is None else tree_add((grads[i],), (g,))[0]
     return dh, tuple(grads)
 
 
-def layer_predictions(cache, d):
+def layer_predictions(cache, layout):
     """Readout after every layer: list of K arrays (B, d_y)."""
-    return [readout(h, d) for h in cache.outputs]
+    return [as_layout(layout, h.shape[2]).readout(h) for h in cache.outputs]
 
 
-def predict(E, params, arch, d):
+def predict(E, params, arch, layout):
     """Prediction y_hat (B, d_y) of the model for tokens E."""
     out, _ = model_forward(E, params, arch)
-    return readout(out, d)
+    return as_layout(layout, out.shape[2]).readout(out)
 
 
 class LossCache(NamedTuple):
@@ -125,16 +218,18 @@ def loss_backward(cache, dL=1.0):
     return dL * cache.err / cache.err.shape[0]                         # (B, d_y)
 
 
-def loss_and_grads(E, y_q, params, arch, d):
+def loss_and_grads(E, y_q, params, arch, layout):
     """Loss of the model on tokens E against targets y_q, and its gradients.
 
-    Returns (L, dparams, aux) with aux = dict(pred=y_hat, dE=dL/dE).
+    ``layout``: a :class:`reference.tokens.TokenLayout` (or the regression layout's
+    input width d, an int). Returns (L, dparams, aux) with aux = dict(pred=y_hat, dE=dL/dE).
     """
     out, mcache = model_forward(E, params, arch)
-    pred = readout(out, d)                                             # (B, d_y)
+    lay = as_layout(layout, out.shape[2])
+    pred = lay.readout(out)                                            # (B, d_y)
     L, lcache = loss_forward(pred, y_q)
     # backward: loss -> readout -> layers in reverse
     dpred = loss_backward(lcache)
-    dout = readout_backward(dpred, out.shape, d)
+    dout = lay.readout_backward(dpred, out.shape)
     dE, dparams = model_backward(dout, mcache)
     return L, dparams, {"pred": pred, "dE": dE}

@@ -2,12 +2,13 @@
 
 Nothing clever happens here: each output token is accumulated one context token at
 a time, exactly as the equation reads. Every vectorised path (NumPy, Numba, CuPy)
-is tested against this file. Use it at tiny sizes only.
+is tested against this file. Use it at tiny sizes only. Each registered layer type
+(``reference.layers``) names its oracle here.
 """
 
 import numpy as np
 
-from .lsa import MergedParams
+from .layers.lsa import MergedParams
 
 
 def oracle_lsa_layer(E, params, causal=False, clip=None):
@@ -46,10 +47,11 @@ def oracle_lsa_layer(E, params, causal=False, clip=None):
 
 
 def oracle_model(E, params, arch):
-    """K layers of :func:`oracle_lsa_layer`, reusing layer 0 when recurrent."""
+    """The K layers of ``arch``, each through its layer type's loop oracle (the
+    parameter set ``arch.layer_index(k)`` for layer k)."""
     h = np.asarray(E)
-    for k in range(arch.n_layers):
-        h = oracle_lsa_layer(h, params[arch.layer_index(k)], arch.causal, arch.clip)
+    for k, spec in enumerate(arch.layers):
+        h = spec.oracle(h, params[arch.layer_index(k)])
     return h
 
 

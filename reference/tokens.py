@@ -7,7 +7,12 @@ A regression task becomes a sequence E of T = N + 1 tokens of width D = d + d_y:
 
 The model's prediction for the query is read from the query token after the last
 layer as **minus** its y-slot:  y_hat = -E_out[:, N, d:].
+
+:class:`TokenLayout` bundles this: it knows d and d_y, builds the tokens and reads
+the prediction, so the model, the loss and the analyses take a layout instead of d.
 """
+
+from dataclasses import dataclass
 
 from ._checks import check_array, check_int
 from .xp import get_xp
@@ -60,3 +65,59 @@ def readout_backward(dpred, E_shape, d):
     dE = xp.zeros(E_shape, dtype=dpred.dtype)                          # (B, T, D)
     dE[:, -1, d:] = -dpred
     return dE
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """How a regression task is laid out as tokens and where the prediction is read.
+
+    ``kind = "regression"`` (the only layout so far): tokens (x_i, y_i) for the N context
+    pairs and (x_q, -W_0 x_q) for the query, last, width D = d + d_y; the prediction is
+    minus the query's y-slot after the last layer."""
+
+    d: int
+    d_y: int = 1
+    kind: str = "regression"
+
+    def __post_init__(self):
+        check_int("d", self.d, 1)
+        check_int("d_y", self.d_y, 1)
+        if self.kind != "regression":
+            raise ValueError(f"layout kind must be 'regression', got {self.kind!r}")
+
+    @property
+    def D(self):
+        """Token width."""
+        return self.d + self.d_y
+
+    def n_tokens(self, N):
+        """T = N + 1 tokens for N context pairs."""
+        return N + 1
+
+    def build(self, X, Y, x_q, W_0=None):
+        """:func:`build_tokens`, checked against this layout's widths."""
+        check_array("X", X, ndim=3)
+        check_array("Y", Y, ndim=3)
+        if X.shape[2] != self.d or Y.shape[2] != self.d_y:
+            raise ValueError(f"X and Y must have widths d={self.d}, d_y={self.d_y} for this layout, got "
+                             f"{X.shape[2]} and {Y.shape[2]}")
+        return build_tokens(X, Y, x_q, W_0)
+
+    def readout(self, E):
+        """y_hat (B, d_y) = minus the y-slot of the query token."""
+        check_array("E", E, ndim=3)
+        if E.shape[2] != self.D:
+            raise ValueError(f"E must have token width D={self.D} for this layout, got shape {tuple(E.shape)}")
+        return readout(E, self.d)
+
+    def readout_backward(self, dpred, E_shape):
+        return readout_backward(dpred, E_shape, self.d)
+
+
+def as_layout(layout, D):
+    """``layout`` as a :class:`TokenLayout`; an int is the regression layout's d with
+    d_y = D - d (for tokens of width D)."""
+    if isinstance(layout, TokenLayout):
+        return layout
+    d = check_int("d", layout, 1, D - 1)
+    return TokenLayout(d, D - d)

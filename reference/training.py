@@ -52,8 +52,8 @@ import numpy as np
 from ._io import write_text_atomic  # noqa: F401  (also used by the CLI)
 from . import analysis as A
 from .backends import BACKENDS, DEFAULT_TRAIN_BACKEND, get_backend
-from .lsa import LSAParams, init_lsa_params
-from .model import Arch, loss_and_grads, model_forward
+from .layers.lsa import LSAParams, init_lsa_params
+from .model import Arch, loss_and_grads, lsa_stack, model_forward
 from .optim import AdamHP, AdamState, adam_init, adam_update
 from .solvers import gdpp_predict, least_squares_predict, line_search_eta
 from .tasks import TaskSpec
@@ -176,7 +176,7 @@ class TrainConfig:
         return self.recurrent or self.n_layers == 1
 
     def arch(self):
-        return Arch(n_layers=self.n_layers, recurrent=self.recurrent, clip=self.token_clip)
+        return lsa_stack(n_layers=self.n_layers, recurrent=self.recurrent, clip=self.token_clip)
 
     def task_spec(self, B=None):
         return TaskSpec(d=self.d, N=self.N, d_y=self.d_y, B=self.batch if B is None else B,
@@ -962,7 +962,7 @@ def _interpolation(cfg, params, baselines, evals, E):
     function; the analysis is skipped with that reason."""
     arch, dtype = cfg.arch(), cfg.np_dtype
     consts_m = tuple(_construction_layers(cfg, baselines, dtype))
-    out_c, cache_c = model_forward(E, consts_m, Arch(arch.n_layers, recurrent=arch.recurrent))
+    out_c, cache_c = model_forward(E, consts_m, lsa_stack(arch.n_layers, recurrent=arch.recurrent))
     res = {"loss_construction": A.mean_loss(readout(out_c, cfg.d), evals.y_q)}
     peak = max(float(np.max(np.abs(o))) for o in cache_c.outputs)
     if arch.clip is not None and peak > arch.clip:

@@ -142,7 +142,7 @@ def bridge_gdpp(layer=R.gdpp_layer, seed=0):
         pred = -f2(t.X[0], t.Y[0], t.x_q, W0, *es, *gs)[0][0]
         params = tuple(layer(dx, dy, n, float(ek), float(gk), W0) for ek, gk in zip(es, gs))
         pf.close("symbolic 2-layer GD++ readout = reference predict(two gdpp_layer)", pred,
-                 R.predict(R.build_tokens(t.X, t.Y, t.x_q, W_0=W0), params, R.Arch(2), dx)[0], where, KIND)
+                 R.predict(R.build_tokens(t.X, t.Y, t.x_q, W_0=W0), params, R.lsa_stack(2), dx)[0], where, KIND)
         pf.close("symbolic 2-layer GD++ readout = reference gdpp_predict", pred,
                  R.gdpp_predict(t.X, t.Y, t.x_q, es, gs, W_0=W0)[0], where, KIND)
     return pf

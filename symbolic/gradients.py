@@ -10,7 +10,7 @@ with every entry of the tokens E, the targets y_q and the weights a scalar symbo
 and differentiated with ``sympy.diff``. The other side is the reference's own
 hand-written backward, **executed on NumPy object arrays holding SymPy expressions**:
 ``reference.model.loss_backward`` -> ``reference.tokens.readout_backward`` ->
-``reference.lsa.lsa_backward`` (or ``reference.model.model_backward`` for a stack).
+``reference.layers.lsa.lsa_backward`` (or ``reference.model.model_backward`` for a stack).
 Only the forward is transcribed here (the reference forward validates float dtypes and
 so cannot take symbols); ``bridge.gradients`` checks that transcription against
 ``reference.lsa_forward`` numerically, so neither side can drift. Every entry of
@@ -23,8 +23,8 @@ import numpy as np
 import sympy as sp
 
 import reference as R
-from reference.lsa import LSACache, LSAParams, MergedParams
-from reference.model import Arch, LossCache, ModelCache
+from reference.layers.lsa import LSACache, LSAParams, MergedParams
+from reference.model import Arch, LossCache, ModelCache, lsa_stack
 
 from .core import Proof, theorem
 
@@ -123,7 +123,7 @@ class SymProblem:
             raise ValueError(f"fixed must be None, 'weights' or 'tokens', got {fixed!r}")
         D = d + d_y
         self.d, self.d_y, self.N, self.B, self.K, self.fixed = d, d_y, N, B, K, fixed
-        self.arch = Arch(n_layers=K, recurrent=recurrent)
+        self.arch = lsa_stack(n_layers=K, recurrent=recurrent)
         S = Symbols(np.random.default_rng(seed))
         self.E_sym = S.array("e", (B, N + 1, D), symbolic=fixed != "tokens")
         self.y_sym = S.array("t", (B, d_y))

@@ -1,7 +1,7 @@
 """Prop. 1 (one LSA layer = one GD step) and K layers = K GD steps, proved as algebra.
 
 von Oswald et al., ICML 2023, Prop. 1 and Sec. 3. The layer is ``algebra.lsa_layer``
-(a line-by-line transcription of ``reference.lsa.lsa_forward``), the weights are
+(a line-by-line transcription of ``reference.layers.lsa.lsa_forward``), the weights are
 ``algebra.gd_weights`` (``reference.constructions.gd_layer``). Every proof takes the
 weights as a parameter (the correct construction by default) so a test can inject a
 wrong one and see the proof fail.

@@ -85,11 +85,11 @@ def test_lsa_forward_rejects(layer):
 def test_model_rejects(layer):
     E, p = layer
     with pytest.raises(ValueError, match="n_layers must be >= 1"):
-        R.Arch(0)
+        R.lsa_stack(0)
     with pytest.raises(TypeError, match="recurrent must be a bool"):
-        R.Arch(2, recurrent="yes")
+        R.lsa_stack(2, recurrent="yes")
     with pytest.raises(ValueError, match=r"params must hold 3 layer\(s\) for a separate stack of K=3, got 1"):
-        R.model_forward(E, (p,), R.Arch(3))
+        R.model_forward(E, (p,), R.lsa_stack(3))
     with pytest.raises(TypeError, match="arch must be an Arch"):
         R.model_forward(E, (p,), 3)
     with pytest.raises(ValueError, match=r"y_q must have shape \(2, 1\)"):

@@ -19,7 +19,7 @@ import types
 import numpy as np
 import pytest
 
-from reference import Arch, build_tokens, init_lsa_params, loss_and_grads, model_forward, sample_tasks, to_numpy
+from reference import Arch, lsa_stack, build_tokens, init_lsa_params, loss_and_grads, model_forward, sample_tasks, to_numpy
 from reference.backends import get_backend, numpy_backend
 from reference.backends import _cupy_lsa
 from reference.backends._cupy_kernels import HostKernels
@@ -34,11 +34,11 @@ D = d + 1
 # (id, arch, heads, key size, merged params, init scale): small scales keep deep
 # stacks finite; clip 0.3 is active for tokens of U(-0.5, 0.5) inputs.
 CASES = [
-    ("K1", Arch(1), 1, None, False, 0.3),
-    ("K3-recurrent-2heads-key5", Arch(3, recurrent=True), 2, 5, False, 0.3),
-    ("K3-separate-clip", Arch(3, clip=0.3), 1, None, False, 0.3),
-    ("K2-merged", Arch(2), 2, None, True, 0.3),
-    ("K2-causal-fallback", Arch(2, causal=True), 1, None, False, 0.3),
+    ("K1", lsa_stack(1), 1, None, False, 0.3),
+    ("K3-recurrent-2heads-key5", lsa_stack(3, recurrent=True), 2, 5, False, 0.3),
+    ("K3-separate-clip", lsa_stack(3, clip=0.3), 1, None, False, 0.3),
+    ("K2-merged", lsa_stack(2), 2, None, True, 0.3),
+    ("K2-causal-fallback", lsa_stack(2, causal=True), 1, None, False, 0.3),
 ]
 DTYPES = [np.float64, np.float32]
 
@@ -187,7 +187,7 @@ def test_device_tasks_distribution(impl):
     """Tasks drawn by the backend's sampler: labels are W x exactly, inputs in range,
     and the moments of W and x match N(0, 1) and U(-0.5, 0.5) (1e5 draws each)."""
     spec = TaskSpec(d=10, N=10, B=10_000)
-    st = impl.make_stepper(Arch(1), AdamHP(), spec, 0, np.float64)
+    st = impl.make_stepper(lsa_stack(1), AdamHP(), spec, 0, np.float64)
     X, Y, x_q, y_q, W = (to_numpy(a) for a in st.sample(0))
     assert X.shape == (10_000, 10, 10) and Y.shape == (10_000, 10, 1) and x_q.shape == (10_000, 10)
     assert y_q.shape == (10_000, 1) and W.shape == (10_000, 1, 10)
@@ -207,7 +207,7 @@ def test_device_tasks_distribution(impl):
 def test_device_tasks_options(impl):
     """Label noise touches context labels only; distractors replace the first labels."""
     spec = TaskSpec(d=3, N=6, B=2000, noise_std=0.5, n_distractors=2, x_range=(-1.0, 1.0), w_scale=2.0)
-    st = impl.make_stepper(Arch(1), AdamHP(), spec, 1, np.float64)
+    st = impl.make_stepper(lsa_stack(1), AdamHP(), spec, 1, np.float64)
     X, Y, x_q, y_q, W = (to_numpy(a) for a in st.sample(0))
     assert X.min() >= -1.0 and X.max() < 1.0
     assert_close(y_q, np.einsum("bij,bj->bi", W, x_q), "algebra", what="clean query target")

@@ -13,10 +13,10 @@ import sys
 import numpy as np
 import pytest
 
-from reference import Arch, build_tokens, init_lsa_params, loss_and_grads, model_forward, readout, sample_tasks
+from reference import Arch, lsa_stack, build_tokens, init_lsa_params, loss_and_grads, model_forward, readout, sample_tasks
 from reference.backends import config, get_backend, numba_backend as nb, numpy_backend
 from reference.gradcheck import check_gradients
-from reference.lsa import LSAParams, MergedParams
+from reference.layers.lsa import LSAParams, MergedParams
 from reference.optim import AdamHP, adam_init, adam_update
 from reference.oracle import oracle_loss, oracle_model
 from reference.tasks import TaskSpec
@@ -29,14 +29,14 @@ DTYPES = [np.float64, np.float32]
 # (id, arch, heads, key size, merged params, init scale): small scales keep deep stacks
 # finite; clip 0.3 is active for tokens of U(-0.5, 0.5) inputs.
 CASES = [
-    ("K1", Arch(1), 1, None, False, 0.3),
-    ("K1-3heads-key2", Arch(1), 3, 2, False, 0.5),
-    ("K3-recurrent-2heads-key5", Arch(3, recurrent=True), 2, 5, False, 0.3),
-    ("K3-separate-clip", Arch(3, clip=0.3), 1, None, False, 0.3),
-    ("K2-merged", Arch(2), 2, None, True, 0.3),
-    ("K2-causal", Arch(2, causal=True), 1, None, False, 0.3),
-    ("K3-causal-clip-2heads", Arch(3, causal=True, clip=0.3), 2, None, False, 0.5),
-    ("K1-causal-clip", Arch(1, causal=True, clip=0.05), 1, None, False, 0.5),
+    ("K1", lsa_stack(1), 1, None, False, 0.3),
+    ("K1-3heads-key2", lsa_stack(1), 3, 2, False, 0.5),
+    ("K3-recurrent-2heads-key5", lsa_stack(3, recurrent=True), 2, 5, False, 0.3),
+    ("K3-separate-clip", lsa_stack(3, clip=0.3), 1, None, False, 0.3),
+    ("K2-merged", lsa_stack(2), 2, None, True, 0.3),
+    ("K2-causal", lsa_stack(2, causal=True), 1, None, False, 0.3),
+    ("K3-causal-clip-2heads", lsa_stack(3, causal=True, clip=0.3), 2, None, False, 0.5),
+    ("K1-causal-clip", lsa_stack(1, causal=True, clip=0.05), 1, None, False, 0.5),
 ]
 TINY = [CASES[0], CASES[3], CASES[4], CASES[6]]
 
@@ -148,7 +148,7 @@ def test_mixed_layer_kinds_and_head_counts():
     """A stack mixing factored and merged layers with different head counts (zero-head
     padding inside the backend) gives the reference's loss and gradients."""
     rng = np.random.default_rng(3)
-    arch = Arch(3)
+    arch = lsa_stack(3)
     tasks = sample_tasks(rng, B, d, N)
     f64 = dict(scale=0.3, dtype=np.float64)
     params = (init_lsa_params(rng, D, H=2, key_size=3, **f64), init_lsa_params(rng, D, merged=True, **f64),
@@ -167,7 +167,7 @@ def test_label_width_two():
     tasks = sample_tasks(rng, B, d, N, d_y=2)
     params = tuple(init_lsa_params(rng, d + 2, scale=0.3, dtype=np.float64) for _ in range(2))
     E = build_tokens(tasks.X, tasks.Y, tasks.x_q)
-    for arch in (Arch(2), Arch(2, causal=True, clip=0.3)):
+    for arch in (lsa_stack(2), lsa_stack(2, causal=True, clip=0.3)):
         L0, g0, aux0 = loss_and_grads(E, tasks.y_q, params, arch, d)
         L1, g1, aux1 = nb.loss_and_grads(E, tasks.y_q, params, arch, d)
         _close(np.reshape(L1, 1), np.reshape(L0, 1), np.float64, "loss")
@@ -180,13 +180,13 @@ def test_label_width_two():
 # (id, arch, heads, key size, merged, scale). Clip 0.8 at scale 0.3 sends some tasks (not
 # all) to the token fallback; clip 0.05 sends them all; the others never clip.
 DSPACE_CASES = [
-    ("K2", Arch(2), 1, None, False, 0.3),
-    ("K3-recurrent-2heads-key5", Arch(3, recurrent=True), 2, 5, False, 0.3),
-    ("K3-clip-some-fall-back", Arch(3, clip=0.8), 1, None, False, 0.3),
-    ("K4-merged-2heads", Arch(4), 2, None, True, 0.3),
-    ("K4-clip-some-fall-back", Arch(4, clip=0.8), 1, None, False, 0.3),
-    ("K5-clip-all-fall-back", Arch(5, clip=0.05), 1, None, False, 0.3),
-    ("K6-3heads", Arch(6), 3, None, False, 0.2),
+    ("K2", lsa_stack(2), 1, None, False, 0.3),
+    ("K3-recurrent-2heads-key5", lsa_stack(3, recurrent=True), 2, 5, False, 0.3),
+    ("K3-clip-some-fall-back", lsa_stack(3, clip=0.8), 1, None, False, 0.3),
+    ("K4-merged-2heads", lsa_stack(4), 2, None, True, 0.3),
+    ("K4-clip-some-fall-back", lsa_stack(4, clip=0.8), 1, None, False, 0.3),
+    ("K5-clip-all-fall-back", lsa_stack(5, clip=0.05), 1, None, False, 0.3),
+    ("K6-3heads", lsa_stack(6), 3, None, False, 0.2),
 ]
 
 
@@ -194,7 +194,7 @@ def _check_dspace(case, dtype, b=B):
     arch, tasks, params = _setup(case, dtype, b=b)
     E = build_tokens(tasks.X, tasks.Y, tasks.x_q)
     L0, g0, aux0 = loss_and_grads(E, tasks.y_q, params, arch, d)
-    L1, g1, aux1 = nb._loss_and_grads(E, tasks.y_q, params, arch, d, path="dspace", need_dE=False)
+    L1, g1, aux1 = nb.loss_and_grads(E, tasks.y_q, params, arch, d, path="dspace", need_dE=False)
     assert aux1["path"] == "dspace"
     _close(np.reshape(L1, 1), np.reshape(L0, 1), dtype, "loss")
     _close(aux1["pred"], aux0["pred"], dtype, "pred")
@@ -228,12 +228,12 @@ def test_dspace_layers_are_dense_and_factored():
     and dense before them (the cost rule switches), matching the reference."""
     rng = np.random.default_rng(5)
     dd, n = 32, 40
-    arch = Arch(8)
+    arch = lsa_stack(8)
     tasks = sample_tasks(rng, 5, dd, n)
     params = tuple(init_lsa_params(rng, dd + 1, scale=0.05, dtype=np.float64) for _ in range(8))
     E = build_tokens(tasks.X, tasks.Y, tasks.x_q)
     L0, g0, _ = loss_and_grads(E, tasks.y_q, params, arch, dd)
-    L1, g1, aux = nb._loss_and_grads(E, tasks.y_q, params, arch, dd, path="dspace", need_dE=False)
+    L1, g1, aux = nb.loss_and_grads(E, tasks.y_q, params, arch, dd, path="dspace", need_dE=False)
     assert aux["path"] == "dspace" and aux["fallback_tasks"] == 0
     _close(np.reshape(L1, 1), np.reshape(L0, 1), np.float64, "loss")
     for n_, (a, b_) in enumerate(zip(_leaves(g1), _leaves(g0))):
@@ -244,13 +244,13 @@ def test_path_choice():
     """auto: D x D space for wide tokens with N + 1 >= D; tokens otherwise, for causal
     stacks, for d_y > 1, for one layer, and whenever dE or every token is asked for."""
     p = (init_lsa_params(np.random.default_rng(0), 41),)
-    assert nb._Run(Arch(4), p * 4, 8, 80, 40, 1, np.float32, path="auto").path == "dspace"
-    assert nb._Run(Arch(4), p * 4, 8, 20, 40, 1, np.float32, path="auto").path == "tokens"
-    assert nb._Run(Arch(1), p, 8, 80, 40, 1, np.float32, path="dspace").path == "tokens"
-    assert nb._Run(Arch(4, causal=True), p * 4, 8, 80, 40, 1, np.float32, path="dspace").path == "tokens"
-    assert nb._Run(Arch(4), p * 4, 8, 80, 39, 2, np.float32, path="dspace").path == "tokens"
+    assert nb.BatchRun(lsa_stack(4), p * 4, 8, 80, 40, 1, np.float32, path="auto").path == "dspace"
+    assert nb.BatchRun(lsa_stack(4), p * 4, 8, 20, 40, 1, np.float32, path="auto").path == "tokens"
+    assert nb.BatchRun(lsa_stack(1), p, 8, 80, 40, 1, np.float32, path="dspace").path == "tokens"
+    assert nb.BatchRun(lsa_stack(4, causal=True), p * 4, 8, 80, 40, 1, np.float32, path="dspace").path == "tokens"
+    assert nb.BatchRun(lsa_stack(4), p * 4, 8, 80, 39, 2, np.float32, path="dspace").path == "tokens"
     p11 = (init_lsa_params(np.random.default_rng(0), 11),)
-    assert nb._Run(Arch(6), p11 * 6, 8, 10, 10, 1, np.float32, path="auto").path == "tokens"
+    assert nb.BatchRun(lsa_stack(6), p11 * 6, 8, 10, 10, 1, np.float32, path="auto").path == "tokens"
 
 
 # -------------------------------------------------------------------- training steps ----
@@ -328,7 +328,7 @@ def test_adam_kernel_matches_reference_adam():
             state = adam_init(params)
             for _ in range(3):
                 new0, st0, n0 = adam_update(params, grads, state, hp)
-                new1, st1, n1 = nb._adam(params, grads, state, hp, np.dtype(dtype))
+                new1, st1, n1 = nb.adam_update(params, grads, state, hp, np.dtype(dtype))
                 _close([n1], [n0], dtype, "norm")
                 for got, want in ((new1, new0), (st1.m, st0.m), (st1.v, st0.v)):
                     for a, b in zip(_leaves(got), _leaves(want)):
@@ -365,7 +365,7 @@ def test_task_stream_does_not_depend_on_block_size(monkeypatch, dtype):
     draws = []
     for L in (1, 4, 0):
         monkeypatch.setattr(config, "LANES", L)
-        draws.append(nb.make_stepper(Arch(1), AdamHP(), spec, 5, dtype).sample(2))
+        draws.append(nb.make_stepper(lsa_stack(1), AdamHP(), spec, 5, dtype).sample(2))
     for other in draws[1:]:
         for a, b in zip(other, draws[0]):
             np.testing.assert_array_equal(a, b)
@@ -382,7 +382,7 @@ def test_tasks_distribution():
     """Labels are W x; inputs in range; moments of W and x match N(0, 1) and U(-0.5, 0.5)."""
     spec = TaskSpec(d=10, N=10, B=10_000)
     for dtype in DTYPES:
-        X, Y, x_q, y_q, W = nb.make_stepper(Arch(1), AdamHP(), spec, 0, dtype).sample(0)
+        X, Y, x_q, y_q, W = nb.make_stepper(lsa_stack(1), AdamHP(), spec, 0, dtype).sample(0)
         assert X.shape == (10_000, 10, 10) and Y.shape == (10_000, 10, 1) and x_q.shape == (10_000, 10)
         assert y_q.shape == (10_000, 1) and W.shape == (10_000, 1, 10) and X.dtype == np.dtype(dtype)
         assert_close(Y, np.einsum("bij,bnj->bni", W, X), "algebra", what="Y = W x")
@@ -407,7 +407,7 @@ def test_tasks_distribution():
 def test_tasks_options():
     """Label noise touches context labels only; distractors replace the first labels."""
     spec = TaskSpec(d=3, N=6, B=2000, noise_std=0.5, n_distractors=2, x_range=(-1.0, 1.0), w_scale=2.0)
-    X, Y, x_q, y_q, W = nb.make_stepper(Arch(1), AdamHP(), spec, 1, np.float64).sample(0)
+    X, Y, x_q, y_q, W = nb.make_stepper(lsa_stack(1), AdamHP(), spec, 1, np.float64).sample(0)
     assert X.min() >= -1.0 and X.max() < 1.0
     assert_close(y_q, np.einsum("bij,bj->bi", W, x_q), "algebra", what="clean query target")
     resid = Y[:, 2:] - np.einsum("bij,bnj->bni", W, X[:, 2:])
@@ -472,7 +472,7 @@ def test_bad_input_gets_the_reference_errors():
         (lambda: nb.model_forward(E[0], params, arch), ValueError, "E must have 3 dimensions"),
         (lambda: nb.model_forward(E.astype(np.float32), params, arch), TypeError, "share one dtype"),
         (lambda: nb.model_forward(E, (p._replace(P=p.P[:, :3]),), arch), ValueError, r"P must have shape \(1, 4, 4\)"),
-        (lambda: nb.model_forward(E, (p,), Arch(3)), ValueError, r"params must hold 3 layer\(s\)"),
+        (lambda: nb.model_forward(E, (p,), lsa_stack(3)), ValueError, r"params must hold 3 layer\(s\)"),
         (lambda: nb.model_forward(E, (p,), 3), TypeError, "arch must be an Arch"),
         (lambda: nb.model_forward(E, ((p.W_Q, p.W_K, p.W_V, p.P),), arch), TypeError, "LSAParams or MergedParams"),
         (lambda: nb.model_forward(E[:, :1], params, arch), ValueError, "at least 2 tokens"),

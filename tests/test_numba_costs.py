@@ -17,7 +17,7 @@ from benchmarks.costs import _dspace_macs, _token_macs, choose_path, step_cost
 _SCRIPT = r"""
 import json, sys
 import numpy as np
-from reference import Arch, build_tokens, init_lsa_params, sample_tasks
+from reference import lsa_stack, build_tokens, init_lsa_params, sample_tasks
 from reference.backends import numba_backend as nb, _numba_dspace as ds, _numba_layers as ly
 
 count = [0]
@@ -48,7 +48,7 @@ for path, d, N, K, H in json.loads(sys.argv[1]):
     params = tuple(init_lsa_params(rng, d + 1, H=H, scale=0.01, dtype=np.float64) for _ in range(K))
     E = build_tokens(tasks.X, tasks.Y, tasks.x_q)
     count[0] = 0
-    run = nb._Run(Arch(K), params, 1, N, d, 1, np.float64, path=path)
+    run = nb.BatchRun(lsa_stack(K), params, 1, N, d, 1, np.float64, path=path)
     run(E=E, y_q=tasks.y_q)
     out.append(dict(path=run.path, d=d, N=N, K=K, H=H, macs=count[0] / (run.L if run.path == "tokens" else 1)))
 print(json.dumps(out))

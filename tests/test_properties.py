@@ -125,10 +125,10 @@ def test_recurrent_equals_separate_copies_and_oracle(case, K, seed):
     D = dm["d"] + dm["d_y"]
     p = R.init_lsa_params(np.random.default_rng(seed), D, H=2, scale=1.0, dtype=np.float64)
     E = R.build_tokens(t.X, t.Y, t.x_q)
-    rec, _ = R.model_forward(E, (p,), R.Arch(K, recurrent=True, clip=1.0))
-    sep, _ = R.model_forward(E, (p,) * K, R.Arch(K, recurrent=False, clip=1.0))
+    rec, _ = R.model_forward(E, (p,), R.lsa_stack(K, recurrent=True, clip=1.0))
+    sep, _ = R.model_forward(E, (p,) * K, R.lsa_stack(K, recurrent=False, clip=1.0))
     np.testing.assert_array_equal(rec, sep)
-    assert_close(rec, oracle_model(E, (p,), R.Arch(K, recurrent=True, clip=1.0)), "algebra")
+    assert_close(rec, oracle_model(E, (p,), R.lsa_stack(K, recurrent=True, clip=1.0)), "algebra")
 
 
 @given(layer_case(np.float64), st.integers(0, 2**31))
@@ -147,7 +147,7 @@ def test_recurrent_gradient_is_sum_over_applications(case, K, causal, merged, se
     D = dm["d"] + dm["d_y"]
     p = R.init_lsa_params(np.random.default_rng(seed), D, scale=1.0, dtype=np.float64, merged=merged)
     E = R.build_tokens(t.X, t.Y, t.x_q)
-    _, g_rec, _ = R.loss_and_grads(E, t.y_q, (p,), R.Arch(K, recurrent=True, causal=causal), dm["d"])
-    _, g_sep, _ = R.loss_and_grads(E, t.y_q, (p,) * K, R.Arch(K, causal=causal), dm["d"])
+    _, g_rec, _ = R.loss_and_grads(E, t.y_q, (p,), R.lsa_stack(K, recurrent=True, causal=causal), dm["d"])
+    _, g_sep, _ = R.loss_and_grads(E, t.y_q, (p,) * K, R.lsa_stack(K, causal=causal), dm["d"])
     for n, name in enumerate(p._fields):
         assert_close(g_rec[0][n], sum(g[n] for g in g_sep), "algebra", what=name)

@@ -116,11 +116,11 @@ def test_dtype_preserved_through_model_and_step():
     for dt in (np.float32, np.float64):
         t = R.sample_tasks(rng, 3, 2, 4, dtype=dt)
         p = (R.init_lsa_params(rng, 3, H=2, dtype=dt),)
-        L, g, aux = R.loss_and_grads(R.build_tokens(t.X, t.Y, t.x_q), t.y_q, p, R.Arch(2, recurrent=True), 2)
+        L, g, aux = R.loss_and_grads(R.build_tokens(t.X, t.Y, t.x_q), t.y_q, p, R.lsa_stack(2, recurrent=True), 2)
         assert np.asarray(L).dtype == dt and aux["dE"].dtype == dt
         assert all(a.dtype == dt for a in g[0])
         from reference.train_step import train_step
-        r = train_step(p, adam_init(p), t, R.Arch(2, recurrent=True), AdamHP(clip_norm=1e-3))
+        r = train_step(p, adam_init(p), t, R.lsa_stack(2, recurrent=True), AdamHP(clip_norm=1e-3))
         assert all(a.dtype == dt for a in r.params[0]) and all(a.dtype == dt for a in r.state.m[0])
 
 

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import reference as R
-from reference.lsa import MergedParams
+from reference.layers.lsa import MergedParams
 from symbolic import algebra as A
 from symbolic import bridge, cli, core, gdpp, gradients, prop1, step_size
 from symbolic.core import Proof, Theorem, load_all, run_theorem

@@ -272,7 +272,7 @@ def test_sensitivity_matches_finite_differences_of_the_prediction():
     d, N = 3, 5
     t = R.sample_tasks(rng, 4, d, N, d_y=2)
     params = tuple(R.init_lsa_params(rng, d + 2, H=2, scale=5.0, dtype=np.float64) for _ in range(2))
-    arch = R.Arch(2)
+    arch = R.lsa_stack(2)
     E = R.build_tokens(t.X, t.Y, t.x_q)
     _, g = A.sensitivity(E, params, arch, d)
     h = CENTRAL_H
@@ -306,7 +306,7 @@ def test_readout_map_is_what_the_prediction_reads_and_sees_through_head_splits()
     T = A.readout_map(KQ, PV, d)
     tasks = R.sample_tasks(rng, 7, d, N, 1, dtype=np.float64)
     E = R.build_tokens(tasks.X, tasks.Y, tasks.x_q)
-    out, _ = R.model_forward(E, (layer,), R.Arch(1))
+    out, _ = R.model_forward(E, (layer,), R.lsa_stack(1))
     C = np.einsum("nia,nic->nac", E[:, :N], E[:, :N])
     pred = -np.einsum("abj,nab,nj->n", T, C, tasks.x_q)[:, None]
     assert_close(pred, R.readout(out, d), "algebra")

@@ -149,7 +149,7 @@ def test_layer_backward_matches_host_backward(xp, case):
         close(a, b, what=f"d{name}")
 
 
-ARCHS = [R.Arch(1), R.Arch(3, recurrent=True), R.Arch(3, clip=0.4), R.Arch(2, causal=True)]
+ARCHS = [R.lsa_stack(1), R.lsa_stack(3, recurrent=True), R.lsa_stack(3, clip=0.4), R.lsa_stack(2, causal=True)]
 ARCH_IDS = ["K1", "K3-recurrent", "K3-clip", "K2-causal"]
 
 
@@ -175,10 +175,10 @@ def test_clip_tokens_and_its_backward(xp):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 4, 5))
     G = rng.standard_normal(x.shape)
-    y = R.lsa.clip_tokens(to_xp(xp, x), 0.5)
+    y = R.layers.lsa.clip_tokens(to_xp(xp, x), 0.5)
     assert_in(xp, y)
     np.testing.assert_array_equal(host(y), np.clip(x, -0.5, 0.5))
-    dx = R.lsa.clip_backward(to_xp(xp, G), to_xp(xp, x), 0.5)
+    dx = R.layers.lsa.clip_backward(to_xp(xp, G), to_xp(xp, x), 0.5)
     np.testing.assert_array_equal(host(dx), G * (np.abs(x) <= 0.5))
 
 
@@ -267,7 +267,7 @@ def test_adam_update_matches_host(xp, clip_norm, dtype):
 
 def test_train_step_matches_host(xp):
     t, rng = make_tasks(B=8, dtype=np.float32)
-    arch = R.Arch(2)
+    arch = R.lsa_stack(2)
     params = tuple(R.init_lsa_params(rng, 4, dtype=np.float32, scale=0.5) for _ in range(2))
     hp = AdamHP(clip_norm=0.001)
     p_h, s_h, p_x, s_x = params, adam_init(params), tree_to(xp, params), adam_init(tree_to(xp, params))

@@ -182,12 +182,12 @@ def _(ctx):
         merged = bool((i // 4) % 2)
         t = R.sample_tasks(rng, 2, d, N, d_y)
         E = R.build_tokens(t.X, t.Y, t.x_q)
-        arch0 = R.Arch(K, recurrent=recurrent, causal=causal)
+        arch0 = R.lsa_stack(K, recurrent=recurrent, causal=causal)
         params = tuple(R.init_lsa_params(rng, D, H=int(rng.integers(1, 3)), scale=0.5, dtype=np.float64, merged=merged)
                        for _ in range(arch0.n_param_layers))
         out, _ = R.model_forward(E, params, arch0)
         clip = float(np.median(np.abs(out))) * 1.5 if i % 3 == 0 else None
-        arch = R.Arch(K, recurrent=recurrent, causal=causal, clip=clip)
+        arch = R.lsa_stack(K, recurrent=recurrent, causal=causal, clip=clip)
         r = model_gradcheck(E, t.y_q, params, arch, d, rng)
         worst = max(worst, r.rel_err if r.ok else float("inf"))
         sizes.append(float(np.max(np.abs(out))))
@@ -210,7 +210,7 @@ def _(ctx):
         d, d_y, N, K = 2, 1, 4, int(rng.integers(2, 4))
         t = R.sample_tasks(rng, 2, d, N, d_y)
         E = R.build_tokens(t.X, t.Y, t.x_q)
-        arch = R.Arch(K, recurrent=bool(i % 2), causal=bool(i // 3), clip=1.0 if i % 2 else None)
+        arch = R.lsa_stack(K, recurrent=bool(i % 2), causal=bool(i // 3), clip=1.0 if i % 2 else None)
         params = tuple(R.init_lsa_params(rng, 3, H=2, scale=30.0, dtype=np.float64) for _ in range(arch.n_param_layers))
         worst["float64"] = max(worst["float64"], allclose_report(R.model_forward(E, params, arch)[0], oracle_model(E, params, arch), "algebra").rel_err)
     # the verdict needs both dtypes within their own tolerance: report the worse ratio

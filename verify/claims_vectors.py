@@ -41,7 +41,7 @@ def _clip(a):
 
 
 def _arch(a):
-    return R.Arch(int(a["K"]), recurrent=bool(a["recurrent"]), causal=bool(a["causal"]), clip=_clip(a))
+    return R.lsa_stack(int(a["K"]), recurrent=bool(a["recurrent"]), causal=bool(a["causal"]), clip=_clip(a))
 
 
 def _flat(layers):
@@ -231,12 +231,12 @@ def _ind_construction(a, gdpp):
     if gdpp:
         etas, gammas = [float(e) for e in a["etas"]], [float(g) for g in a["gammas"]]
         blocks = [_gd_blocks(d, d_y, N, e, W_0, g) for e, g in zip(etas, gammas)]
-        arch = R.Arch(len(blocks))
+        arch = R.lsa_stack(len(blocks))
         target = _gdpp_by_tokens(X, Y, x_q, W_0, etas, gammas)
         rows.append(("pred_gdpp", target, "algebra"))
     else:
         eta, K = float(a["eta"]), int(a["K"])
-        arch = R.Arch(K, recurrent=bool(a["recurrent"]))
+        arch = R.lsa_stack(K, recurrent=bool(a["recurrent"]))
         blocks = [_gd_blocks(d, d_y, N, eta, W_0)] * arch.n_param_layers
         target = oracle_gd(X, Y, x_q, eta, K, W_0)
         rows += [("pred_gd", target, "algebra"), ("W_gd", _gd_weights(X, Y, eta, K, W_0), "algebra")]

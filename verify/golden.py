@@ -97,7 +97,7 @@ def _clip_arg(x):
 
 
 def _arch(a):
-    return R.Arch(int(a["K"]), recurrent=bool(a["recurrent"]), causal=bool(a["causal"]), clip=_clip_arg(a["clip"]))
+    return R.lsa_stack(int(a["K"]), recurrent=bool(a["recurrent"]), causal=bool(a["causal"]), clip=_clip_arg(a["clip"]))
 
 
 # --------------------------------------------------------------------------------
@@ -290,7 +290,7 @@ def _stack_inputs(rng, K, recurrent, H, causal, clip, merged, d, d_y, N, scale, 
     c = np.inf
     if clip:
         def pre_values(cl):
-            _, cache = R.model_forward(E, layers, R.Arch(K, recurrent=recurrent, causal=causal, clip=cl))
+            _, cache = R.model_forward(E, layers, R.lsa_stack(K, recurrent=recurrent, causal=causal, clip=cl))
             return [lc.pre for lc in cache.layer_caches]
         c = _pick_clip(pre_values)
     cfg = {"K": _i(K), "recurrent": np.asarray(recurrent), "causal": np.asarray(causal), "clip": _f(c)}

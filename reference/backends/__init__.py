@@ -1,15 +1,24 @@
-"""Backends: the same functions as the reference, run another way.
+"""Backends: the reference's functions computed another way, behind one protocol.
 
-Each backend module exposes the reference's signatures for the hot path:
+A backend is a module in this folder, listed in ``BACKENDS``, that provides:
 
+    NAME                      its name
+    HOST_ARRAYS               True when it takes and returns host NumPy arrays
+    check_available()         raise RuntimeError saying what is missing (a device, a library)
+    supports(arch)            None if it computes this Arch exactly, else the reason (str)
     sample_tasks(rng, B, d, N, d_y=1, **options) -> Tasks
-    loss_and_grads(E, y_q, params, arch, d) -> (L, dparams, aux)
     model_forward(E, params, arch) -> (out, cache_or_None)
+    loss_and_grads(E, y_q, params, arch, layout) -> (L, dparams, aux)
     train_step(params, state, tasks, arch, hp) -> StepResult
+    make_stepper(arch, hp, spec, seed, dtype) -> a stepper with .step(params, state, step),
+                              .step_on(params, state, tasks) and .sample(step)
 
-and is tested against ``reference`` (and through it against the loop oracle).
-``get_backend(name)`` imports lazily, so a missing optional dependency (CuPy) only
-matters when that backend is asked for, and then raises a clear error.
+Each is tested against ``reference`` (and through it against the loop oracle). A
+backend asked for an Arch it does not support raises ValueError with the reason
+(:func:`require_support`) instead of computing something else. ``get_backend(name)``
+imports lazily, so a missing optional dependency (CuPy) only matters when that
+backend is asked for, and then raises a clear error. Nothing outside this folder
+picks a backend by its name or knows which ones take host arrays.
 """
 
 import importlib
@@ -20,13 +29,42 @@ BACKENDS = {
     "cupy": "reference.backends.cupy_backend",
 }
 
-
-def get_backend(name):
-    """Return the backend module called ``name`` ('numpy', 'numba' or 'cupy')."""
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {name!r}")
-    return importlib.import_module(BACKENDS[name])
+PROTOCOL = ("NAME", "HOST_ARRAYS", "check_available", "supports", "sample_tasks", "model_forward",
+            "loss_and_grads", "train_step", "make_stepper")
 
 # The backend `icgd train` uses unless told otherwise. Switched to the fastest
 # backend only once that backend passes the same correctness tests as the reference.
 DEFAULT_TRAIN_BACKEND = "numba"
+
+
+def backend_names():
+    return sorted(BACKENDS)
+
+
+def get_backend(name):
+    """Return the backend module called ``name`` (one of :func:`backend_names`)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {backend_names()}, got {name!r}")
+    mod = importlib.import_module(BACKENDS[name])
+    missing = [n for n in PROTOCOL if not hasattr(mod, n)]
+    if missing:
+        raise ImportError(f"backend {name!r} does not provide {missing} of the backend protocol")
+    return mod
+
+
+def require_support(backend, arch):
+    """Raise ValueError with the backend's reason unless ``backend`` (a module) computes ``arch``."""
+    reason = backend.supports(arch)
+    if reason is not None:
+        raise ValueError(f"backend {backend.NAME!r} cannot run this model: {reason}")
+
+
+def host_loss_and_grads(name):
+    """The backend's ``loss_and_grads`` when it takes host arrays, else the reference's
+    (for host-side loops such as GD++ meta-training)."""
+    mod = get_backend(name)
+    if mod.HOST_ARRAYS:
+        return mod.loss_and_grads
+    from ..model import loss_and_grads
+
+    return loss_and_grads

@@ -35,7 +35,7 @@ The last layer of a training step only needs the query token (the readout), so i
 
 from typing import NamedTuple
 
-from ..lsa import MergedParams
+from ..layers.lsa import MergedParams
 
 
 class Merged(NamedTuple):

@@ -20,8 +20,9 @@ other params are packed (one concatenate).
 
 import numpy as np
 
-from ..lsa import LSAParams, MergedParams
-from ..model import Arch, loss_and_grads as reference_loss_and_grads
+from ..layers.lsa import LSAParams, MergedParams
+from ..model import loss_and_grads as reference_loss_and_grads
+from ._lsa_stack import lsa_stack_of
 from ..optim import AdamState
 from ..tasks import Tasks
 from ..train_step import StepResult
@@ -78,8 +79,7 @@ class FusedEngine:
     """Loss, gradients and one clipped Adam update on flat parameters."""
 
     def __init__(self, arch, hp, dtype, xp, kernels):
-        if not isinstance(arch, Arch):
-            raise TypeError(f"arch must be an Arch, got {type(arch).__name__}")
+        self.stack = lsa_stack_of(arch, "cupy")      # what the covariance-form kernels read
         self.arch, self.hp, self.xp, self.k = arch, hp.validate(), xp, kernels
         self.dtype = np.dtype(dtype)
         self.layout = None
@@ -102,10 +102,10 @@ class FusedEngine:
     # -- math ----------------------------------------------------------------
     def loss_and_grads(self, E, y_q, layers, d, need_dE=False):
         """(L 0-d, grads tree, pred, dE or None) on tokens E; covariance form unless causal."""
-        if self.arch.causal:
+        if self.stack.causal:
             L, grads, aux = reference_loss_and_grads(E, y_q, layers, self.arch, d)
             return L, grads, aux["pred"], aux["dE"] if need_dE else None
-        return _cupy_lsa.loss_and_grads(E, y_q, layers, self.arch, d, self.xp, self.k.half_mean_sumsq, need_dE)
+        return _cupy_lsa.loss_and_grads(E, y_q, layers, self.stack, d, self.xp, self.k.half_mean_sumsq, need_dE)
 
     def update(self, params, state, E, y_q, d):
         """One step on tokens E (B, T, D) with targets y_q (B, d_y). Returns StepResult

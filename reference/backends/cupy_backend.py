@@ -32,12 +32,20 @@ by NumPy and the kernels' NumPy twins); the device run itself is in the tests ma
 import numpy as np
 
 from ..model import _check_model_params, model_forward as reference_model_forward
+from ..tokens import as_layout
 from ..tasks import TaskSpec, sample_tasks as reference_sample_tasks
 from . import _cupy_lsa
+from ._lsa_stack import lsa_stack_of, lsa_stack_reason
 from ._cupy_step import DeviceDraw, FusedEngine, FusedStepper, device_tokens, seed_for, tokens_of
 
 NAME = "cupy"
+HOST_ARRAYS = False
 INSTALL_HINT = "pip install icgd[gpu]"
+
+
+def supports(arch):
+    """None for uniform stacks of ``lsa`` layers (one causal and clip value), else the reason."""
+    return lsa_stack_reason(arch, NAME)
 
 
 def require_cupy():
@@ -121,17 +129,18 @@ def sample_tasks(rng, B, d, N, d_y=1, *, x_range=(-0.5, 0.5), w_scale=1.0, noise
 def model_forward(E, params, arch):
     """The K layers on tokens E (B, T, D). Returns (out (B, T, D) on the device, None)."""
     cupy = require_cupy()
+    stack = lsa_stack_of(arch, NAME)
     _check_model_params(params, arch)
     (E,) = _to_device(cupy, E)
     params = _params_to_device(cupy, params)
-    if arch.causal:
+    if stack.causal:
         out, _ = reference_model_forward(E, params, arch)
         return out, None
-    out, _, _ = _cupy_lsa.model_forward(E, params, arch, cupy)
+    out, _, _ = _cupy_lsa.model_forward(E, params, stack, cupy)
     return out, None
 
 
-def loss_and_grads(E, y_q, params, arch, d):
+def loss_and_grads(E, y_q, params, arch, layout):
     """Loss and gradients, like ``reference.model.loss_and_grads``: (L 0-d device array,
     dparams, aux dict(pred, dE)), all on the device."""
     cupy = require_cupy()
@@ -139,7 +148,7 @@ def loss_and_grads(E, y_q, params, arch, d):
     E, y_q = _to_device(cupy, E, y_q)
     params = _params_to_device(cupy, params)
     engine = FusedEngine(arch, _hp_default(), np.dtype(E.dtype), cupy, _kernels(cupy))
-    L, grads, pred, dE = engine.loss_and_grads(E, y_q, params, d, need_dE=True)
+    L, grads, pred, dE = engine.loss_and_grads(E, y_q, params, as_layout(layout, E.shape[2]).d, need_dE=True)
     return L, grads, {"pred": pred, "dE": dE}
 
 
@@ -172,5 +181,5 @@ def make_stepper(arch, hp, spec, seed, dtype=np.float32):
     return FusedStepper(arch, hp, spec, seed, dtype, cupy, _kernels(cupy), DeviceDraw(cupy))
 
 
-__all__ = ["NAME", "INSTALL_HINT", "require_cupy", "check_available", "device_rng", "sample_tasks", "loss_and_grads",
+__all__ = ["NAME", "HOST_ARRAYS", "supports", "INSTALL_HINT", "require_cupy", "check_available", "device_rng", "sample_tasks", "loss_and_grads",
            "model_forward", "train_step", "make_stepper"]

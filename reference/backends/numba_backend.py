@@ -39,18 +39,30 @@ JIT flags (parallel, fastmath, cache, lanes) come from ``config.py``. Complex in
 import numpy as np
 
 from .._checks import check_array, check_dtype, check_int
-from ..lsa import LSAParams, MergedParams, _check_layer_inputs
-from ..model import Arch, _check_model_params
+from ..layers.lsa import LSAParams, MergedParams, _check_layer_inputs
+from ..model import _check_model_params
 from ..optim import AdamHP, AdamState
 from ..tasks import Tasks, TaskSpec, sample_tasks as reference_sample_tasks
-from ..tokens import build_tokens
+from ..tokens import as_layout, build_tokens
 from ..train_step import StepResult
+from ..tree import from_vector, to_vector
 from . import config
+from ._lsa_stack import lsa_stack_of, lsa_stack_reason
 from ._numba_dspace import run_batch_dspace
 from ._numba_rng import run_key
 from ._numba_step import adam_flat, choose_lanes, n_chunks_for, run_batch, sample_to_arrays
 
 NAME = "numba"
+HOST_ARRAYS = True
+
+
+def check_available():
+    """Numba is a dependency of the package: nothing to check."""
+
+
+def supports(arch):
+    """None for uniform stacks of ``lsa`` layers (one causal and clip value), else the reason."""
+    return lsa_stack_reason(arch, NAME)
 
 
 # ------------------------------------------------------------------ task sampling ----
@@ -146,7 +158,7 @@ def _merged_stack(params, dtype):
     return np.ascontiguousarray(A, dtype), np.ascontiguousarray(Bm, dtype)
 
 
-def _factored_grads(params, dA, dB, dtype):
+def factored_grads(params, dA, dB, dtype):
     """Gradients of each layer's own parameters from dL/dA, dL/dB (float64 (Lp, H, D, D))."""
     out = []
     for i, p in enumerate(params):
@@ -169,19 +181,21 @@ def _factored_grads(params, dA, dB, dtype):
 
 def _check_inputs(E, params, arch):
     """The reference's checks (same messages), then the dtype this backend computes in."""
+    st = lsa_stack_of(arch, NAME)
     _check_model_params(params, arch)
     check_array("E", E, ndim=3)
     for p in params:
-        _check_layer_inputs(E, p, arch.causal, arch.clip)
+        _check_layer_inputs(E, p, st.causal, st.clip)
     return _real_dtype([E] + [a for p in params for a in p], "E and params")
 
 
-class _Run:
+class BatchRun:
     """Arguments of ``run_batch`` / ``run_batch_dspace`` calls that depend only on (arch,
     params, sizes, dtype), and the choice between the two paths."""
 
     def __init__(self, arch, params, B, N, d, d_y, dtype, path=None):
-        self.arch, self.B, self.N, self.d, self.d_y = arch, B, N, d, d_y
+        self.arch = arch = lsa_stack_of(arch, NAME)
+        self.B, self.N, self.d, self.d_y = B, N, d, d_y
         self.dtype = dt = np.dtype(dtype)
         D = d + d_y
         self.set_params(params)
@@ -264,69 +278,48 @@ def model_forward(E, params, arch):
     """The K layers on tokens E (B, T, D). Returns (out (B, T, D), None)."""
     dt = _check_inputs(E, params, arch)
     B, T, D = E.shape
-    run = _Run(arch, params, B, T - 1, D - 1, 1, dt)
+    run = BatchRun(arch, params, B, T - 1, D - 1, 1, dt)
     # d only matters for the readout, which full_last skips; D = d + d_y with d_y = 1 here
     res = run(E=E, full_last=True, need_grad=False)
     return res["out"], None
 
 
-def loss_and_grads(E, y_q, params, arch, d):
+def loss_and_grads(E, y_q, params, arch, layout, *, path=None, need_dE=True):
     """Loss of the model on tokens E against y_q, and its gradients, like
-    ``reference.model.loss_and_grads``: (L, dparams, aux dict(pred, dE))."""
-    return _loss_and_grads(E, y_q, params, arch, d)
-
-
-def _loss_and_grads(E, y_q, params, arch, d, path=None, need_dE=True):
-    """:func:`loss_and_grads` with the path forced (``path``: None = config, 'tokens',
-    'dspace'; 'dspace' applies only without dE). aux has dE only if need_dE."""
+    ``reference.model.loss_and_grads``: (L, dparams, aux dict(pred, dE, path,
+    fallback_tasks)). ``path`` forces the computation (None = config, 'tokens',
+    'dspace'; 'dspace' applies only without dE); aux has dE only if ``need_dE``."""
     dt = _check_inputs(E, params, arch)
     B, T, D = E.shape
-    d = check_int("d", d, 1, D - 1)
+    d = as_layout(layout, D).d
     check_array("y_q", y_q, shape=(B, D - d))
-    run = _Run(arch, params, B, T - 1, d, D - d, dt, path=path)
+    run = BatchRun(arch, params, B, T - 1, d, D - d, dt, path=path)
     res = run(E=E, y_q=y_q, need_dE=need_dE, need_pred=True)
-    grads = _factored_grads(params, res["dA"], res["dB"], dt)
+    grads = factored_grads(params, res["dA"], res["dB"], dt)
     aux = {"pred": res["pred"], "path": run.path, "fallback_tasks": run.last_fallback}
     if need_dE:
         aux["dE"] = res["dE"]
     return dt.type(res["loss"]), grads, aux
 
 
-def _leaves(tree):
-    return [a for layer in tree for a in layer]
-
-
-def _flat(tree, dtype):
-    return np.concatenate([np.asarray(a, dtype).ravel() for a in _leaves(tree)])
-
-
-def _unflat(flat, like):
-    out, i = [], 0
-    for layer in like:
-        fields = []
-        for a in layer:
-            fields.append(flat[i:i + a.size].reshape(a.shape))
-            i += a.size
-        out.append(type(layer)(*fields))
-    return tuple(out)
-
-
-def _adam(params, grads, state, hp, dtype):
-    """reference.optim.adam_update on flat vectors: returns (params, state, norm)."""
+def adam_update(params, grads, state, hp, dtype):
+    """reference.optim.adam_update on flat vectors (one kernel pass): returns
+    (params, state, norm)."""
     if not isinstance(state, AdamState):
         raise TypeError(f"state must be an AdamState (reference.optim.adam_init), got {type(state).__name__}")
     t = state.t + 1
     c = dtype.type
-    p, m, v, g = _flat(params, dtype), _flat(state.m, dtype), _flat(state.v, dtype), _flat(grads, dtype)
+    p, m, v, g = (to_vector(t, dtype) for t in (params, state.m, state.v, grads))
     if not (p.size == m.size == v.size == g.size):
         raise ValueError("the Adam state's shapes do not match the parameters")
     norm = adam_flat(p, g, m, v, t, c(hp.lr), c(hp.b1), c(hp.b2), c(hp.eps), c(1 - hp.b1), c(1 - hp.b2),
                      c(1 - hp.b1 ** t), c(1 - hp.b2 ** t),
                      float(hp.clip_norm) if hp.clip_norm is not None else 0.0, hp.clip_norm is not None)
-    return _unflat(p, params), AdamState(_unflat(m, params), _unflat(v, params), t), float(norm)
+    return from_vector(p, params), AdamState(from_vector(m, params), from_vector(v, params), t), float(norm)
 
 
 def _check_step_params(params, arch, dtype, D=None):
+    lsa_stack_of(arch, NAME)
     _check_model_params(params, arch)
     dt = _real_dtype([a for p in params for a in p], "params")
     if dt != dtype:
@@ -341,10 +334,10 @@ def _check_step_params(params, arch, dtype, D=None):
 
 def _step_on_tokens(params, state, E, y_q, arch, hp, dtype, d):
     B, T, D = E.shape
-    run = _Run(arch, params, B, T - 1, d, D - d, dtype)
+    run = BatchRun(arch, params, B, T - 1, d, D - d, dtype)
     res = run(E=E, y_q=y_q)
-    grads = _factored_grads(params, res["dA"], res["dB"], dtype)
-    new, st, norm = _adam(params, grads, state, hp, dtype)
+    grads = factored_grads(params, res["dA"], res["dB"], dtype)
+    new, st, norm = adam_update(params, grads, state, hp, dtype)
     return StepResult(new, st, res["loss"], norm)
 
 
@@ -365,8 +358,7 @@ class Stepper:
     returns the tasks ``.step`` draws."""
 
     def __init__(self, arch, hp, spec, seed, dtype=np.float32):
-        if not isinstance(arch, Arch):
-            raise TypeError(f"arch must be an Arch, got {type(arch).__name__}")
+        lsa_stack_of(arch, NAME)
         if not isinstance(hp, AdamHP):
             raise TypeError(f"hp must be an AdamHP, got {type(hp).__name__}")
         if not isinstance(spec, TaskSpec):
@@ -387,15 +379,15 @@ class Stepper:
             if r.A.shape == shape:
                 return r
         s = self.spec
-        r = self._run = _Run(self.arch, params, B, s.N, s.d, s.d_y, self.dtype)
+        r = self._run = BatchRun(self.arch, params, B, s.N, s.d, s.d_y, self.dtype)
         return r
 
     def step(self, params, state, step):
         _check_step_params(params, self.arch, self.dtype, self.spec.D)
         run = self._runner(params, self.spec.B)
         res = run(key=run_key(self.seed, check_int("step", step, 0)), spec=self.spec)
-        grads = _factored_grads(params, res["dA"], res["dB"], self.dtype)
-        new, st, norm = _adam(params, grads, state, self.hp, self.dtype)
+        grads = factored_grads(params, res["dA"], res["dB"], self.dtype)
+        new, st, norm = adam_update(params, grads, state, self.hp, self.dtype)
         return StepResult(new, st, res["loss"], norm)
 
     def step_on(self, params, state, tasks):
@@ -405,10 +397,18 @@ class Stepper:
         return _step_on_tokens(params, state, E, tasks.y_q, self.arch, self.hp, self.dtype, tasks.X.shape[2])
 
 
+def rng_kernels():
+    """The task generator's jitted building blocks (normal_pairs, stream_key, task_key,
+    uniforms_lanes), for the benchmarks' random-number rate measurements."""
+    from ._numba_rng import normal_pairs, stream_key, task_key, uniforms_lanes
+
+    return normal_pairs, stream_key, task_key, uniforms_lanes
+
+
 def make_stepper(arch, hp, spec, seed, dtype=np.float32):
     """A :class:`Stepper` for ``arch`` (Arch), ``hp`` (AdamHP), ``spec`` (TaskSpec)."""
     return Stepper(arch, hp, spec, seed, dtype)
 
 
-__all__ = ["NAME", "NumbaRNG", "numba_rng", "sample_tasks", "loss_and_grads", "model_forward", "train_step",
-           "make_stepper", "Stepper"]
+__all__ = ["NAME", "HOST_ARRAYS", "check_available", "supports", "adam_update", "factored_grads", "NumbaRNG", "numba_rng", "sample_tasks", "loss_and_grads", "model_forward", "train_step",
+           "make_stepper", "Stepper", "BatchRun", "rng_kernels"]

@@ -15,6 +15,16 @@ from ..tasks import sample_tasks, step_rng
 from ..train_step import train_step
 
 NAME = "numpy"
+HOST_ARRAYS = True
+
+
+def check_available():
+    """The reference needs nothing beyond NumPy."""
+
+
+def supports(arch):
+    """The reference computes every Arch of registered layers."""
+    return None
 
 
 class Stepper:
@@ -37,4 +47,4 @@ def make_stepper(arch, hp, spec, seed, dtype=np.float32):
     return Stepper(arch, hp, spec, seed, dtype)
 
 
-__all__ = ["NAME", "sample_tasks", "loss_and_grads", "model_forward", "train_step", "make_stepper"]
+__all__ = ["NAME", "HOST_ARRAYS", "check_available", "supports", "sample_tasks", "loss_and_grads", "model_forward", "train_step", "make_stepper"]

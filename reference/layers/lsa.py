@@ -1,7 +1,8 @@
 """One linear self-attention (LSA) layer: forward and hand-written backward.
 
 The readable spec; the Numba and CuPy paths live in ``reference.backends`` and are
-tested against this file, which is tested against the loop oracle in ``oracle.py``.
+tested against this file, which is tested against the loop oracle in
+``reference/oracle.py``. Registered as layer kind ``"lsa"`` (:class:`LSA` at the end).
 
 Equation (von Oswald et al. 2023, Eq. 6 and the official code), for every token j:
 
@@ -30,8 +31,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._checks import check_array, check_float, check_int, check_dtype
-from .xp import get_xp
+from .._checks import check_array, check_float, check_int, check_dtype
+from ..xp import get_xp
+from . import LayerType
 
 
 class LSAParams(NamedTuple):
@@ -246,3 +248,60 @@ def _check_layer_inputs(E, params, causal, clip):
     dts = {np.dtype(a.dtype) for a in (E, *params)}
     if len(dts) > 1:
         raise TypeError(f"E and params must share one dtype, got {sorted(str(t) for t in dts)}")
+
+
+class LSA(LayerType):
+    """Layer kind ``"lsa"``. Options: ``causal``, ``clip`` (change the function) and
+    ``heads``, ``key_size``, ``value_size`` (None: D), ``merged`` (shape the parameters
+    ``init`` draws; the forward reads heads and sizes from the params it is given and
+    takes factored or merged params alike)."""
+
+    kind = "lsa"
+    OPTIONS = {"causal": False, "clip": None, "heads": 1, "key_size": None, "value_size": None, "merged": False}
+    PARAM_OPTIONS = ("heads", "key_size", "value_size", "merged")
+
+    def check_options(self, options):
+        o = super().check_options(options)
+        if not isinstance(o["causal"], bool):
+            raise TypeError(f"lsa option causal must be a bool, got {o['causal']!r}")
+        if not isinstance(o["merged"], bool):
+            raise TypeError(f"lsa option merged must be a bool, got {o['merged']!r}")
+        if o["clip"] is not None:
+            o["clip"] = check_float("clip", o["clip"], 0.0, allow_equal_min=False)
+        o["heads"] = check_int("heads", o["heads"], 1)
+        for name in ("key_size", "value_size"):
+            if o[name] is not None:
+                o[name] = check_int(name, o[name], 1)
+        return o
+
+    def param_type(self, *, merged=False, **_):
+        return MergedParams if merged else LSAParams
+
+    def init(self, rng, D_in, settings, *, heads=1, key_size=None, value_size=None, merged=False, **_):
+        return init_lsa_params(rng, D_in, H=heads, key_size=key_size, value_size=value_size,
+                               n_layers_for_scale=settings.n_layers, scale=settings.scale, dtype=settings.dtype,
+                               merged=merged, xp=settings.xp)
+
+    def forward(self, E, params, *, causal=False, clip=None):
+        return lsa_forward(E, params, causal=causal, clip=clip)
+
+    def backward(self, dout, cache):
+        return lsa_backward(dout, cache)
+
+    def oracle(self, E, params, *, causal=False, clip=None):
+        from ..oracle import oracle_lsa_layer
+
+        return oracle_lsa_layer(E, params, causal=causal, clip=clip)
+
+    def cache_floats(self, T, D_in, *, causal=False, heads=1, key_size=None, value_size=None, merged=False, **_):
+        """Per task: E, pre (T D); Ec (S D); q (H T Kd); k (H S Kd); v (H S Vd); A (H T S); o (H T Vd)."""
+        D, H = D_in, heads
+        Kd = D if (merged or key_size is None) else key_size
+        Vd = D if (merged or value_size is None) else value_size
+        S = T if causal else T - 1
+        return 2 * T * D + S * D + H * (T * Kd + S * Kd + S * Vd + T * S + T * Vd)
+
+    def check_params(self, params, D_in, **_):
+        D = _check_params(params)
+        if D != D_in:
+            raise ValueError(f"lsa params have token width D={D}, the layer's input has width {D_in}")
