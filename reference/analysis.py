@@ -30,12 +30,12 @@ imports nothing outside ``reference``.
 import numpy as np
 
 from ._checks import check_float, check_int
-from .constructions import gd_layer, gdpp_layer
+from .constructions import gd_layer, gdpp_layer, gdpp_model
 from .layers.lsa import MergedParams, lsa_forward, to_merged
 from .model import Arch, lsa_stack, model_backward, model_forward
 from .solvers import gd_predict
 from .tasks import sample_tasks
-from .tokens import build_tokens, readout, readout_backward
+from .tokens import as_layout, build_tokens, readout
 
 COS_EPS = 1e-8  # the paper's guard in g / (|g| + 1e-8)
 
@@ -50,7 +50,7 @@ def mean_loss(pred, y_q):
     return float(0.5 * (err * err).sum(axis=1).mean())
 
 
-def sensitivity(E, params, arch, d):
+def sensitivity(E, params, arch, layout):
     """Prediction and implicit linear model of an LSA stack.
 
     Returns (y_hat (B, d_y), g (B, d_y, d)) with g[b, j] = d y_hat[b, j] / d x_q[b]:
@@ -58,13 +58,15 @@ def sensitivity(E, params, arch, d):
     dy_hat = e_j and the model backward; g is the x-part of the query row of dE.
     """
     out, cache = model_forward(E, params, arch)                             # (B, T, D)
-    pred = readout(out, d)                                                  # (B, d_y)
+    lay = as_layout(layout, out.shape[2])
+    d = lay.d
+    pred = lay.readout(out)                                                 # (B, d_y)
     B, d_y = pred.shape
     g = np.empty((B, d_y, d), dtype=pred.dtype)                             # (B, d_y, d)
     for j in range(d_y):
         dpred = np.zeros_like(pred)                                         # (B, d_y)
         dpred[:, j] = 1.0
-        dout = readout_backward(dpred, out.shape, d)                        # (B, T, D)
+        dout = lay.readout_backward(dpred, out.shape)                       # (B, T, D)
         dE, _ = model_backward(dout, cache)                                 # (B, T, D)
         g[:, j, :] = dE[:, -1, :d]
     return pred, g
@@ -97,25 +99,12 @@ def gd_reference(tasks, eta, n_steps):
     return pred, W
 
 
-def gdpp_params(d, d_y, N, etas, gammas, recurrent, dtype=np.float64):
-    """GD++ construction as model params: (params tuple, Arch). ``recurrent``: one
-    shared layer applied len(etas) times (all etas and gammas must then be equal)."""
-    etas, gammas = [float(e) for e in etas], [float(g) for g in gammas]
-    K = len(etas)
-    if recurrent:
-        if len(set(etas)) != 1 or len(set(gammas)) != 1:
-            raise ValueError("a recurrent GD++ stack needs one (eta, gamma) for every layer")
-        return (gdpp_layer(d, d_y, N, etas[0], gammas[0], dtype=dtype),), lsa_stack(K, recurrent=True)
-    layers = tuple(gdpp_layer(d, d_y, N, e, g, dtype=dtype) for e, g in zip(etas, gammas))
-    return layers, lsa_stack(K, recurrent=False)
-
-
 def gdpp_reference(tasks, etas, gammas):
     """GD++ as a reference learner, through its construction and :func:`sensitivity`:
     (y_hat (B, d_y), g (B, d_y, d)), in the dtype of ``tasks``."""
     B, N, d = tasks.X.shape
     d_y = tasks.Y.shape[2]
-    params, arch = gdpp_params(d, d_y, N, etas, gammas, recurrent=False, dtype=tasks.X.dtype)
+    params, arch = gdpp_model(d, d_y, N, etas, gammas, recurrent=False, dtype=tasks.X.dtype)
     E = build_tokens(tasks.X, tasks.Y, tasks.x_q)                           # (B, T, D)
     return sensitivity(E, params, arch, d)
 
@@ -268,6 +257,102 @@ def damped_gd_losses(tasks, eta, n_steps=50, damping=0.75):
 
 
 __all__ = ["COS_EPS", "INPUT_SCALES", "TEACHER_SCALES", "mean_loss", "sensitivity", "alignment",
-           "gd_reference", "gdpp_params", "gdpp_reference", "layer_products", "rescale_to_construction",
+           "gd_reference", "gdpp_reference", "layer_products", "rescale_to_construction",
            "construction_match", "interpolate", "gd_construction_layer", "ood_tasks", "rollout_losses",
-           "damped_gd_losses"]
+           "damped_gd_losses", "construction_layers", "final_analyses", "interpolation", "ood_sweeps", "cast_tasks"]
+
+
+# ---- the end-of-run analyses of a trained model (paper-settings.md section 6) ----------
+
+def construction_layers(cfg, baselines, dtype):
+    """The construction each trained parameter set is compared with: GD (Prop. 1) for one
+    layer, the GD++ layer (meta-trained eta_k, gamma_k) for deeper models."""
+    t = cfg.data
+    if cfg.model.n_layers == 1:
+        return [gd_construction_layer(t.d, t.d_y, t.N, baselines["gd_eta"], dtype=dtype)]
+    etas, gammas = baselines["gdpp_etas"], baselines["gdpp_gammas"]
+    n = cfg.arch().n_param_layers
+    return [gdpp_layer(t.d, t.d_y, t.N, etas[k], gammas[k], dtype=dtype) for k in range(n)]
+
+
+def final_analyses(cfg, params, baselines, evals):
+    """Weights vs construction, interpolation, OOD sweeps, roll-out of a trained model
+    (host params; ``evals`` the float64 eval tasks). Returns a dict (summary.json's)."""
+    from .tasks import STREAM_ROLLOUT, stream_rng
+
+    out = {}
+    dtype, lay = cfg.np_dtype, cfg.layout()
+    evals_m = cast_tasks(evals, dtype)
+    E = lay.build(evals_m.X, evals_m.Y, evals_m.x_q)
+    consts = construction_layers(cfg, baselines, np.float64)
+    out["construction"] = "gd" if cfg.model.n_layers == 1 else "gdpp"
+    if cfg.model.heads == 1:
+        out["weights"] = [construction_match(p, c, lay.d) for p, c in zip(params, consts)]
+        out["interpolation"] = interpolation(cfg, params, baselines, evals, E)
+    out["products"] = [{"W_KQ": layer_products(p)[0].tolist(), "W_PV": layer_products(p)[1].tolist()}
+                       for p in params]
+    out["ood"] = ood_sweeps(cfg, params, baselines)
+    if cfg.model.n_layers == 1:
+        a = cfg.analysis
+        rr = cfg.task_spec(a.ood_tasks).sample(stream_rng(cfg.eval.eval_seed, STREAM_ROLLOUT))
+        out["rollout"] = {
+            "model": rollout_losses(params[0], cast_tasks(rr, dtype), a.rollout_steps, a.rollout_damping,
+                                    clip=cfg.model.token_clip).tolist(),
+            "gd": damped_gd_losses(rr, baselines["gd_eta"], a.rollout_steps, a.rollout_damping).tolist(),
+            "damping": a.rollout_damping}
+    return out
+
+
+def interpolation(cfg, params, baselines, evals, E):
+    """Loss of the model averaged (t = 0.5) with its construction, in the model's arch.
+
+    Only meaningful when the model's architecture can represent the construction: with
+    token clipping the construction's tokens may exceed the clip (per-layer GD++ with
+    large step sizes does), and then the construction inside the clipped arch is another
+    function; the analysis is skipped with that reason."""
+    arch, dtype, lay, clip = cfg.arch(), cfg.np_dtype, cfg.layout(), cfg.model.token_clip
+    consts_m = tuple(construction_layers(cfg, baselines, dtype))
+    out_c, cache_c = model_forward(E, consts_m, lsa_stack(arch.n_layers, recurrent=arch.recurrent))
+    res = {"loss_construction": mean_loss(lay.readout(out_c), evals.y_q)}
+    peak = max(float(np.max(np.abs(o))) for o in cache_c.outputs)
+    if clip is not None and peak > clip:
+        res["skipped"] = (f"the construction's tokens reach {peak:.3g}, beyond the token clip {clip:g}: the "
+                          "clipped architecture cannot represent it")
+        return res
+    interp = tuple(interpolate(p, c, lay.d, 0.5) for p, c in zip(params, consts_m))
+    pred_i, _ = sensitivity(E, interp, arch, lay)
+    pred_m, _ = sensitivity(E, params, arch, lay)
+    res.update(loss_interpolated=mean_loss(pred_i, evals.y_q), loss_model=mean_loss(pred_m, evals.y_q))
+    return res
+
+
+def ood_sweeps(cfg, params, baselines, input_scales=None, teacher_scales=None):
+    """Loss of the model, GD-K, GD++ and least squares as the input range or the teacher
+    scale is multiplied by alpha (the paper's grids by default), ood_tasks tasks each."""
+    from .solvers import gdpp_predict, least_squares_predict
+    from .tasks import STREAM_OOD, stream_rng
+
+    input_scales = INPUT_SCALES if input_scales is None else np.asarray(input_scales)
+    teacher_scales = TEACHER_SCALES if teacher_scales is None else np.asarray(teacher_scales)
+    arch, dtype, K, lay, t = cfg.arch(), cfg.np_dtype, cfg.model.n_layers, cfg.layout(), cfg.data
+    res = {}
+    for ki, (kind, scales) in enumerate((("input", input_scales), ("teacher", teacher_scales))):
+        rows = {"alpha": [float(a) for a in scales], "model": [], "gd": [], "gdpp": [], "lstsq": []}
+        for ai, alpha in enumerate(scales):
+            rng = stream_rng(cfg.eval.eval_seed, STREAM_OOD, ki + 1, ai + 1)
+            tk = ood_tasks(rng, cfg.analysis.ood_tasks, t.d, t.N, t.d_y, kind, float(alpha), np.float64,
+                           base_range=(t.x_low, t.x_high))
+            tm = cast_tasks(tk, dtype)
+            pred, _ = sensitivity(lay.build(tm.X, tm.Y, tm.x_q), params, arch, lay)
+            rows["model"].append(mean_loss(pred, tk.y_q))
+            rows["gd"].append(mean_loss(gd_reference(tk, baselines["gd_eta"], K)[0], tk.y_q))
+            rows["gdpp"].append(mean_loss(gdpp_predict(tk.X, tk.Y, tk.x_q, baselines["gdpp_etas"],
+                                                       baselines["gdpp_gammas"]), tk.y_q))
+            rows["lstsq"].append(mean_loss(least_squares_predict(tk.X, tk.Y, tk.x_q), tk.y_q))
+        res[kind] = rows
+    return res
+
+
+def cast_tasks(tasks, dtype):
+    """The tasks with every array cast to ``dtype``."""
+    return type(tasks)(*(a.astype(dtype) for a in tasks))

@@ -92,3 +92,16 @@ def gdpp_stack(d, d_y, N, etas, gammas, W_0=None, *, dtype=np.float64, xp=np):
         raise ValueError(f"etas and gammas must be non-empty and of equal length, got {len(etas)} and {len(gammas)}")
     layers = tuple(gdpp_layer(d, d_y, N, e, g, W_0, dtype=dtype, xp=xp) for e, g in zip(etas, gammas))
     return layers, lsa_stack(n_layers=len(layers), recurrent=False)
+
+
+def gdpp_model(d, d_y, N, etas, gammas, recurrent, *, dtype=np.float64, xp=np):
+    """The GD++ construction as model params: (params tuple, Arch). ``recurrent``: one
+    shared layer applied len(etas) times (all etas and gammas must then be equal);
+    otherwise :func:`gdpp_stack`."""
+    etas, gammas = [float(e) for e in etas], [float(g) for g in gammas]
+    if not recurrent:
+        return gdpp_stack(d, d_y, N, etas, gammas, dtype=dtype, xp=xp)
+    if not etas or len(etas) != len(gammas) or len(set(etas)) != 1 or len(set(gammas)) != 1:
+        raise ValueError("a recurrent GD++ stack needs one (eta, gamma) repeated for every layer, "
+                         f"got etas {etas} and gammas {gammas}")
+    return (gdpp_layer(d, d_y, N, etas[0], gammas[0], dtype=dtype, xp=xp),), lsa_stack(len(etas), recurrent=True)

@@ -18,8 +18,9 @@ import numpy as np
 
 from .layers.lsa import lsa_backward, lsa_forward
 from .model import loss_and_grads, loss_forward, model_backward, model_forward
-from .tokens import readout
+from .tokens import as_layout
 from .tolerances import allclose_report, tolerance
+from .tree import tree_leaves, tree_unflatten
 
 COMPLEX_STEP_H = 1e-30
 CENTRAL_H = 1e-6
@@ -109,36 +110,30 @@ def lsa_layer_gradcheck(E, params, rng, *, causal=False, clip=None, method="comp
     return check_gradients(f, [E, *params], [dE, *dparams], rng, method, entrywise=entrywise)
 
 
-def model_gradcheck(E, y_q, params, arch, d, rng, *, method="complex_step", entrywise=False):
+def model_gradcheck(E, y_q, params, arch, layout, rng, *, method="complex_step", entrywise=False):
     """Check the model backward twice: the loss gradient (readout and loss included)
-    and f = sum(G * E_K) for a random upstream G on the last layer's tokens."""
-    kinds = [type(p) for p in params]
-    sizes = [len(p) for p in params]
+    and f = sum(G * E_K) for a random upstream G on the last layer's tokens.
 
-    def unflatten(flat):
-        out, n = [], 0
-        for k, s in zip(kinds, sizes):
-            out.append(k(*flat[n:n + s]))
-            n += s
-        return tuple(out)
-
-    flat = [a for p in params for a in p]
-    _, dparams, aux = loss_and_grads(E, y_q, params, arch, d)
+    ``layout``: a :class:`reference.tokens.TokenLayout` (or the regression layout's d).
+    The parameters enter the numerical derivatives as the leaves of the tree
+    (``reference.tree``), in :func:`tree_leaves` order."""
+    leaves = tree_leaves(params)
+    _, dparams, aux = loss_and_grads(E, y_q, params, arch, layout)
 
     def f_loss(args):
-        out, _ = model_forward(args[0], unflatten(args[1:]), arch)
-        L, _ = loss_forward(readout(out, d), y_q.astype(args[0].dtype))
+        out, _ = model_forward(args[0], tree_unflatten(params, args[1:]), arch)
+        L, _ = loss_forward(as_layout(layout, out.shape[2]).readout(out), y_q.astype(args[0].dtype))
         return L
 
-    r1 = check_gradients(f_loss, [E, *flat], [aux["dE"], *[a for g in dparams for a in g]], rng, method, entrywise=entrywise)
+    r1 = check_gradients(f_loss, [E, *leaves], [aux["dE"], *tree_leaves(dparams)], rng, method, entrywise=entrywise)
 
     out, mcache = model_forward(E, params, arch)
-    G = rng.standard_normal(out.shape)
+    G = rng.standard_normal(out.shape)                                 # (B, T, D_K) random upstream
     dE2, dparams2 = model_backward(G, mcache)
 
     def f_out(args):
-        o, _ = model_forward(args[0], unflatten(args[1:]), arch)
+        o, _ = model_forward(args[0], tree_unflatten(params, args[1:]), arch)
         return np.sum(G * o)
 
-    r2 = check_gradients(f_out, [E, *flat], [dE2, *[a for g in dparams2 for a in g]], rng, method, entrywise=entrywise)
+    r2 = check_gradients(f_out, [E, *leaves], [dE2, *tree_leaves(dparams2)], rng, method, entrywise=entrywise)
     return GradCheck(r1.ok and r2.ok, max(r1.rel_err, r2.rel_err), f"loss: {r1.detail}; tokens: {r2.detail}")

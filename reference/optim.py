@@ -10,13 +10,15 @@ t = 1, 2, ... over every parameter array p with gradient g:
     v  <- b2 v + (1 - b2) g^2
     p  <- p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 
-Parameters and gradients are tuples of per-layer NamedTuples (LSAParams or
-MergedParams); these functions map over them.
+Parameters, gradients and both moments are parameter trees (``reference.tree``: a
+tuple of per-layer NamedTuples such as LSAParams or MergedParams); these functions
+map over them with ``tree_map`` / ``tree_leaves``.
 """
 
 from typing import NamedTuple
 
 from ._checks import check_float
+from .tree import tree_leaves, tree_map
 from .xp import get_xp
 
 
@@ -41,15 +43,6 @@ class AdamState(NamedTuple):
     m: tuple   # first moments, same structure as params
     v: tuple   # second moments
     t: int     # number of updates done
-
-
-def tree_map(fn, *trees):
-    """Apply fn leafwise over tuples of NamedTuples of arrays."""
-    return tuple(type(layers[0])(*(fn(*leaves) for leaves in zip(*layers))) for layers in zip(*trees))
-
-
-def tree_leaves(tree):
-    return [a for layer in tree for a in layer]
 
 
 def global_norm(grads):

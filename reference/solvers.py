@@ -7,12 +7,22 @@ models are compared with, and the right-hand sides of the equivalence claims.
 * eta line search over the paper's grid arange(0.001, 25, 0.1) (official code).
 * the closed-form optimal step size of one GD step from W_0 = 0 and its expected loss,
   for i.i.d. zero-mean input coordinates with second moment m2 and fourth moment m4
-  (derivation in the docstring of :func:`expected_one_step_loss`).
+  (derivation in the docstring of :func:`expected_one_step_loss`);
+* GD++ meta-training: (eta, gamma) fitted by Adam through the GD++ construction, with
+  the hand-derived gradient of :func:`gdpp_loss_and_grads`.
 """
+
+from typing import NamedTuple
 
 import numpy as np
 
 from ._checks import check_array, check_float, check_int
+from .constructions import gdpp_model
+from .errors import TrainingDiverged
+from .model import loss_and_grads
+from .optim import AdamHP, adam_init, adam_update
+from .tasks import STREAM_GDPP, stream_rng
+from .tokens import TokenLayout, build_tokens
 from .xp import get_xp
 
 ETA_GRID = np.arange(0.001, 25, 0.1)
@@ -166,3 +176,79 @@ def _per_step(name, eta, n_steps):
     if len(etas) != n_steps:
         raise ValueError(f"{name} must be a scalar or have n_steps={n_steps} entries, got {len(etas)}")
     return etas
+
+
+# ---- GD++ meta-training (paper-settings.md section 4) ----------------------------------
+
+class GDPPParams(NamedTuple):
+    """What Adam meta-trains for GD++: the entries of the construction's P."""
+    a: object      # (L,) a = eta / N, the y-block of P; L = 1 (shared) or K
+    gamma: object  # (L,) curvature corrections, minus the x-block of P
+
+
+def gdpp_loss_and_grads(tasks, etas, gammas, recurrent, loss_and_grads_fn=None):
+    """Loss of the GD++ construction on ``tasks`` and its gradient in (eta, gamma).
+
+    Forward: the model of ``constructions.gdpp_model`` (gdpp_layer weights); backward:
+    the hand-written model backward gives dP per layer, chained through
+    P = diag(-gamma I_d, (eta/N) I_y), which is linear in both:
+
+        dL/deta = (1/N) tr(dP[d:, d:])        dL/dgamma = -tr(dP[:d, :d])
+
+    ``recurrent``: one shared layer applied len(etas) times (all etas and gammas
+    equal); its dP already sums the applications, so deta and dgamma have length 1.
+    ``loss_and_grads_fn``: the reference's (default) or a backend's, same signature.
+    Returns (L, deta (L,), dgamma (L,)).
+    """
+    fn = loss_and_grads if loss_and_grads_fn is None else loss_and_grads_fn
+    B, N, d = tasks.X.shape
+    d_y = tasks.Y.shape[2]
+    params, arch = gdpp_model(d, d_y, N, etas, gammas, recurrent, dtype=tasks.X.dtype)
+    E = build_tokens(tasks.X, tasks.Y, tasks.x_q)                                # (B, T, D)
+    L, dparams, _ = fn(E, tasks.y_q, params, arch, TokenLayout(d, d_y))
+    deta = np.array([np.trace(g.P[0, d:, d:]) / N for g in dparams])             # (L,)
+    dgamma = np.array([-np.trace(g.P[0, :d, :d]) for g in dparams])              # (L,)
+    return float(L), deta, dgamma
+
+
+def meta_train_gdpp(spec, n_layers, eta0, *, shared, steps, lr, b2, seed, loss_and_grads_fn=None, log=None):
+    """Adam on GD++'s (eta, gamma), in float64: the GD++ baseline of a K-layer model.
+
+    ``spec``: the TaskSpec of one meta-training batch. Shared (one pair for every
+    layer) when ``shared``, one pair per layer otherwise. Initialised at eta = eta0
+    (the GD-K line search), gamma = eta0 / N^2. Adam (b1 0.9, ``b2``, eps 1e-8, no
+    clipping) acts on the entries of P, a = eta / N and gamma (dL/da = N dL/deta):
+    Adam moves every coordinate by about lr per step whatever its scale, so with eta
+    itself as the coordinate 1000 steps at lr 1e-3 move eta by at most about 1, too
+    little to leave the line-search value. Tasks of step s come from
+    ``stream_rng(seed, STREAM_GDPP, s + 1)`` (``seed`` = the run's eval_seed, so the
+    baseline does not depend on the training seed). ``log(step, loss)`` is called ten
+    times. Returns (etas (K,), gammas (K,), last loss); raises TrainingDiverged on a
+    non-finite loss.
+    """
+    K, N = check_int("n_layers", n_layers, 1), spec.N
+    n = 1 if shared else K
+    p = (GDPPParams(np.full(n, float(eta0) / N), np.full(n, float(eta0) / N ** 2)),)
+    hp = AdamHP(lr=lr, b1=0.9, b2=b2, eps=1e-8, clip_norm=None)
+    state = adam_init(p)
+    L = float("nan")
+    for s in range(steps):
+        t = spec.sample(stream_rng(seed, STREAM_GDPP, s + 1))
+        etas, gammas = gdpp_expand(p[0], K, N)
+        L, de, dg = gdpp_loss_and_grads(t, etas, gammas, recurrent=shared, loss_and_grads_fn=loss_and_grads_fn)
+        if not np.isfinite(L):
+            raise TrainingDiverged(f"GD++ meta-training diverged at step {s + 1} (loss {L})", s + 1)
+        # chain rule to P's entries: a = eta / N, so dL/da = N dL/deta
+        p, state, _ = adam_update(p, (GDPPParams(N * de, dg),), state, hp)
+        if log is not None and (s + 1) % max(1, steps // 10) == 0:
+            log(s + 1, L)
+    etas, gammas = gdpp_expand(p[0], K, N)
+    return np.asarray(etas), np.asarray(gammas), L
+
+
+def gdpp_expand(p, K, N):
+    """Per-step (etas, gammas) lists of length K from shared (length-1) or per-layer GDPPParams."""
+    eta, gamma = N * np.asarray(p.a), np.asarray(p.gamma)
+    if eta.size == 1:
+        return [float(eta[0])] * K, [float(gamma[0])] * K
+    return [float(e) for e in eta], [float(g) for g in gamma]

@@ -125,3 +125,15 @@ def step_rng(seed, step):
     so a resumed run draws exactly the tasks an uninterrupted one would.
     """
     return np.random.default_rng([check_int("seed", seed, 0), check_int("step", step, 0)])
+
+
+# Random streams of a training run. Training step s draws from default_rng([seed, s])
+# (:func:`step_rng`); every other stream is default_rng([seed or eval_seed, TAG, ...]) with
+# a TAG far above any step index, so no two streams coincide (SeedSequence ignores
+# trailing zeros, hence the nonzero tags).
+STREAM_INIT, STREAM_EVAL, STREAM_LINE_SEARCH, STREAM_GDPP, STREAM_OOD, STREAM_ROLLOUT = (2 ** 32 - k for k in range(1, 7))
+
+
+def stream_rng(seed, tag, *extra):
+    """The generator ``default_rng([seed, tag, *extra])`` of one named stream."""
+    return np.random.default_rng([check_int("seed", seed, 0), tag, *extra])

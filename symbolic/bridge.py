@@ -19,6 +19,7 @@ import numpy as np
 import sympy as sp
 
 import reference as R
+from reference.tree import tree_leaves, tree_map
 
 from . import algebra as A
 from . import gradients as G
@@ -110,9 +111,10 @@ def bridge_klayers(stack=R.gd_stack, seed=0):
             e = float(rng.uniform(0.1, 1.0))
             pred = -f(t.X[0], t.Y[0], t.x_q, W0, e)[0][0]
             params, arch = stack(K, dx, dy, n, e, W0, recurrent=True)
+            layout = R.TokenLayout(dx, dy)
             where = f"d={dx}, d_y={dy}, N={n}, K={K}"
             pf.close("symbolic K-layer readout = reference predict(gd_stack)", pred,
-                     R.predict(R.build_tokens(t.X, t.Y, t.x_q, W_0=W0), params, arch, dx)[0], where, KIND)
+                     R.predict(layout.build(t.X, t.Y, t.x_q, W_0=W0), params, arch, layout)[0], where, KIND)
             pf.close("symbolic K-layer readout = reference gd_predict (K steps)", pred,
                      R.gd_predict(t.X, t.Y, t.x_q, e, K, W_0=W0)[0][0], where, KIND)
     return pf
@@ -141,8 +143,9 @@ def bridge_gdpp(layer=R.gdpp_layer, seed=0):
         f2 = _lambdify_at(two[3:], (X, Y, X_q, W_0, *etas2, *gammas2), sizes)
         pred = -f2(t.X[0], t.Y[0], t.x_q, W0, *es, *gs)[0][0]
         params = tuple(layer(dx, dy, n, float(ek), float(gk), W0) for ek, gk in zip(es, gs))
+        layout = R.TokenLayout(dx, dy)
         pf.close("symbolic 2-layer GD++ readout = reference predict(two gdpp_layer)", pred,
-                 R.predict(R.build_tokens(t.X, t.Y, t.x_q, W_0=W0), params, R.lsa_stack(2), dx)[0], where, KIND)
+                 R.predict(layout.build(t.X, t.Y, t.x_q, W_0=W0), params, R.lsa_stack(2), layout)[0], where, KIND)
         pf.close("symbolic 2-layer GD++ readout = reference gdpp_predict", pred,
                  R.gdpp_predict(t.X, t.Y, t.x_q, es, gs, W_0=W0)[0], where, KIND)
     return pf
@@ -224,17 +227,13 @@ def bridge_gradients(loss_and_grads=R.loss_and_grads, seed=0):
         for _ in range(2):
             E = _numeric(prob.E_sym, rng)
             y_q = _numeric(prob.y_sym, rng)
-            params = tuple(type(p)(*(_numeric(a, rng) for a in p)) for p in prob.params_sym)
+            params = tree_map(lambda a: _numeric(a, rng), prob.params_sym)
             value = {}
-            for arr, val in [(prob.E_sym, E), (prob.y_sym, y_q)] + \
-                    [(a, v) for p, q in zip(prob.params_sym, params) for a, v in zip(p, q)]:
+            for arr, val in [(prob.E_sym, E), (prob.y_sym, y_q), *zip(tree_leaves(prob.params_sym), tree_leaves(params))]:
                 value.update((s, v) for s, v in zip(arr.ravel(), val.ravel()) if isinstance(s, sp.Symbol))
             point = [value[s] for s in prob.S.symbols]
-            L, dparams, aux = loss_and_grads(E, y_q, params, prob.arch, prob.d)
-            ref = {"E": aux["dE"]}
-            for i, g in enumerate(dparams):
-                tag = f"[layer {i}]" if len(dparams) > 1 else ""
-                ref.update({f"{name}{tag}": a for name, a in zip(g._fields, g)})
+            L, dparams, aux = loss_and_grads(E, y_q, params, prob.arch, prob.layout)
+            ref = {"E": aux["dE"], **dict(G.named_leaves(dparams))}
             where = f"{kind} {size}"
             pf.close("symbolic loss = reference loss", eval_poly(prob.L, point), L, where, KIND)
             for name, dv in derivs:

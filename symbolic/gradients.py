@@ -25,6 +25,8 @@ import sympy as sp
 import reference as R
 from reference.layers.lsa import LSACache, LSAParams, MergedParams
 from reference.model import Arch, LossCache, ModelCache, lsa_stack
+from reference.tokens import TokenLayout
+from reference.tree import tree_leaves, tree_map, tree_paths
 
 from .core import Proof, theorem
 
@@ -75,6 +77,16 @@ class Symbols:
         return out
 
 
+def named_leaves(tree):
+    """[(name, leaf)] of a parameter tree (``reference.tree`` order): the field name,
+    tagged ``[layer i]`` when the tree has several layers (``W_KQ[layer 1]``)."""
+    out = []
+    for path, a in zip(tree_paths(tree), tree_leaves(tree)):
+        i, field = path.split(".", 1)
+        out.append((f"{field}[layer {i}]" if len(tree) > 1 else field, a))
+    return out
+
+
 def _proj(Et, W):
     """Per-head projection (lsa._proj): Et (B, S, D), W (H, k, D) -> (B, H, S, k); W None = identity."""
     if W is None:
@@ -123,6 +135,7 @@ class SymProblem:
             raise ValueError(f"fixed must be None, 'weights' or 'tokens', got {fixed!r}")
         D = d + d_y
         self.d, self.d_y, self.N, self.B, self.K, self.fixed = d, d_y, N, B, K, fixed
+        self.layout = TokenLayout(d, d_y)
         self.arch = lsa_stack(n_layers=K, recurrent=recurrent)
         S = Symbols(np.random.default_rng(seed))
         self.E_sym = S.array("e", (B, N + 1, D), symbolic=fixed != "tokens")
@@ -132,7 +145,7 @@ class SymProblem:
         self.S = S.ring()
         self.E = S.to_ring(self.E_sym)
         self.y_q = S.to_ring(self.y_sym)
-        self.params = tuple(type(p)(*(S.to_ring(a) for a in p)) for p in self.params_sym)
+        self.params = tree_map(S.to_ring, self.params_sym)
         h, caches, outputs = self.E, [], []
         for layer in range(K):
             h, c = sym_lsa_forward(h, self.params[self.arch.layer_index(layer)])
@@ -155,7 +168,7 @@ class SymProblem:
         """The reference backward chain run on the symbolic arrays: loss_backward (with
         dL = 1 exactly) -> readout_backward -> backward(dout, cache) -> (dE, dparams)."""
         dpred = R.loss_backward(LossCache(self.err), 1)                # (B, d_y)
-        dout = R.readout_backward(dpred, self.out.shape, self.d)       # (B, T, D)
+        dout = self.layout.readout_backward(dpred, self.out.shape)     # (B, T, D)
         if self.K == 1:
             dE, g = backward(dout, self.mcache.layer_caches[0])
             return dE, (g,)
@@ -165,9 +178,7 @@ class SymProblem:
         """[(name, ring array)] of the symbolic arguments the gradient is checked for."""
         out = []
         if self.fixed != "weights":
-            for i, p in enumerate(self.params):
-                tag = f"[layer {i}]" if len(self.params) > 1 else ""
-                out += [(f"{name}{tag}", a) for name, a in zip(p._fields, p)]
+            out += named_leaves(self.params)
         if self.fixed != "tokens":
             out.append(("E", self.E))
         return out
@@ -206,11 +217,7 @@ def problem(kind, size):
 
 def _compare(pf, prob, backward, where):
     dE, dparams = prob.reference_grads(backward)
-    grads = {"E": dE}
-    for i, g in enumerate(dparams):
-        tag = f"[layer {i}]" if len(dparams) > 1 else ""
-        for name, a in zip(g._fields, g):
-            grads[f"{name}{tag}"] = a
+    grads = {"E": dE, **dict(named_leaves(dparams))}
     n = 0
     for name, arr in prob.compared():
         g = grads.get(name)

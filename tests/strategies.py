@@ -22,8 +22,10 @@ seeds = st.integers(0, 2**32 - 1)
 
 @st.composite
 def regression(draw, dtype=None):
-    """(dims dict, Tasks, rng) with data drawn from a seed."""
+    """(dims dict, Tasks, rng) with data drawn from a seed; the dims dict also holds
+    the tasks' token layout, ``dm["layout"] = TokenLayout(d, d_y)``."""
     dm = draw(dims)
+    dm = {**dm, "layout": R.TokenLayout(dm["d"], dm["d_y"])}
     dt = draw(dtypes) if dtype is None else dtype
     rng = np.random.default_rng(draw(seeds))
     t = R.sample_tasks(rng, dm["B"], dm["d"], dm["N"], dm["d_y"], dtype=dt)

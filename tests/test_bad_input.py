@@ -138,3 +138,29 @@ def test_init_and_adam_reject(rng):
         AdamHP(lr=0.0).validate()
     with pytest.raises(ValueError, match="b2 must be <= 1"):
         AdamHP(b2=1.5).validate()
+
+
+def test_adam_rejects_trees_of_another_structure(rng):
+    from reference.optim import AdamHP, adam_init, adam_update
+    p = (R.init_lsa_params(rng, 4, dtype=np.float64),)
+    g = (R.to_merged(p[0]),)
+    with pytest.raises(ValueError, match="same structure"):
+        adam_update(p, g, adam_init(p), AdamHP())
+    with pytest.raises(ValueError, match="same structure"):
+        adam_update(p, p * 2, adam_init(p), AdamHP())
+    with pytest.raises(TypeError, match="tuple of per-layer NamedTuples"):
+        adam_init(p[0])
+
+
+def test_token_layout_rejects(layer):
+    E, p = layer
+    with pytest.raises(ValueError, match="d must be >= 1"):
+        R.TokenLayout(0)
+    with pytest.raises(ValueError, match="layout kind must be 'regression'"):
+        R.TokenLayout(3, 1, kind="classification")
+    with pytest.raises(ValueError, match=r"E must have token width D=5 for this layout"):
+        R.TokenLayout(3, 2).readout(E)
+    with pytest.raises(ValueError, match=r"E must have token width D=5 for this layout"):
+        R.loss_and_grads(E, np.zeros((2, 2)), (p,), R.lsa_stack(1), R.TokenLayout(3, 2))
+    with pytest.raises(ValueError, match="d must be <= 3"):
+        R.predict(E, (p,), R.lsa_stack(1), 4)

@@ -22,14 +22,14 @@ def test_construction_is_one_gd_step(case, eta, use_w0):
     t64 = R.Tasks(*(a.astype(np.float64) for a in t))
     W64 = None if W_0 is None else W_0.astype(np.float64)
     expected = oracle_gd(t64.X, t64.Y, t64.x_q, eta, 1, W64)
-    assert_close(R.readout(out, d).astype(np.float64), expected, "construction", dtype=t.X.dtype)
+    assert_close(dm["layout"].readout(out).astype(np.float64), expected, "construction", dtype=t.X.dtype)
 
 
 @given(regression(np.float64), etas, layers, st.booleans())
 def test_k_layers_are_k_gd_steps(case, eta, K, recurrent):
     dm, t, _ = case
     params, arch = R.gd_stack(K, dm["d"], dm["d_y"], dm["N"], eta / 2, recurrent=recurrent)
-    pred = R.predict(R.build_tokens(t.X, t.Y, t.x_q), params, arch, dm["d"])
+    pred = R.predict(dm["layout"].build(t.X, t.Y, t.x_q), params, arch, dm["layout"])
     assert_close(pred, oracle_gd(t.X, t.Y, t.x_q, eta / 2, K), "construction")
 
 
@@ -38,7 +38,7 @@ def test_gdpp_construction_matches_recursion(case, eg):
     dm, t, _ = case
     e, g = zip(*eg)
     params, arch = R.gdpp_stack(dm["d"], dm["d_y"], dm["N"], e, g)
-    pred = R.predict(R.build_tokens(t.X, t.Y, t.x_q), params, arch, dm["d"])
+    pred = R.predict(dm["layout"].build(t.X, t.Y, t.x_q), params, arch, dm["layout"])
     assert_close(pred, R.gdpp_predict(t.X, t.Y, t.x_q, e, g), "construction")
 
 
@@ -147,7 +147,7 @@ def test_recurrent_gradient_is_sum_over_applications(case, K, causal, merged, se
     D = dm["d"] + dm["d_y"]
     p = R.init_lsa_params(np.random.default_rng(seed), D, scale=1.0, dtype=np.float64, merged=merged)
     E = R.build_tokens(t.X, t.Y, t.x_q)
-    _, g_rec, _ = R.loss_and_grads(E, t.y_q, (p,), R.lsa_stack(K, recurrent=True, causal=causal), dm["d"])
-    _, g_sep, _ = R.loss_and_grads(E, t.y_q, (p,) * K, R.lsa_stack(K, causal=causal), dm["d"])
+    _, g_rec, _ = R.loss_and_grads(E, t.y_q, (p,), R.lsa_stack(K, recurrent=True, causal=causal), dm["layout"])
+    _, g_sep, _ = R.loss_and_grads(E, t.y_q, (p,) * K, R.lsa_stack(K, causal=causal), dm["layout"])
     for n, name in enumerate(p._fields):
         assert_close(g_rec[0][n], sum(g[n] for g in g_sep), "algebra", what=name)

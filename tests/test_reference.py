@@ -116,12 +116,28 @@ def test_dtype_preserved_through_model_and_step():
     for dt in (np.float32, np.float64):
         t = R.sample_tasks(rng, 3, 2, 4, dtype=dt)
         p = (R.init_lsa_params(rng, 3, H=2, dtype=dt),)
-        L, g, aux = R.loss_and_grads(R.build_tokens(t.X, t.Y, t.x_q), t.y_q, p, R.lsa_stack(2, recurrent=True), 2)
+        L, g, aux = R.loss_and_grads(R.build_tokens(t.X, t.Y, t.x_q), t.y_q, p, R.lsa_stack(2, recurrent=True),
+                                     R.TokenLayout(2, 1))
         assert np.asarray(L).dtype == dt and aux["dE"].dtype == dt
         assert all(a.dtype == dt for a in g[0])
         from reference.train_step import train_step
         r = train_step(p, adam_init(p), t, R.lsa_stack(2, recurrent=True), AdamHP(clip_norm=1e-3))
         assert all(a.dtype == dt for a in r.params[0]) and all(a.dtype == dt for a in r.state.m[0])
+
+
+def test_an_int_layout_is_the_regression_layout():
+    """loss_and_grads / predict take a TokenLayout; an int d means TokenLayout(d, D - d)."""
+    rng = np.random.default_rng(1)
+    t = R.sample_tasks(rng, 3, 2, 4, 2)
+    E = R.build_tokens(t.X, t.Y, t.x_q)
+    p = (R.init_lsa_params(rng, 4, H=2, scale=1.0, dtype=np.float64),)
+    arch = R.lsa_stack(2, recurrent=True)
+    L1, g1, aux1 = R.loss_and_grads(E, t.y_q, p, arch, R.TokenLayout(2, 2))
+    L2, g2, aux2 = R.loss_and_grads(E, t.y_q, p, arch, 2)
+    assert L1 == L2
+    for a, b in zip([*aux1.values(), *g1[0]], [*aux2.values(), *g2[0]]):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(R.predict(E, p, arch, R.TokenLayout(2, 2)), aux1["pred"])
 
 
 def test_clip_gradient_passes_inside_only():

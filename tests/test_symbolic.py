@@ -197,8 +197,8 @@ def test_bridge_detects_a_wrong_gdpp_layer():
 
 @pytest.mark.slow
 def test_bridge_detects_a_wrong_gradient():
-    def transposed(E, y_q, params, arch, d):
-        L, g, aux = R.loss_and_grads(E, y_q, params, arch, d)
+    def transposed(E, y_q, params, arch, layout):
+        L, g, aux = R.loss_and_grads(E, y_q, params, arch, layout)
         g = tuple(type(p)(np.swapaxes(p[0], -1, -2), *p[1:]) for p in g)
         return L, g, aux
 

@@ -19,6 +19,7 @@ from reference.oracle import oracle_gd, oracle_lsa_layer, oracle_loss, oracle_mo
 from reference.optim import AdamHP, adam_init, adam_update, global_norm
 from reference.tolerances import assert_close
 from reference.train_step import train_step
+from reference.tree import tree_leaves, tree_map
 
 from strategies import layer_case, regression
 
@@ -32,7 +33,7 @@ def to_xp(xp, a):
 
 
 def tree_to(xp, tree):
-    return tuple(type(p)(*(xp.asarray(a) for a in p)) for p in tree)
+    return tree_map(xp.asarray, tree)
 
 
 def tasks_to(xp, t):
@@ -103,6 +104,9 @@ def test_readout_and_its_backward(xp):
     want = np.zeros(E.shape)
     want[:, -1, 3:] = -G
     np.testing.assert_array_equal(host(dE), want)
+    layout = R.TokenLayout(3, 2)                                       # the same two through the layout
+    np.testing.assert_array_equal(host(layout.readout(E)), host(pred))
+    np.testing.assert_array_equal(host(layout.readout_backward(to_xp(xp, G), E.shape)), want)
 
 
 # -- the LSA layer and the model ----------------------------------------------------------
@@ -161,13 +165,14 @@ def test_model_matches_oracle_and_host_gradients(xp, arch):
     out, _ = R.model_forward(to_xp(xp, E), tree_to(xp, params), arch)
     assert_in(xp, out)
     close(out, oracle_model(E, params, arch), what="model vs loop oracle")
-    L_h, g_h, aux_h = R.loss_and_grads(E, t.y_q, params, arch, 3)
-    L, g, aux = R.loss_and_grads(to_xp(xp, E), to_xp(xp, t.y_q), tree_to(xp, params), arch, 3)
+    layout = R.TokenLayout(3, 1)
+    L_h, g_h, aux_h = R.loss_and_grads(E, t.y_q, params, arch, layout)
+    L, g, aux = R.loss_and_grads(to_xp(xp, E), to_xp(xp, t.y_q), tree_to(xp, params), arch, layout)
     assert_in(xp, L, aux["pred"], aux["dE"])
     close(xp.asarray(L).reshape(1), np.asarray([oracle_loss(host(aux["pred"]), t.y_q)]), what="loss vs oracle")
     close(aux["pred"], aux_h["pred"], what="pred")
     close(aux["dE"], aux_h["dE"], what="dE")
-    for n, (a, b) in enumerate(zip([a for p in g for a in p], [a for p in g_h for a in p])):
+    for n, (a, b) in enumerate(zip(tree_leaves(g), tree_leaves(g_h))):
         close(a, b, what=f"gradient leaf {n}")
 
 
@@ -192,7 +197,7 @@ def test_gd_construction_equals_gd_predict(xp, K, recurrent):
     params, arch = R.gd_stack(K, 3, 2, 6, eta, W_0, recurrent=recurrent, xp=xp)
     assert_in(xp, *params[0])
     X, Y, x_q = (to_xp(xp, a) for a in (t.X, t.Y, t.x_q))
-    pred = R.predict(R.build_tokens(X, Y, x_q, W_0=to_xp(xp, W_0)), params, arch, 3)
+    pred = R.predict(R.build_tokens(X, Y, x_q, W_0=to_xp(xp, W_0)), params, arch, R.TokenLayout(3, 2))
     want, _ = R.gd_predict(X, Y, x_q, eta, K, W_0=to_xp(xp, W_0))
     assert_in(xp, pred, want)
     close(pred, host(want), "construction", "GD construction vs gd_predict")
@@ -204,7 +209,7 @@ def test_gdpp_construction_equals_gdpp_predict(xp):
     etas, gammas = [0.9, 0.5, 1.2], [0.1, 0.3, 0.05]
     params, arch = R.gdpp_stack(3, 1, 6, etas, gammas, xp=xp)
     X, Y, x_q = (to_xp(xp, a) for a in (t.X, t.Y, t.x_q))
-    pred = R.predict(R.build_tokens(X, Y, x_q), params, arch, 3)
+    pred = R.predict(R.build_tokens(X, Y, x_q), params, arch, R.TokenLayout(3, 1))
     want = R.gdpp_predict(X, Y, x_q, etas, gammas)
     assert_in(xp, pred, want)
     close(pred, host(want), "construction", "GD++ construction vs gdpp_predict")
@@ -252,14 +257,14 @@ def test_adam_update_matches_host(xp, clip_norm, dtype):
     p_h, s_h = params, adam_init(params)
     p_x, s_x = tree_to(xp, params), adam_init(tree_to(xp, params))
     for _ in range(3):
-        grads = tuple(type(p)(*(rng.standard_normal(a.shape).astype(dtype) for a in p)) for p in params)
+        grads = tree_map(lambda a: rng.standard_normal(a.shape).astype(dtype), params)
         p_h, s_h, n_h = adam_update(p_h, grads, s_h, hp)
         p_x, s_x, n_x = adam_update(p_x, tree_to(xp, grads), s_x, hp)
         assert isinstance(n_x, float) and s_x.t == s_h.t
         close(np.asarray([n_x], dtype=dtype), np.asarray([n_h], dtype=dtype), what="global norm")
         assert abs(global_norm(tree_to(xp, grads)) - n_h) <= 1e-5 * n_h
         for tx, th in ((p_x, p_h), (s_x.m, s_h.m), (s_x.v, s_h.v)):
-            for a, b in zip([a for p in tx for a in p], [a for p in th for a in p]):
+            for a, b in zip(tree_leaves(tx), tree_leaves(th)):
                 assert_in(xp, a)
                 assert a.dtype == b.dtype
                 close(a, b, what="Adam state")
@@ -276,7 +281,7 @@ def test_train_step_matches_host(xp):
         r_x = train_step(p_x, s_x, tasks_to(xp, t), arch, hp)
         p_h, s_h, p_x, s_x = r_h.params, r_h.state, r_x.params, r_x.state
         close(np.asarray([r_x.loss], np.float32), np.asarray([r_h.loss], np.float32), what="loss")
-        for a, b in zip([a for p in p_x for a in p], [a for p in p_h for a in p]):
+        for a, b in zip(tree_leaves(p_x), tree_leaves(p_h)):
             close(a, b, what="params after a train step")
 
 
@@ -320,5 +325,5 @@ def test_one_layer_construction_is_one_gd_step(xp, case, eta):
     dm, t, _ = case
     params, arch = R.gd_stack(1, dm["d"], dm["d_y"], dm["N"], eta, xp=xp)
     X, Y, x_q = (to_xp(xp, a) for a in (t.X, t.Y, t.x_q))
-    pred = R.predict(R.build_tokens(X, Y, x_q), params, arch, dm["d"])
+    pred = R.predict(R.build_tokens(X, Y, x_q), params, arch, dm["layout"])
     close(pred, oracle_gd(t.X, t.Y, t.x_q, eta, 1), "construction", "construction vs loop GD")

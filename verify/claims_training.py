@@ -14,23 +14,21 @@ variable ICGD_TRAIN_BACKEND names another (e.g. ``numpy``, the reference itself)
 Independent runs train in parallel worker processes, one per core.
 """
 
-import argparse
-import multiprocessing
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
 from reference import analysis as A
-from reference import training as T
 
-from . import registry
+from . import registry, runs as R
+from .experiments import get_experiment
+from .pool import train_all
 from .registry import Outcome, claim
+from .settings import apply_overrides
 
 SRC = "von Oswald et al. ICML'23"
 FULL_SEEDS = (0, 1, 2, 3, 4)
-MAX_WORKERS = 3
 
 # Quick mode: the paper's lr, clipping, init and evaluation set (10,000 tasks), fewer
 # steps (and tasks per step where measured to be safe). Measured on the numpy backend:
@@ -63,7 +61,7 @@ def config_for(ctx, experiment, seed):
         over["backend"] = os.environ["ICGD_TRAIN_BACKEND"]
     if not ctx.full:
         over.update(QUICK[experiment])
-    return T.apply_overrides(T.get_experiment(experiment).config, over)
+    return apply_overrides(get_experiment(experiment).config, over)
 
 
 def _run_dir(ctx, cfg):
@@ -73,18 +71,25 @@ def _run_dir(ctx, cfg):
 def _reusable(ctx, cfg):
     """The finished run of ``cfg`` already in the work directory, or None. Only with
     ``--reuse-runs``; the run's config.json must equal ``cfg`` field by field (backend,
-    dtype and seed included) and its last evaluation must be at ``cfg.steps``."""
+    dtype and seed included), its last evaluation must be at ``cfg.steps``, and its
+    summary's digest must match its config, its checkpoint and the current reference/
+    sources (a format-1 run has no digest: it is accepted and the report says so)."""
     if not ctx.reuse_runs:
         return None
     d = _run_dir(ctx, cfg)
     try:
-        r = T.load_result(d)
-    except (OSError, ValueError, KeyError, T.CheckpointError):
+        r = R.load_result(d)
+        bad = R.check_digest(d)
+    except (OSError, ValueError, KeyError, R.CheckpointError):
         return None
     final = r.summary.get("final") or {}
     if r.config != cfg or final.get("step") != cfg.steps:
         return None
-    registry.note_reused(d)
+    legacy = bad == ["no digest (a format-1 run)"]
+    if bad and not legacy:
+        print(f"not reusing {d}: {'; '.join(bad)}", file=sys.stderr, flush=True)
+        return None
+    registry.note_reused(d + (" (format 1: no digest to check)" if legacy else ""))
     print(f"reusing the finished run in {d}", file=sys.stderr, flush=True)
     return r
 
@@ -96,22 +101,14 @@ def run_for(ctx, experiment, seed):
         _prefetch(ctx)
     if cfg not in _MEMO:
         r = _reusable(ctx, cfg)
-        _MEMO[cfg] = r if r is not None else T.train(cfg, _run_dir(ctx, cfg), overwrite=True, progress=False)
+        _MEMO[cfg] = r if r is not None else R.train_run(cfg, _run_dir(ctx, cfg), overwrite=True)
     return _MEMO[cfg]
 
 
 def _selected_experiments(ctx):
-    """The experiments whose claims this verify run selected (from --only on the command
-    line, as the runner reads it); all training experiments when it cannot tell."""
-    from . import runner
-
-    p = argparse.ArgumentParser(add_help=False)
-    runner.add_arguments(p)
-    try:
-        only = p.parse_known_args(sys.argv[1:])[0].only
-    except SystemExit:
-        only = None
-    ids = [c.id for c in registry.select(registry._REGISTRY, ctx.mode, only)]
+    """The experiments whose claims this verify run selected (``ctx.selected``, the claim
+    ids the runner chose); every training experiment when the runner did not say."""
+    ids = ctx.selected if ctx.selected is not None else [f"training.{e}." for e in QUICK]
     return sorted({i.split(".")[1] for i in ids if i.startswith("training.") and i.split(".")[1] in QUICK})
 
 
@@ -120,8 +117,8 @@ _PREFETCHED = set()
 
 def _prefetch(ctx):
     """Train every run the selected training claims need, in parallel worker processes
-    (one per core, at most MAX_WORKERS), longest first; results come back from the run
-    directories. Each run is the same deterministic computation as in-process."""
+    (``verify.pool``); results come back from the run directories. A run that failed in
+    a worker is retrained in-process by :func:`run_for`, which reports its error."""
     key = (ctx.mode, ctx.seed, ctx.workdir)
     if key in _PREFETCHED:
         return
@@ -131,19 +128,10 @@ def _prefetch(ctx):
         r = _reusable(ctx, c) if c not in _MEMO else None
         if r is not None:
             _MEMO[c] = r
-    cfgs = [c for c in cfgs if c not in _MEMO]
-    workers = min(len(cfgs), os.cpu_count() or 1, MAX_WORKERS)
-    if workers < 2:
-        return
-    cost = {"layers5": 4, "recurrent10": 3, "recurrent2": 2, "one_layer": 1, "two_heads": 1}
-    cfgs.sort(key=lambda c: -cost.get(c.experiment, 0))
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {c: pool.submit(T.train_to_dir, c.to_dict(), _run_dir(ctx, c)) for c in cfgs}
-        for c, f in futures.items():
-            try:
-                _MEMO[c] = T.load_result(f.result())
-            except Exception:  # noqa: BLE001 - the claim retrains in-process and reports the error
-                pass
+    jobs = [(c, _run_dir(ctx, c)) for c in cfgs if c not in _MEMO]
+    for c, res in train_all(jobs).items():
+        if not isinstance(res, Exception):
+            _MEMO[c] = res
 
 
 def runs(ctx, experiment):
@@ -184,7 +172,7 @@ def _gdpp_reading(results):
     """The trained first layer read as a GD++ layer (gamma, eta) next to the meta-trained GD++'s."""
     return dict(gamma_model=[r.summary["weights"][0]["gamma_equiv"] for r in results],
                 gamma_gdpp=[r.baselines["gdpp_gammas"][0] for r in results],
-                eta_model=[r.config.N * r.summary["weights"][0]["eta_over_N"] for r in results],
+                eta_model=[r.config.data.N * r.summary["weights"][0]["eta_over_N"] for r in results],
                 eta_gdpp=[r.baselines["gdpp_etas"][0] for r in results])
 
 
@@ -241,7 +229,7 @@ def _(ctx):
                            "values, and Adam's constant step leaves eta within ~2% of the line search (5.95-6.09 vs "
                            "6.10); a model before convergence (step 300) is at 0.68",
                            weights=_per_seed(rs, lambda r: dict(r.summary["weights"][0],
-                                                                eta_equiv=r.config.N * r.summary["weights"][0]["eta_over_N"],
+                                                                eta_equiv=r.config.data.N * r.summary["weights"][0]["eta_over_N"],
                                                                 gd_eta=r.baselines["gd_eta"])))
 
 
@@ -360,8 +348,8 @@ def _(ctx):
 def _(ctx):
     rs = runs(ctx, "two_heads")
     m = [A.readout_map_match(np.array(r.summary["products"][0]["W_KQ"]), np.array(r.summary["products"][0]["W_PV"]),
-                             A.gd_construction_layer(r.config.d, r.config.d_y, r.config.N, r.baselines["gd_eta"]),
-                             r.config.d) for r in rs]
+                             A.gd_construction_layer(r.config.data.d, r.config.data.d_y, r.config.data.N, r.baselines["gd_eta"]),
+                             r.config.data.d) for r in rs]
     return Outcome.at_most(max(x["rel_err"] for x in m), 0.1,
                            "the one-head weights bound: Adam's constant step leaves eta within ~2% and the x-x "
                            "entries near their init noise; measured 0.046-0.062 on 5 seeds (one head: 0.038-0.053 on "

@@ -26,6 +26,7 @@ import reference as R
 from reference.gradcheck import numerical_gradient
 from reference.oracle import oracle_gd, oracle_loss, oracle_lsa_layer, oracle_model
 from reference.tolerances import allclose_report, tolerance
+from reference.tree import tree_leaves, tree_unflatten
 
 from . import golden
 from .registry import Outcome, claim
@@ -42,18 +43,6 @@ def _clip(a):
 
 def _arch(a):
     return R.lsa_stack(int(a["K"]), recurrent=bool(a["recurrent"]), causal=bool(a["causal"]), clip=_clip(a))
-
-
-def _flat(layers):
-    return [x for p in layers for x in p]
-
-
-def _unflat(flat, like):
-    out, n = [], 0
-    for p in like:
-        out.append(type(p)(*flat[n:n + len(p)]))
-        n += len(p)
-    return tuple(out)
 
 
 def _oracle_readout(h, d):
@@ -192,21 +181,17 @@ def _ind_layer(a):
         return np.sum(dout * oracle_lsa_layer(args[0], type(p)(*args[1:]), causal, clip))
 
     rows = [("out", oracle_lsa_layer(a["E"], p, causal, clip), "algebra")]
-    return rows + _grad_rows(f, [a["E"], *p], ["dE"] + [f"d{n}" for n in p._fields])
-
-
-def _grad_names(layers):
-    return [f"layer{k}.d{n}" for k, p in enumerate(layers) for n in p._fields]
+    return rows + _grad_rows(f, [a["E"], *p], ["dE"] + golden.tree_keys((p,), grad=True, key=golden.LAYER_KEY))
 
 
 def _ind_stack(a):
     layers, arch, dout = golden.read_stack(a), _arch(a), a["dout"]
 
     def f(args):
-        return np.sum(dout * oracle_model(args[0], _unflat(args[1:], layers), arch))
+        return np.sum(dout * oracle_model(args[0], tree_unflatten(layers, args[1:]), arch))
 
     rows = [("out", oracle_model(a["E"], layers, arch), "algebra")]
-    return rows + _grad_rows(f, [a["E"], *_flat(layers)], ["dE"] + _grad_names(layers))
+    return rows + _grad_rows(f, [a["E"], *tree_leaves(layers)], ["dE"] + golden.tree_keys(layers, grad=True))
 
 
 def _ind_loss(a):
@@ -218,8 +203,8 @@ def _ind_loss(a):
 
     pred, L = loss(a["E"], layers)
     rows = [("pred", pred, "algebra"), ("L", np.asarray(L), "algebra")]
-    f = lambda args: loss(args[0], _unflat(args[1:], layers))[1]  # noqa: E731
-    return rows + _grad_rows(f, [a["E"], *_flat(layers)], ["dE"] + _grad_names(layers))
+    f = lambda args: loss(args[0], tree_unflatten(layers, args[1:]))[1]  # noqa: E731
+    return rows + _grad_rows(f, [a["E"], *tree_leaves(layers)], ["dE"] + golden.tree_keys(layers, grad=True))
 
 
 def _ind_construction(a, gdpp):
@@ -240,20 +225,24 @@ def _ind_construction(a, gdpp):
         blocks = [_gd_blocks(d, d_y, N, eta, W_0)] * arch.n_param_layers
         target = oracle_gd(X, Y, x_q, eta, K, W_0)
         rows += [("pred_gd", target, "algebra"), ("W_gd", _gd_weights(X, Y, eta, K, W_0), "algebra")]
-    for k, blk in enumerate(blocks):
-        rows += [(f"layer{k}.{n}", m, "algebra") for n, m in blk.items()]
     layers = tuple(R.LSAParams(**blk) for blk in blocks)
+    rows += [(k, m, "algebra") for k, m in golden.stack_arrays(layers).items()]
     out = oracle_model(E, layers, arch)
     rows += [("out", out, "algebra"), ("pred", target, "construction")]
     return rows
 
 
 def _ind_adam(a):
-    keys = [k for k in a if k.startswith("layer") and ".d" not in k]
-    grads = {k: a[k.replace(".", ".d", 1)] for k in keys}
-    new_p, new_m, new_v, t, norm = _adam_step({k: a[k] for k in keys}, grads, {k: a[f"m.{k}"] for k in keys},
-                                              {k: a[f"v.{k}"] for k in keys}, int(a["t"]), float(a["lr"]),
-                                              float(a["b1"]), float(a["b2"]), float(a["eps"]), float(a["clip_norm"]))
+    params = golden.read_stack(a)
+    keys = golden.tree_keys(params)                                    # layer<k>.<name>, in tree order
+
+    def by_key(tree):
+        return dict(zip(keys, tree_leaves(tree)))
+
+    new_p, new_m, new_v, t, norm = _adam_step(by_key(params), by_key(golden.read_stack(a, grad=True)),
+                                              by_key(golden.read_stack(a, "m.")), by_key(golden.read_stack(a, "v.")),
+                                              int(a["t"]), float(a["lr"]), float(a["b1"]), float(a["b2"]),
+                                              float(a["eps"]), float(a["clip_norm"]))
     rows = [("new_t", np.asarray(t, dtype=np.int64), "exact"), ("grad_norm", np.asarray(norm), "algebra")]
     for k in keys:
         rows += [(f"new.{k}", new_p[k], "algebra"), (f"new_m.{k}", new_m[k], "algebra"), (f"new_v.{k}", new_v[k], "algebra")]
@@ -262,8 +251,8 @@ def _ind_adam(a):
 
 def _ind_train(a):
     layers, arch = golden.read_stack(a), _arch(a)
-    keys = [f"layer{k}.{n}" for k, p in enumerate(layers) for n in p._fields]
-    params = dict(zip(keys, _flat(layers)))
+    params = golden.tree_arrays(layers)                                # layer<k>.<name> -> array, in tree order
+    keys = list(params)
     m = {k: np.zeros_like(x) for k, x in params.items()}
     v = {k: np.zeros_like(x) for k, x in params.items()}
     t, rows, losses, norms = 0, [], [], []
@@ -278,7 +267,7 @@ def _ind_train(a):
         def f(args):
             # the oracle's output takes E's dtype: give E the arguments' (complex during the complex step)
             Ez = E.astype(np.result_type(E, *args))
-            return oracle_loss(_oracle_readout(oracle_model(Ez, _unflat(args, layers), arch), d), tk["y_q"])
+            return oracle_loss(_oracle_readout(oracle_model(Ez, tree_unflatten(layers, args), arch), d), tk["y_q"])
 
         losses.append(f(list(params.values())))
         g = dict(zip(keys, numerical_gradient(f, list(params.values()), "complex_step")))

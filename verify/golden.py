@@ -18,7 +18,8 @@ recomputes outputs from the *stored* inputs, so a port needs only the npz.
 Conventions inside an npz: every float is float64; configuration is stored as 0-d
 arrays (``causal``, ``recurrent`` bool; ``K``, ``d``, ``seed`` int64); ``clip`` and
 ``clip_norm`` = +inf mean "no clipping" (clip(x, -inf, inf) = x exactly); per-layer
-parameters of a stack are ``layer<k>.<name>``, gradients ``d<name>``.
+parameters of a stack are ``layer<k>.<name>``, gradients ``d<name>`` (the leaf of
+path ``<k>.<name>`` of the parameter tree, ``reference.tree``; see ``STACK_KEY``).
 """
 
 import argparse
@@ -38,6 +39,7 @@ import reference as R
 from reference.backends.numpy_backend import make_stepper
 from reference.optim import AdamHP, AdamState, adam_init, adam_update, global_norm
 from reference.tolerances import allclose_report, tolerance
+from reference.tree import tree_leaves, tree_map, tree_paths, tree_unflatten
 
 FORMAT_VERSION = 1
 SEED = 20230712
@@ -56,34 +58,65 @@ class Case(NamedTuple):
 
 
 # --------------------------------------------------------------------------------
-# Parameter naming: LSAParams / MergedParams <-> flat npz keys
+# Parameter naming: parameter trees (reference.tree) <-> npz keys
 # --------------------------------------------------------------------------------
+# A tree's leaves are walked and named by reference.tree (tree_leaves, tree_paths
+# "<i>.<field>", tree_unflatten); the vector files spell the path of leaf <i>.<field>
+# with one of these formats (g = "d" for gradients, "" otherwise):
+
+STACK_KEY = "{prefix}layer{i}.{g}{field}"   # a stack's tree: layer0.W_Q, m.layer1.P, layer0.dW_Q
+LAYER_KEY = "{prefix}{g}{field}"            # a one-layer case: W_Q, dW_Q (the tree (p,))
+
+
+def tree_keys(tree, prefix="", grad=False, key=STACK_KEY):
+    """The npz key of each of ``tree_leaves(tree)``, from its path ``"<i>.<field>"``."""
+    keys = []
+    for path in tree_paths(tree):
+        i, field = path.split(".", 1)
+        keys.append(key.format(prefix=prefix, i=i, g="d" if grad else "", field=field))
+    return keys
+
+
+def tree_arrays(tree, prefix="", grad=False, key=STACK_KEY):
+    """``{npz key: leaf}`` for a parameter tree, in ``tree_leaves`` order."""
+    return dict(zip(tree_keys(tree, prefix, grad, key), tree_leaves(tree)))
+
+
+def read_tree(arrays, types, prefix="", grad=False, key=STACK_KEY):
+    """The tree with one layer of each NamedTuple class in ``types`` stored by
+    :func:`tree_arrays`. The skeleton's leaves are its field names (only its structure
+    is used: the keys and the order)."""
+    like = tuple(tp(*tp._fields) for tp in types)
+    return tree_unflatten(like, [np.asarray(arrays[k]) for k in tree_keys(like, prefix, grad, key)])
+
+
+def _stored_type(arrays, prefix, grad, key, i=0):
+    """MergedParams if layer ``i`` is stored merged (``W_KQ``), else LSAParams."""
+    merged = key.format(prefix=prefix, i=i, g="d" if grad else "", field="W_KQ") in arrays
+    return R.MergedParams if merged else R.LSAParams
+
 
 def layer_arrays(p, prefix="", grad=False):
-    """{prefix + ('d' if grad) + field: array} for one layer's params or gradients."""
-    return {f"{prefix}{'d' if grad else ''}{f}": a for f, a in zip(p._fields, p)}
+    """Keys ``<prefix>W_Q`` ... (``<prefix>dW_Q`` ... for gradients) for one layer."""
+    return tree_arrays((p,), prefix, grad, LAYER_KEY)
 
 
 def stack_arrays(layers, prefix="", grad=False):
     """Keys ``<prefix>layer<k>.<name>`` (``.d<name>`` for gradients) for a tuple of layers."""
-    out = {}
-    for k, p in enumerate(layers):
-        out.update(layer_arrays(p, f"{prefix}layer{k}.", grad))
-    return out
+    return tree_arrays(layers, prefix, grad, STACK_KEY)
 
 
 def read_layer(arrays, prefix="", grad=False):
     """One layer from keys ``<prefix>W_Q`` ... (factored) or ``<prefix>W_KQ`` ... (merged)."""
-    g = "d" if grad else ""
-    kind = R.MergedParams if f"{prefix}{g}W_KQ" in arrays else R.LSAParams
-    return kind(*(np.asarray(arrays[f"{prefix}{g}{f}"]) for f in kind._fields))
+    return read_tree(arrays, [_stored_type(arrays, prefix, grad, LAYER_KEY)], prefix, grad, LAYER_KEY)[0]
 
 
 def read_stack(arrays, prefix="", grad=False):
     """The tuple of layers stored under ``<prefix>layer0.``, ``<prefix>layer1.``, ..."""
     pat = re.compile(re.escape(prefix) + r"layer(\d+)\.")
     n = 1 + max(int(m.group(1)) for m in (pat.match(k) for k in arrays) if m)
-    return tuple(read_layer(arrays, f"{prefix}layer{k}.", grad) for k in range(n))
+    types = [_stored_type(arrays, prefix, grad, STACK_KEY, i) for i in range(n)]
+    return read_tree(arrays, types, prefix, grad, STACK_KEY)
 
 
 def _scalar(x):
@@ -121,7 +154,8 @@ def compute_stack(a):
 
 def compute_loss(a):
     """Readout, 0.5 * MSE loss and the loss gradient for E and every parameter."""
-    L, grads, aux = R.loss_and_grads(a["E"], a["y_q"], read_stack(a), _arch(a), int(a["d"]))
+    layout = R.TokenLayout(int(a["d"]), a["y_q"].shape[1])
+    L, grads, aux = R.loss_and_grads(a["E"], a["y_q"], read_stack(a), _arch(a), layout)
     return {"pred": aux["pred"], "L": np.asarray(L, dtype=np.float64), "dE": aux["dE"], **stack_arrays(grads, grad=True)}
 
 
@@ -132,10 +166,11 @@ def compute_gd(a):
     d_y = Y.shape[2]
     eta, K = float(a["eta"]), int(a["K"])
     params, arch = R.gd_stack(K, d, d_y, N, eta, W_0, recurrent=bool(a["recurrent"]))
-    E = R.build_tokens(X, Y, x_q, W_0=W_0)                             # (B, T, D)
+    layout = R.TokenLayout(d, d_y)
+    E = layout.build(X, Y, x_q, W_0=W_0)                               # (B, T, D)
     out, _ = R.model_forward(E, params, arch)
     pred_gd, W_gd = R.gd_predict(X, Y, x_q, eta, K, W_0=W_0)
-    return {"E": E, **stack_arrays(params), "out": out, "pred": R.readout(out, d), "pred_gd": pred_gd, "W_gd": W_gd}
+    return {"E": E, **stack_arrays(params), "out": out, "pred": layout.readout(out), "pred_gd": pred_gd, "W_gd": W_gd}
 
 
 def compute_gdpp(a):
@@ -144,10 +179,11 @@ def compute_gdpp(a):
     B, N, d = X.shape
     etas, gammas = [float(e) for e in a["etas"]], [float(g) for g in a["gammas"]]
     params, arch = R.gdpp_stack(d, Y.shape[2], N, etas, gammas, W_0)
-    E = R.build_tokens(X, Y, x_q, W_0=W_0)                             # (B, T, D)
+    layout = R.TokenLayout(d, Y.shape[2])
+    E = layout.build(X, Y, x_q, W_0=W_0)                               # (B, T, D)
     out, _ = R.model_forward(E, params, arch)
     pred_gdpp = R.gdpp_predict(X, Y, x_q, etas, gammas, W_0=W_0)
-    return {"E": E, **stack_arrays(params), "out": out, "pred": R.readout(out, d), "pred_gdpp": pred_gdpp}
+    return {"E": E, **stack_arrays(params), "out": out, "pred": layout.readout(out), "pred_gdpp": pred_gdpp}
 
 
 def _hp(a):
@@ -329,8 +365,8 @@ def build_adam(rng, n_layers, H, merged, clip):
     params = tuple(_random_layer(rng, D, H, merged, Kd=D, Vd=D, scale=0.1) for _ in range(n_layers))
     grads = tuple(_random_layer(rng, D, H, merged, Kd=D, Vd=D, scale=0.1) for _ in range(n_layers))
     m = tuple(_random_layer(rng, D, H, merged, Kd=D, Vd=D, scale=0.01) for _ in range(n_layers))
-    v = tuple(type(p)(*(a * a for a in p)) for p in
-              (_random_layer(rng, D, H, merged, Kd=D, Vd=D, scale=0.01) for _ in range(n_layers)))
+    v_root = tuple(_random_layer(rng, D, H, merged, Kd=D, Vd=D, scale=0.01) for _ in range(n_layers))
+    v = tree_map(lambda a: a * a, v_root)                               # second moments are >= 0
     norm = global_norm(grads)
     clip_norm = float(f"{0.5 * norm:.3g}") if clip else np.inf         # clip = active: half the gradient's norm
     return {**stack_arrays(params), **stack_arrays(grads, grad=True), **stack_arrays(m, "m."), **stack_arrays(v, "v."),

@@ -1,7 +1,7 @@
 """PNG plots of a training run directory (matplotlib, Agg backend; no display needed).
 
 ``make_plots(run_dir)`` reads config.json, metrics.jsonl, summary.json and the
-checkpoint written by ``reference.training.train`` and draws, under run_dir/plots/:
+checkpoint of a run directory (``verify.runs``) and draws, under run_dir/plots/:
 
 * loss.png: eval and training loss against the step, with GD-K, GD++ and least squares;
 * alignment.png: preds diff, model cos and model diff against GD and GD++;
@@ -20,14 +20,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from reference import analysis as A  # noqa: E402
-from reference import training as T  # noqa: E402
+from . import runs  # noqa: E402
 
 COLORS = {"model": "C0", "gd": "C1", "gdpp": "C2", "lstsq": "C3", "interp": "C4"}
 
 
 def make_plots(run_dir):
     """Draw every plot the run's files allow; returns the list of PNG paths."""
-    cfg, params, rows, summary = T.load_run(run_dir)
+    cfg, ck, rows, summary = runs.load_run(run_dir)
+    params = None if ck is None else ck.params
     out = os.path.join(run_dir, "plots")
     os.makedirs(out, exist_ok=True)
     base = next((r for r in rows if r.get("kind") == "baselines"), None)
@@ -46,8 +47,8 @@ def make_plots(run_dir):
 
 
 def _title(cfg):
-    kind = "recurrent" if cfg.recurrent else "separate"
-    return (f"{cfg.experiment}: K={cfg.n_layers} {kind}, H={cfg.heads}, d={cfg.d}, N={cfg.N}, "
+    kind = "recurrent" if cfg.model.recurrent else "separate"
+    return (f"{cfg.experiment}: K={cfg.model.n_layers} {kind}, H={cfg.model.heads}, d={cfg.data.d}, N={cfg.data.N}, "
             f"seed {cfg.seed}")
 
 
@@ -65,9 +66,9 @@ def plot_loss(cfg, hist, base, summary, path):
     tr = [(r["step"], r["train_loss"]) for r in hist if r.get("train_loss") is not None]
     if tr:
         ax.plot(*zip(*tr), color=COLORS["model"], lw=1, alpha=0.4, label="trained LSA (training batches)")
-    K = cfg.n_layers
+    K = cfg.model.n_layers
     ax.axhline(base["gd_loss"], color=COLORS["gd"], ls="--", label=f"GD-{K}, eta {base['gd_eta']:.2f}: {base['gd_loss']:.4f}")
-    gdpp_kind = f"{'shared' if cfg.gdpp_shared else 'per layer'}, {cfg.gdpp_steps} meta-steps"
+    gdpp_kind = f"{'shared' if cfg.gdpp_shared else 'per layer'}, {cfg.baselines.gdpp_steps} meta-steps"
     ax.axhline(base["gdpp_loss"], color=COLORS["gdpp"], ls=":", lw=2, label=f"GD++ ({gdpp_kind}): {base['gdpp_loss']:.4f}")
     lo = min(min(r["loss"] for r in hist), base["gd_loss"], base["gdpp_loss"])
     if base["lstsq_loss"] > 1e-3 * lo:
@@ -90,7 +91,7 @@ def plot_alignment(cfg, hist, path):
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
     steps = [r["step"] for r in hist]
     for ax, key, label in zip(axes, ("preds_diff", "model_cos", "model_diff"), ("Preds diff", "Model cos", "Model diff")):
-        for ref, name in (("gd", f"GD-{cfg.n_layers}"), ("gdpp", "GD++")):
+        for ref, name in (("gd", f"GD-{cfg.model.n_layers}"), ("gdpp", "GD++")):
             ax.plot(steps, [r[f"{key}_{ref}"] for r in hist], color=COLORS[ref], label=f"vs {name}",
                     ls="-" if ref == "gd" else "--")
         ax.set_title(label)
@@ -112,7 +113,7 @@ def plot_ood(cfg, ood, path):
         r = ood[kind]
         a = r["alpha"]
         ax.plot(a, r["model"], color=COLORS["model"], lw=2, label="trained LSA")
-        ax.plot(a, r["gd"], color=COLORS["gd"], ls="--", label=f"GD-{cfg.n_layers}")
+        ax.plot(a, r["gd"], color=COLORS["gd"], ls="--", label=f"GD-{cfg.model.n_layers}")
         ax.plot(a, r["gdpp"], color=COLORS["gdpp"], ls=":", lw=2, label="GD++")
         if max(r["lstsq"]) > 1e-6:
             ax.plot(a, r["lstsq"], color=COLORS["lstsq"], ls="-.", label="least squares")
@@ -126,22 +127,22 @@ def plot_ood(cfg, ood, path):
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    fig.suptitle(_title(cfg) + f" - out of distribution ({cfg.ood_tasks} tasks per point)", fontsize=9)
+    fig.suptitle(_title(cfg) + f" - out of distribution ({cfg.analysis.ood_tasks} tasks per point)", fontsize=9)
     return _save(fig, path)
 
 
 def plot_weights(cfg, params, base, path):
     """Heat maps of the trained products per layer and head (columns), rows W_KQ and
     W_PV, then the construction's W_KQ and W_PV for the same layer."""
-    consts = T._construction_layers(cfg, base, np.float64)
+    consts = A.construction_layers(cfg, base, np.float64)
     cols = []
     for k, layer in enumerate(params):
         KQ, PV = A.layer_products(layer)
         CKQ, CPV = (a[0] for a in A.layer_products(consts[min(k, len(consts) - 1)]))
         for h in range(KQ.shape[0]):
-            name = ("shared layer" if cfg.recurrent else f"layer {k}") + (f" head {h}" if KQ.shape[0] > 1 else "")
+            name = ("shared layer" if cfg.model.recurrent else f"layer {k}") + (f" head {h}" if KQ.shape[0] > 1 else "")
             cols.append((name, KQ[h], PV[h], CKQ, CPV))
-    cname = "GD" if cfg.n_layers == 1 else "GD++"
+    cname = "GD" if cfg.model.n_layers == 1 else "GD++"
     one = len(cols) == 1   # one layer and head: a 2 x 2 grid (trained row, construction row)
     if one:
         fig, grid = plt.subplots(2, 2, figsize=(8, 7), squeeze=False)

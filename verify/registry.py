@@ -18,7 +18,7 @@ import pkgutil
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -60,13 +60,15 @@ class Claim:
 
 @dataclass
 class Context:
-    """What a claim function may use: the mode, a seed, a work directory, and whether
-    finished training runs already in the work directory may be reused."""
+    """What a claim function may use: the mode, a seed, a work directory, whether
+    finished training runs already in the work directory may be reused, and the ids of
+    the claims this run selected (None: not known, e.g. a claim called on its own)."""
 
     mode: str = "quick"
     seed: int = 0
     workdir: str = "runs/verify"
     reuse_runs: bool = False
+    selected: Optional[list] = None
 
     @property
     def full(self):
@@ -150,6 +152,11 @@ def note_reused(run_dir):
 def reused_runs():
     """The run directories reused in this process (``--reuse-runs``), in order."""
     return list(_REUSED)
+
+
+def import_errors():
+    """{module: traceback} of the claims modules that failed to import."""
+    return dict(_IMPORT_ERRORS)
 
 
 def import_error_rows():

@@ -28,10 +28,11 @@ def run(args):
         for c in claims:
             print(f"{c.id:<44} {c.source:<28} {c.statement}")
         return 0
-    if not claims and not registry._IMPORT_ERRORS:
+    if not claims and not registry.import_errors():
         print(f"no claim matches {args.only!r}", file=sys.stderr)
         return 2
-    ctx = registry.Context(mode=mode, seed=args.seed, workdir=args.workdir, reuse_runs=args.reuse_runs)
+    ctx = registry.Context(mode=mode, seed=args.seed, workdir=args.workdir, reuse_runs=args.reuse_runs,
+                           selected=[c.id for c in claims])
     print(f"icgd {__version__} verify, {mode} mode, {len(claims)} claims", flush=True)
     t0 = time.perf_counter()
     rows = registry.import_error_rows()

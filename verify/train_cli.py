@@ -6,23 +6,28 @@
                                                          config.json is reused, --steps may grow)
     icgd train --list                                   (the named experiments)
 
-The experiment's config (``reference.training.EXPERIMENTS``) is overridden field by
-field, either as ``--set KEY=VALUE`` or as ``--KEY VALUE``; values are converted by
-the field's type, unknown keys are refused, and the effective config is printed
-before any work. The run directory gets config.json, metrics.jsonl, checkpoint.npz,
+The experiment's config (``verify.experiments.EXPERIMENTS``) is overridden field by
+field, either as ``--set KEY=VALUE`` (KEY a flat name such as ``lr`` or a dotted one
+such as ``optim.lr``) or as ``--KEY VALUE``; values are converted by the field's type,
+unknown keys are refused, and the effective config is printed before any work. The
+run directory (``verify.runs``) gets config.json, metrics.jsonl, checkpoint.npz,
 summary.json and plots/*.png.
 
 Exit codes: 0 done, 2 bad configuration, 3 training diverged, 4 checkpoint refused.
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
-import typing
 
-from reference import training as T
+from reference.config import ConfigError, LEAVES, config_from_dict, dotted_name, flat_names, type_name
+from reference.errors import TrainingDiverged
+
+from . import runs
+from .experiments import EXPERIMENTS, get_experiment
+from .progress import Progress
+from .settings import apply_overrides, parse_set_args
 
 
 def add_arguments(p):
@@ -37,29 +42,29 @@ def add_arguments(p):
     p.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
     g = p.add_argument_group("config fields", "every field of the config can be given as --FIELD VALUE "
-                                              "(same as --set FIELD=VALUE)")
-    hints = typing.get_type_hints(T.TrainConfig)
-    for f in dataclasses.fields(T.TrainConfig):
-        if f.name == "experiment":
+                                              "(same as --set FIELD=VALUE or --set GROUP.FIELD=VALUE)")
+    for (group, name), tp in LEAVES.items():
+        if name == "experiment":
             continue
-        g.add_argument(f"--{f.name}", dest=f"cfg__{f.name}", metavar=_metavar(hints[f.name]), default=None)
+        g.add_argument(f"--{name}", dest=f"cfg__{name}", metavar=_metavar(tp), default=None,
+                       help=dotted_name(name) if group else None)
 
 
 def _metavar(tp):
     """INT, FLOAT, BOOL, STR, or FLOAT|none for an optional field."""
-    return "|".join("none" if n == "None" else n.upper() for n in T._type_name(tp).split(" or "))
+    return "|".join("none" if n == "None" else n.upper() for n in type_name(tp).split(" or "))
 
 
 def _overrides(args):
-    over = T.parse_set_args(args.set_)
-    for f in dataclasses.fields(T.TrainConfig):
-        v = getattr(args, f"cfg__{f.name}", None)
+    over = parse_set_args(args.set_)
+    for name in flat_names():
+        v = getattr(args, f"cfg__{name}", None)
         if v is None:
             continue
-        if f.name in over and over[f.name] != v:
-            raise T.ConfigError(f"{f.name} given twice with different values: --set {f.name}={over[f.name]} "
-                                f"and --{f.name} {v}")
-        over[f.name] = v
+        if name in over and over[name] != v:
+            raise ConfigError(f"{name} given twice with different values: --set {name}={over[name]} "
+                              f"and --{name} {v}")
+        over[name] = v
     return over
 
 
@@ -68,35 +73,46 @@ def effective_config(args):
     With --resume and an existing run in --out, the run's config.json is the base (so
     the overrides need not be repeated; the experiment name is optional)."""
     over = _overrides(args)
-    saved = os.path.join(args.out, T.CONFIG_FILE) if args.out else None
+    saved = os.path.join(args.out, runs.CONFIG_FILE) if args.out else None
     if args.resume and saved and os.path.exists(saved):
         try:
             with open(saved) as f:
-                base = T.config_from_dict(json.load(f))
+                base = config_from_dict(json.load(f))
         except (OSError, ValueError, TypeError) as exc:
-            raise T.ConfigError(f"{saved}: unreadable config ({exc})") from exc
+            raise ConfigError(f"{saved}: unreadable config ({exc})") from exc
         if args.experiment and args.experiment != base.experiment:
-            raise T.ConfigError(f"{args.out} holds a run of {base.experiment!r}, not {args.experiment!r}")
-        return T.apply_overrides(base, over), sorted(over)
+            raise ConfigError(f"{args.out} holds a run of {base.experiment!r}, not {args.experiment!r}")
+        return apply_overrides(base, over), _names(over)
     if not args.experiment:
-        raise T.ConfigError("name an experiment (one of: " + ", ".join(T.EXPERIMENTS) + "); see --list")
-    exp = T.get_experiment(args.experiment)
-    return T.apply_overrides(exp.config, over), sorted(over)
+        raise ConfigError("name an experiment (one of: " + ", ".join(EXPERIMENTS) + "); see --list")
+    exp = get_experiment(args.experiment)
+    return apply_overrides(exp.config, over), _names(over)
+
+
+def _names(over):
+    """The flat names of the overridden fields (dotted names resolved)."""
+    from reference.config import field_path
+
+    return sorted(field_path(k)[-1] for k in over)
 
 
 def format_config(cfg, overridden=()):
     lines = [f"effective config ({cfg.experiment}; * = overridden):"]
-    for f in dataclasses.fields(cfg):
-        mark = "*" if f.name in overridden else " "
-        lines.append(f" {mark} {f.name:<18} = {getattr(cfg, f.name)!r}")
+    group = None
+    for (g, name) in LEAVES:
+        if g != group and g is not None:
+            lines.append(f"   [{g}]")
+        group = g
+        mark = "*" if name in overridden else " "
+        lines.append(f" {mark} {name:<18} = {cfg.get(name)!r}")
     return "\n".join(lines)
 
 
 def _list():
-    for name, e in T.EXPERIMENTS.items():
-        c = e.config
-        print(f"{name:<12} K={c.n_layers} {'recurrent' if c.recurrent else 'separate '} H={c.heads} "
-              f"steps={c.steps} lr={c.lr:g} grad_clip={c.grad_clip} token_clip={c.token_clip}\n"
+    for name, e in EXPERIMENTS.items():
+        m, c = e.config.model, e.config
+        print(f"{name:<12} K={m.n_layers} {'recurrent' if m.recurrent else 'separate '} H={m.heads} "
+              f"steps={c.steps} lr={c.optim.lr:g} grad_clip={c.optim.grad_clip} token_clip={m.token_clip}\n"
               f"             {e.description}")
 
 
@@ -106,8 +122,8 @@ def run(args):
         return 0
     try:
         cfg, overridden = effective_config(args)
-        T.check_backend_available(cfg.backend)
-    except T.ConfigError as exc:
+        runs.check_runnable(cfg)
+    except ConfigError as exc:
         print(f"icgd train: {exc}", file=sys.stderr)
         return 2
     out = args.out or os.path.join("runs", f"{cfg.experiment}-seed{cfg.seed}")
@@ -116,14 +132,16 @@ def run(args):
     if args.dry_run:
         return 0
     try:
-        res = T.train(cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
-    except T.ConfigError as exc:
+        res = runs.train_run(cfg, out, resume=args.resume, overwrite=args.overwrite,
+                             progress=Progress(cfg.steps, enabled=not args.quiet),
+                             log=None if args.quiet else runs.log_to_stderr)
+    except ConfigError as exc:
         print(f"icgd train: {exc}", file=sys.stderr)
         return 2
-    except T.TrainingDiverged as exc:
+    except TrainingDiverged as exc:
         print(f"icgd train: {exc}", file=sys.stderr)
         return 3
-    except T.CheckpointError as exc:
+    except runs.CheckpointError as exc:
         print(f"icgd train: cannot resume: {exc}", file=sys.stderr)
         return 4
     print(summary_text(res))
@@ -137,7 +155,7 @@ def run(args):
 
 def summary_text(res):
     b, f, s = res.baselines, res.summary.get("final") or {}, res.summary
-    K = res.config.n_layers
+    K = res.config.model.n_layers
     lines = [f"final eval loss {f.get('loss', float('nan')):.5f} after {res.config.steps} steps; "
              f"GD-{K} {b['gd_loss']:.5f} (eta {b['gd_eta']:.3f}), GD++ {b['gdpp_loss']:.5f}, "
              f"least squares {b['lstsq_loss']:.3g}"]
@@ -155,7 +173,7 @@ def summary_text(res):
         lines.append(f"interpolated model loss {i['loss_interpolated']:.5f} (model {i['loss_model']:.5f}, "
                      f"construction {i['loss_construction']:.5f})")
     if res.run_dir:
-        lines.append(f"wrote {res.run_dir}/: " + ", ".join(T.RUN_FILES))
+        lines.append(f"wrote {res.run_dir}/: " + ", ".join(runs.RUN_FILES))
     return "\n".join(lines)
 
 

@@ -1,0 +1,385 @@
+"""What a training run depends on: one frozen, grouped configuration.
+
+    TrainConfig(experiment, seed, steps, dtype, backend,
+                data=DataConfig(...), model=ModelConfig(...), optim=OptimConfig(...),
+                eval=EvalConfig(...), baselines=BaselineConfig(...), analysis=AnalysisConfig(...))
+
+Defaults: the one-layer experiment of the official code (paper-settings.md sections 1,
+4, 5). Every field has a unique name across the groups (its "flat" name, e.g. ``lr``,
+``eval_tasks``), which is how the command line and version-1 ``config.json`` files
+address it; ``optim.lr`` is its dotted name. Every problem with a config is reported
+at construction (:class:`ConfigError`, all at once, each naming the field).
+
+The objects a run derives from a config (:meth:`TrainConfig.arch`,
+:meth:`TrainConfig.task_spec`, :meth:`TrainConfig.adam_hp`, :meth:`TrainConfig.layout`)
+are what a port needs to reproduce a run; parsing of command-line text lives in the
+application (``verify``).
+"""
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from .backends import DEFAULT_TRAIN_BACKEND, backend_names
+from .layers import LayerSpec
+from .model import Arch
+from .optim import AdamHP
+from .tasks import TaskSpec
+from .tokens import TokenLayout
+
+MAX_STEPS = 2 ** 31
+
+
+class ConfigError(ValueError):
+    """A configuration value or override is invalid (raised before any work)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Regression tasks: inputs U(x_low, x_high)^d, teacher W ~ w_scale N(0, I) (d_y x d),
+    label noise noise_std, n_distractors context labels replaced by noise; N context
+    pairs; batch fresh tasks per training step."""
+
+    d: int = 10
+    N: int = 10
+    d_y: int = 1
+    batch: int = 2048
+    x_low: float = -0.5
+    x_high: float = 0.5
+    w_scale: float = 1.0
+    noise_std: float = 0.0
+    n_distractors: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A stack of n_layers LSA layers (weight-tied when recurrent). Every lsa option is a
+    field: heads, key_size / value_size (None: D), merged parameterisation, causal
+    attention, token_clip (clip tokens to [-c, c] after every layer; None = off; the
+    code uses 10 when K > 3). init_scale: variance scaling scale / K over fan-in."""
+
+    n_layers: int = 1
+    recurrent: bool = False
+    heads: int = 1
+    key_size: Optional[int] = None
+    value_size: Optional[int] = None
+    merged: bool = False
+    causal: bool = False
+    token_clip: Optional[float] = None
+    init_scale: float = 0.002
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Adam (lr, b1, b2, eps) after global-norm clipping at grad_clip (None = off; the
+    code uses 0.001 when K <= 2, else 10)."""
+
+    lr: float = 1e-3
+    b1: float = 0.9
+    b2: float = 0.98
+    eps: float = 1e-8
+    grad_clip: Optional[float] = 0.001
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """eval_tasks fixed tasks from eval_seed, evaluated every eval_every steps; a
+    checkpoint every checkpoint_every steps (a multiple of eval_every)."""
+
+    eval_tasks: int = 10_000
+    eval_seed: int = 2023
+    eval_every: int = 100
+    checkpoint_every: int = 500
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """line_search_tasks for the GD eta; GD++ meta-trained by Adam (gdpp_lr, b1 0.9,
+    gdpp_b2, eps 1e-8) on gdpp_batch tasks per step for gdpp_steps steps."""
+
+    line_search_tasks: int = 10_000
+    gdpp_steps: int = 1000
+    gdpp_lr: float = 1e-3
+    gdpp_b2: float = 0.999
+    gdpp_batch: int = 512
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """ood_tasks tasks per OOD point; a roll-out of rollout_steps damped applications
+    (rollout_damping) of a one-layer model."""
+
+    ood_tasks: int = 1000
+    rollout_steps: int = 50
+    rollout_damping: float = 0.75
+
+
+GROUPS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "eval": EvalConfig,
+          "baselines": BaselineConfig, "analysis": AnalysisConfig}
+TOP_LEVEL = ("experiment", "seed", "steps", "dtype", "backend")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on (see the module docstring)."""
+
+    experiment: str = "custom"
+    seed: int = 0
+    steps: int = 5000
+    dtype: str = "float32"
+    backend: str = DEFAULT_TRAIN_BACKEND
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+
+    def __post_init__(self):
+        errors = _config_errors(self)
+        if errors:
+            raise ConfigError("invalid training configuration:\n  " + "\n  ".join(errors))
+
+    # derived objects -------------------------------------------------------------
+    @property
+    def np_dtype(self):
+        return np.dtype(self.dtype)
+
+    @property
+    def gdpp_shared(self):
+        """GD++ has one (eta, gamma) when the model shares its layer (or has one)."""
+        return self.model.recurrent or self.model.n_layers == 1
+
+    def layout(self):
+        return TokenLayout(self.data.d, self.data.d_y)
+
+    def arch(self):
+        m = self.model
+        spec = LayerSpec("lsa", (("causal", m.causal), ("clip", m.token_clip), ("heads", m.heads),
+                                 ("key_size", m.key_size), ("value_size", m.value_size), ("merged", m.merged)))
+        K = m.n_layers
+        return Arch((spec,) * K, (0,) * K if m.recurrent else None)
+
+    def task_spec(self, B=None):
+        t = self.data
+        return TaskSpec(d=t.d, N=t.N, d_y=t.d_y, B=t.batch if B is None else B, x_range=(t.x_low, t.x_high),
+                        w_scale=t.w_scale, noise_std=t.noise_std, n_distractors=t.n_distractors)
+
+    def adam_hp(self):
+        o = self.optim
+        return AdamHP(lr=o.lr, b1=o.b1, b2=o.b2, eps=o.eps, clip_norm=o.grad_clip)
+
+    # names and values ------------------------------------------------------------
+    def get(self, name):
+        """A field by flat or dotted name."""
+        path = field_path(name)
+        obj = self
+        for part in path:
+            obj = getattr(obj, part)
+        return obj
+
+    def to_dict(self):
+        """Grouped dict (what config.json holds, with ``format_version`` 2 added by the writer)."""
+        return dataclasses.asdict(self)
+
+    def flat_dict(self):
+        """{flat name: value} over every field."""
+        return {name: self.get(name) for name in flat_names()}
+
+    def to_json(self):
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def replace(self, **values):
+        """A new config with fields replaced, by flat or dotted name (already typed values)."""
+        top, groups = {}, {g: {} for g in GROUPS}
+        for name, v in values.items():
+            path = field_path(name)
+            if len(path) == 1:
+                top[path[0]] = v
+            else:
+                groups[path[0]][path[1]] = v
+        for g, vals in groups.items():
+            if vals:
+                top[g] = dataclasses.replace(getattr(self, g), **vals)
+        return dataclasses.replace(self, **top)
+
+
+# ---- field names ------------------------------------------------------------------------
+
+def _leaf_types():
+    """{(group or None, name): type} for every leaf field, in declaration order."""
+    out = {}
+    hints = typing.get_type_hints(TrainConfig)
+    for name in TOP_LEVEL:
+        out[(None, name)] = hints[name]
+    for g, cls in GROUPS.items():
+        for name, tp in typing.get_type_hints(cls).items():
+            out[(g, name)] = tp
+    return out
+
+
+LEAVES = _leaf_types()
+
+
+def flat_names():
+    """Every field's flat name, in declaration order."""
+    return [name for (_, name) in LEAVES]
+
+
+def dotted_name(flat):
+    g = next(g for (g, n) in LEAVES if n == flat)
+    return flat if g is None else f"{g}.{flat}"
+
+
+def field_path(name):
+    """('group', 'field') or ('field',) for a flat or dotted name; ConfigError if the name
+    is unknown or, as a flat name, would match fields of several groups."""
+    if not isinstance(name, str):
+        raise ConfigError(f"config field names are strings, got {name!r}")
+    if "." in name:
+        g, _, n = name.partition(".")
+        if (g, n) in LEAVES:
+            return (g, n)
+        raise ConfigError(_unknown(name))
+    hits = [(g, n) for (g, n) in LEAVES if n == name]
+    if not hits:
+        raise ConfigError(_unknown(name))
+    if len(hits) > 1:
+        raise ConfigError(f"config field {name!r} is ambiguous: it names "
+                          f"{', '.join(n if g is None else f'{g}.{n}' for g, n in hits)}; use the dotted name")
+    g, n = hits[0]
+    return (n,) if g is None else (g, n)
+
+
+def field_type(name):
+    path = field_path(name)
+    return LEAVES[(None, path[0])] if len(path) == 1 else LEAVES[path]
+
+
+def _unknown(name):
+    import difflib
+
+    names = flat_names() + [dotted_name(n) for n in flat_names()]
+    close = difflib.get_close_matches(name, names, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return f"unknown config field {name!r}{hint}; known fields: {', '.join(flat_names())}"
+
+
+# ---- from dicts (config.json, checkpoints) ----------------------------------------------
+
+def config_from_dict(d):
+    """A config from its dict: grouped (format 2) or flat (format 1, every field at the
+    top level). Unknown keys are refused."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"a config must be a JSON object, got {type(d).__name__}")
+    d = {k: v for k, v in d.items() if k != "format_version"}
+    if any(g in d and isinstance(d[g], dict) for g in GROUPS):
+        unknown = sorted(set(d) - set(TOP_LEVEL) - set(GROUPS))
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}")
+        kw = {k: d[k] for k in TOP_LEVEL if k in d}
+        for g, cls in GROUPS.items():
+            sub = d.get(g, {})
+            if not isinstance(sub, dict):
+                raise ConfigError(f"config group {g!r} must be an object, got {type(sub).__name__}")
+            names = {f.name for f in dataclasses.fields(cls)}
+            bad = sorted(set(sub) - names)
+            if bad:
+                raise ConfigError(f"unknown config field(s) {[f'{g}.{b}' for b in bad]}")
+            kw[g] = _build_group(cls, sub)
+        return TrainConfig(**kw)
+    unknown = sorted(k for k in d if k not in flat_names())
+    if unknown:
+        raise ConfigError(f"unknown config field(s) {unknown}")
+    return TrainConfig().replace(**d)
+
+
+def _build_group(cls, values):
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+# ---- validation ---------------------------------------------------------------------------
+
+def _config_errors(c):
+    """All problems with a config, as messages naming the field (checked together)."""
+    errs = []
+    for g, cls in GROUPS.items():
+        if not isinstance(getattr(c, g), cls):
+            errs.append(f"{g}: expected a {cls.__name__}, got {type(getattr(c, g)).__name__}")
+    if errs:
+        return errs
+    v = {name: c.get(name) for name in flat_names()}
+    for (g, name), tp in LEAVES.items():
+        if not _has_type(v[name], tp):
+            errs.append(f"{name}: expected {type_name(tp)}, got {type(v[name]).__name__} {v[name]!r}")
+    if errs:
+        return errs
+
+    def need(cond, msg):
+        if not cond:
+            errs.append(msg)
+
+    for name in ("d", "N", "d_y", "batch", "n_layers", "heads", "steps", "eval_tasks", "eval_every",
+                 "checkpoint_every", "line_search_tasks", "gdpp_batch", "ood_tasks", "rollout_steps"):
+        need(v[name] >= 1, f"{name}: must be >= 1, got {v[name]}")
+    for name in ("key_size", "value_size"):
+        need(v[name] is None or v[name] >= 1, f"{name}: must be >= 1 or None (= D), got {v[name]}")
+    for name in ("seed", "eval_seed", "n_distractors", "gdpp_steps"):
+        need(v[name] >= 0, f"{name}: must be >= 0, got {v[name]}")
+    floats = ("x_low", "x_high", "w_scale", "noise_std", "init_scale", "lr", "b1", "b2", "eps", "gdpp_lr",
+              "gdpp_b2", "rollout_damping", "token_clip", "grad_clip")
+    for name in floats:
+        need(v[name] is None or np.isfinite(v[name]), f"{name}: must be finite, got {v[name]}")
+    if errs:
+        return errs
+    need(v["steps"] < MAX_STEPS, f"steps: must be < {MAX_STEPS}, got {v['steps']}")
+    need(v["n_distractors"] <= v["N"], f"n_distractors: must be <= N={v['N']}, got {v['n_distractors']}")
+    need(v["x_low"] < v["x_high"], f"x_low, x_high: need x_low < x_high, got ({v['x_low']}, {v['x_high']})")
+    need(v["w_scale"] >= 0, f"w_scale: must be >= 0, got {v['w_scale']}")
+    need(v["noise_std"] >= 0, f"noise_std: must be >= 0, got {v['noise_std']}")
+    for name in ("init_scale", "lr", "gdpp_lr", "rollout_damping"):
+        need(v[name] > 0, f"{name}: must be > 0, got {v[name]}")
+    for name in ("b1", "b2", "gdpp_b2"):
+        need(0 <= v[name] < 1, f"{name}: must be in [0, 1), got {v[name]}")
+    need(v["eps"] >= 0, f"eps: must be >= 0, got {v['eps']}")
+    for name in ("token_clip", "grad_clip"):
+        need(v[name] is None or v[name] > 0, f"{name}: must be > 0 or None (off), got {v[name]}")
+    need(v["dtype"] in ("float32", "float64"), f"dtype: must be 'float32' or 'float64', got {v['dtype']!r}")
+    need(v["backend"] in backend_names(), f"backend: must be one of {backend_names()}, got {v['backend']!r}")
+    need(v["checkpoint_every"] % v["eval_every"] == 0,
+         f"checkpoint_every: must be a multiple of eval_every={v['eval_every']}, got {v['checkpoint_every']}")
+    return errs
+
+
+def _has_type(v, tp):
+    if typing.get_origin(tp) is typing.Union:
+        return any(_has_type(v, t) for t in typing.get_args(tp))
+    if tp is type(None):
+        return v is None
+    if tp is bool:
+        return isinstance(v, bool)
+    if tp is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if tp is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, tp)
+
+
+def type_name(tp):
+    """'int', 'float or None', ... for messages and the CLI's metavars."""
+    if typing.get_origin(tp) is typing.Union:
+        return " or ".join(type_name(t) for t in typing.get_args(tp))
+    return "None" if tp is type(None) else tp.__name__
+
+
+def config_differences(a, b, ignore=()):
+    """Messages for every field (flat name) where configs a and b differ."""
+    return [f"{n}: checkpoint {a.get(n)!r} vs now {b.get(n)!r}"
+            for n in flat_names() if n not in ignore and a.get(n) != b.get(n)]

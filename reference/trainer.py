@@ -1,0 +1,195 @@
+"""Training a model from scratch: the loop a port reproduces, and what it evaluates.
+
+von Oswald et al. 2023, Sec. 3-4 and App. A (paper-settings.md sections 4-6). One run
+of a :class:`reference.config.TrainConfig`:
+
+1. baselines on fixed task sets that do not depend on the training seed
+   (:func:`compute_baselines`): GD-K with eta from the paper's line search
+   (arange(0.001, 25, 0.1), on ``line_search_tasks`` tasks), GD++ with (eta, gamma)
+   meta-trained by Adam (``solvers.meta_train_gdpp``; shared when the model is
+   recurrent or has one layer, one pair per layer otherwise), least squares;
+2. the initial parameters (:func:`init_params`): each parameter set of the Arch drawn in
+   order from ``stream_rng(seed, STREAM_INIT)`` (for LSA: W_Q, W_K, W_V, P);
+3. :func:`train_loop`: at step s (0-based) the backend's stepper draws the tasks of
+   ``step_rng(seed, s)`` (a fast backend: its own generator keyed by (seed, s)), computes
+   the loss and gradients, clips them by global norm and takes one Adam step; the
+   training loss of the update is recorded with the step count s + 1. A non-finite loss,
+   gradient norm or parameter stops the loop (:class:`TrainingDiverged`, naming the step);
+4. every ``eval_every`` updates and after the last one (and once before the first, at
+   step 0): the loss on the fixed evaluation set and the alignment metrics against GD
+   and GD++ (:func:`evaluate`).
+
+The loop reports to an observer (:class:`Observer`: ``after_step``, ``after_eval``),
+which is where an application writes checkpoints, metrics and progress; this module
+writes no files. The end-of-run analyses are ``analysis.final_analyses``.
+"""
+
+import time
+from typing import NamedTuple
+
+import numpy as np
+
+from . import analysis as A
+from .backends import get_backend, host_loss_and_grads, require_support
+from .errors import TrainingDiverged
+from .layers import InitSettings
+from .optim import AdamState, adam_init
+from .solvers import gdpp_predict, least_squares_predict, line_search_eta, meta_train_gdpp
+from .tasks import STREAM_EVAL, STREAM_INIT, STREAM_LINE_SEARCH, stream_rng
+from .tree import all_finite, to_host
+
+
+class TrainState(NamedTuple):
+    """Where a run is: parameters, Adam state and the number of updates done."""
+    params: tuple
+    adam: AdamState
+    step: int
+
+
+class EvalSet(NamedTuple):
+    """The fixed evaluation tasks (float64), their tokens in the model's dtype, and the
+    references (GD-K and GD++ predictions and implicit linear models) on them."""
+    tasks: object
+    E: object     # (B_eval, T, D)
+    refs: dict    # name -> (pred (B, d_y), g (B, d_y, d))
+
+
+def init_params(cfg):
+    """The paper's initialisation (variance scaling, init_scale / K over fan-in,
+    truncated normal), from ``stream_rng(seed, STREAM_INIT)``."""
+    settings = InitSettings(cfg.model.init_scale, cfg.model.n_layers, cfg.np_dtype)
+    return cfg.arch().init(stream_rng(cfg.seed, STREAM_INIT), cfg.layout().D, settings)
+
+
+def init_state(cfg):
+    params = init_params(cfg)
+    return TrainState(params, adam_init(params), 0)
+
+
+def eval_tasks(cfg):
+    """The fixed evaluation set (float64; independent of the training seed)."""
+    return cfg.task_spec(cfg.eval.eval_tasks).sample(stream_rng(cfg.eval.eval_seed, STREAM_EVAL))
+
+
+def compute_baselines(cfg, evals, log=None):
+    """GD-K (line-searched eta), GD++ (meta-trained), least squares, on the eval set.
+    ``log(text)``: optional progress lines. Returns a JSON-able dict."""
+    t0 = time.perf_counter()
+    K, b = cfg.model.n_layers, cfg.baselines
+    ls = cfg.task_spec(b.line_search_tasks).sample(stream_rng(cfg.eval.eval_seed, STREAM_LINE_SEARCH))
+    eta, _ = line_search_eta(ls.X, ls.Y, ls.x_q, ls.y_q, n_steps=K)
+    pred_gd, _ = A.gd_reference(evals, eta, K)
+    gd_loss = A.mean_loss(pred_gd, evals.y_q)
+    if log:
+        log(f"baselines: GD-{K} eta {eta:.3f} (line search on {b.line_search_tasks} tasks), eval loss {gd_loss:.5f}")
+    gdpp_log = _GDPPLog(log, b.gdpp_steps) if (log and b.gdpp_steps >= 2000) else None
+    etas, gammas, _ = meta_train_gdpp(cfg.task_spec(b.gdpp_batch), K, eta, shared=cfg.gdpp_shared,
+                                      steps=b.gdpp_steps, lr=b.gdpp_lr, b2=b.gdpp_b2, seed=cfg.eval.eval_seed,
+                                      loss_and_grads_fn=host_loss_and_grads(cfg.backend), log=gdpp_log)
+    gdpp_loss = A.mean_loss(gdpp_predict(evals.X, evals.Y, evals.x_q, etas, gammas), evals.y_q)
+    ls_loss = A.mean_loss(least_squares_predict(evals.X, evals.Y, evals.x_q), evals.y_q)
+    if log:
+        log(f"baselines: GD++ ({'shared' if cfg.gdpp_shared else 'per layer'}, {b.gdpp_steps} Adam steps on P) "
+            f"eta {np.round(etas, 3).tolist()} gamma {np.round(gammas, 4).tolist()}, eval loss {gdpp_loss:.5f}; "
+            f"least squares {ls_loss:.5f} ({time.perf_counter() - t0:.0f} s)")
+    return {"gd_eta": float(eta), "gd_loss": gd_loss, "gdpp_etas": [float(e) for e in etas],
+            "gdpp_gammas": [float(g) for g in gammas], "gdpp_loss": gdpp_loss, "lstsq_loss": ls_loss,
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+class _GDPPLog:
+    """``log(step, loss)`` for meta_train_gdpp, as text lines through ``log``."""
+
+    def __init__(self, log, total):
+        self.log, self.total = log, total
+
+    def __call__(self, s, L):
+        self.log(f"baselines: GD++ meta-training step {s}/{self.total}, batch loss {L:.5f}")
+
+
+def eval_set(cfg, evals, baselines):
+    """:class:`EvalSet` of the run: tokens in the model dtype and the GD / GD++ references."""
+    evals_m = A.cast_tasks(evals, cfg.np_dtype)
+    E = cfg.layout().build(evals_m.X, evals_m.Y, evals_m.x_q)                     # (B_eval, T, D)
+    refs = {"gd": A.gd_reference(evals, baselines["gd_eta"], cfg.model.n_layers),
+            "gdpp": A.gdpp_reference(evals, baselines["gdpp_etas"], baselines["gdpp_gammas"])}
+    return EvalSet(evals, E, refs)
+
+
+def evaluate(params, cfg, es):
+    """Eval loss and the alignment metrics against GD and GD++ (one forward+backward of
+    the reference on host params). Returns dict(loss, preds_diff_gd, model_cos_gd, ...)."""
+    pred, g = A.sensitivity(es.E, params, cfg.arch(), cfg.layout())
+    row = {"loss": A.mean_loss(pred, es.tasks.y_q)}
+    for name, (p_ref, g_ref) in es.refs.items():
+        for k, v in A.alignment(pred, g, p_ref, g_ref).items():
+            row[f"{k}_{name}"] = v
+    return row
+
+
+class Observer:
+    """What :func:`train_loop` reports to; the default does nothing.
+
+    ``after_step(state, loss, grad_norm)``: after every update (``state.step`` counts it);
+    ``after_eval(state, row, train_loss, grad_norm)``: after each evaluation, with the mean
+    training loss and gradient norm of the updates since the previous one (None at step 0).
+    The application writes checkpoints, metrics and progress here."""
+
+    def after_step(self, state, loss, grad_norm):
+        pass
+
+    def after_eval(self, state, row, train_loss, grad_norm):
+        pass
+
+
+def make_stepper(cfg):
+    """The configured backend's stepper for this run, after checking the backend can run it."""
+    backend = get_backend(cfg.backend)
+    backend.check_available()
+    arch = cfg.arch()
+    require_support(backend, arch)
+    return backend.make_stepper(arch, cfg.adam_hp(), cfg.task_spec(), cfg.seed, cfg.np_dtype)
+
+
+def train_loop(cfg, state, es, observer=None, stepper=None):
+    """Train from ``state`` until ``cfg.steps`` updates; returns the final TrainState
+    (params may be device arrays on a device backend). Evaluates at step 0 when
+    ``state.step == 0``. Raises TrainingDiverged on a non-finite loss, gradient norm or
+    parameter (before the observer sees the bad state)."""
+    observer = Observer() if observer is None else observer
+    stepper = make_stepper(cfg) if stepper is None else stepper
+    every = cfg.eval.eval_every
+    if state.step == 0:
+        observer.after_eval(state, _evaluated(cfg, state, es), None, None)
+    losses, norms = [], []
+    while state.step < cfg.steps:
+        res = stepper.step(state.params, state.adam, state.step)
+        step = state.step + 1
+        loss, gnorm = float(res.loss), float(res.grad_norm)
+        finite = all_finite(res.params)
+        if not (np.isfinite(loss) and np.isfinite(gnorm) and finite):
+            raise _diverged(cfg, step, loss, gnorm, finite)
+        state = TrainState(res.params, res.state, step)
+        losses.append(loss)
+        norms.append(gnorm)
+        observer.after_step(state, loss, gnorm)
+        if step % every == 0 or step == cfg.steps:
+            observer.after_eval(state, _evaluated(cfg, state, es), float(np.mean(losses)), float(np.mean(norms)))
+            losses, norms = [], []
+    return state
+
+
+def _evaluated(cfg, state, es):
+    row = {"step": state.step, **evaluate(to_host(state.params), cfg, es)}
+    if not np.isfinite(row["loss"]):
+        raise _diverged(cfg, state.step, row["loss"], None, True)
+    return row
+
+
+def _diverged(cfg, step, loss, grad_norm, finite_params):
+    what = [f"loss {loss}"]
+    if grad_norm is not None and not np.isfinite(grad_norm):
+        what.append(f"gradient norm {grad_norm}")
+    if not finite_params:
+        what.append("non-finite parameters")
+    return TrainingDiverged(f"training diverged at step {step} of {cfg.steps}: {', '.join(what)}", step)

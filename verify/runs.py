@@ -1,0 +1,517 @@
+"""Run directories: one training run on disk, written so that it can be resumed bit for
+bit, checked, and trusted later. The application around ``reference.trainer``.
+
+    run_dir/
+      config.json     the effective config (format 2: grouped; format 1: flat, still read)
+      metrics.jsonl   one JSON object per line: the 'baselines' row, then one 'eval' row
+                      per evaluation (appended as the run goes)
+      checkpoint.npz  parameters, Adam state, step, and everything needed to rebuild
+                      metrics.jsonl (baselines and the eval rows so far), with a checksum
+      summary.json    final numbers and analyses, and a digest binding them to the
+                      config, the checkpoint and the reference/ sources that trained it
+      run.lock        held (flock) while a process trains in the directory
+      plots/*.png     drawn by verify.plots from these files
+
+Checkpoint (plain .npz, readable without this code), format 2:
+``format_version`` (2), ``config`` (JSON), ``step``, ``params.{i}.{field}``,
+``adam.m.{i}.{field}``, ``adam.v.{i}.{field}``, ``adam.t``, ``extra`` (JSON: baselines,
+seconds, history), ``checksum`` (sha256 over every other entry's name, dtype, shape
+and bytes, in name order). It is written to a temporary file in the same folder,
+fsynced and renamed over the old one. Format 1 (no checksum, no history) is read.
+
+Digest (``summary["digest"]``): sha256 of the config's canonical JSON, the final
+checkpoint's checksum, the hash of the ``reference`` package's sources
+(:func:`reference_hash`) and the sha256 of the summary without the digest.
+:func:`check_digest` recomputes each and names the part that does not match.
+"""
+
+import fcntl
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+import zipfile
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+import reference
+from reference import analysis as A
+from reference import trainer
+from reference._io import write_text_atomic
+from reference.config import ConfigError, TrainConfig, config_differences, config_from_dict
+from reference.errors import TrainingDiverged
+from reference.optim import AdamState
+from reference.tree import all_finite, from_arrays, to_arrays, to_host
+
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+
+CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, SUMMARY_FILE, LOCK_FILE = (
+    "config.json", "metrics.jsonl", "checkpoint.npz", "summary.json", "run.lock")
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, SUMMARY_FILE)
+
+# fields that may differ between a checkpoint and the config resuming it: they do not
+# change the trajectory (steps only decides where the run stops).
+RESUME_MAY_CHANGE = ("steps", "checkpoint_every")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read or does not belong to this configuration."""
+
+
+# ---- hashes ---------------------------------------------------------------------------
+
+def _sha(text):
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def config_hash(cfg):
+    return _sha(json.dumps(cfg.to_dict(), sort_keys=True))
+
+
+_REF_HASH = []
+
+
+def reference_hash():
+    """sha256 over the ``reference`` package's .py files (relative path and bytes, in path
+    order): which version of the spec trained a run."""
+    if not _REF_HASH:
+        root = os.path.dirname(os.path.abspath(reference.__file__))
+        h = hashlib.sha256()
+        files = sorted(os.path.relpath(os.path.join(dp, f), root)
+                       for dp, dn, fn in os.walk(root) if "__pycache__" not in dp for f in fn if f.endswith(".py"))
+        for rel in files:
+            h.update(rel.encode() + b"\0")
+            with open(os.path.join(root, rel), "rb") as f:
+                h.update(f.read() + b"\0")
+        _REF_HASH.append(h.hexdigest())
+    return _REF_HASH[0]
+
+
+def arrays_checksum(arrays):
+    """sha256 over (name, dtype, shape, bytes) of every array, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+# ---- checkpoints -------------------------------------------------------------------------
+
+class Checkpoint(NamedTuple):
+    config: TrainConfig
+    step: int
+    params: tuple
+    state: AdamState
+    extra: dict
+    version: int
+    checksum: Optional[str]
+
+
+def save_checkpoint(path, cfg, step, params, state, extra):
+    """Write a format-2 checkpoint atomically (temp file in the same folder, fsync,
+    rename). Returns its checksum."""
+    arrays = {"format_version": np.array(FORMAT_VERSION), "config": np.array(cfg.to_json()),
+              "step": np.array(step), "adam.t": np.array(state.t), "extra": np.array(json.dumps(jsonable(extra)))}
+    arrays.update(to_arrays(params, "params"))
+    arrays.update(to_arrays(state.m, "adam.m"))
+    arrays.update(to_arrays(state.v, "adam.v"))
+    checksum = arrays_checksum(arrays)
+    arrays["checksum"] = np.array(checksum)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".ckpt-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return checksum
+
+
+def load_checkpoint(path, expect_config=None):
+    """Read a checkpoint (format 1 or 2); refuse it (CheckpointError, with the reason) if
+    it cannot be read, fails its checksum, has an unknown format version, or was written
+    by a different configuration (fields other than RESUME_MAY_CHANGE)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no checkpoint to resume from") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from exc
+    try:
+        ck = _decode_checkpoint(path, arrays)
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError, ConfigError) as exc:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not all_finite(ck.params):
+        raise CheckpointError(f"{path}: checkpoint holds non-finite parameters")
+    if expect_config is not None:
+        diff = config_differences(ck.config, expect_config, ignore=RESUME_MAY_CHANGE)
+        if diff:
+            raise CheckpointError(f"{path}: checkpoint was written by a different configuration: " + "; ".join(diff)
+                                  + f" (only {', '.join(RESUME_MAY_CHANGE)} may change on --resume)")
+        if ck.step > expect_config.steps:
+            raise CheckpointError(f"{path}: checkpoint is at step {ck.step}, beyond steps={expect_config.steps}")
+    return ck
+
+
+def _decode_checkpoint(path, arrays):
+    if "format_version" not in arrays:
+        raise CheckpointError(f"{path}: not an icgd checkpoint (no format_version)")
+    version = int(arrays["format_version"])
+    if version not in READABLE_VERSIONS:
+        raise CheckpointError(f"{path}: checkpoint format version {version}, this code reads versions "
+                              f"{list(READABLE_VERSIONS)}; retrain, or use the code that wrote it")
+    checksum = None
+    if version >= 2:
+        if "checksum" not in arrays:
+            raise CheckpointError(f"{path}: format-2 checkpoint without its checksum")
+        checksum = str(arrays.pop("checksum"))
+        actual = arrays_checksum(arrays)
+        if actual != checksum:
+            raise CheckpointError(f"{path}: checksum mismatch (stored {checksum[:12]}..., contents {actual[:12]}...): "
+                                  "the file is corrupted or was edited")
+    cfg = config_from_dict(json.loads(str(arrays["config"])))
+    types = cfg.arch().param_types()
+    params = from_arrays(arrays, "params", types)
+    state = AdamState(from_arrays(arrays, "adam.m", types), from_arrays(arrays, "adam.v", types),
+                      int(arrays["adam.t"]))
+    return Checkpoint(cfg, int(arrays["step"]), params, state, json.loads(str(arrays["extra"])), version, checksum)
+
+
+# ---- metrics -------------------------------------------------------------------------------
+
+def read_metrics(path):
+    """(rows, problem): the rows of a metrics.jsonl file up to the first unreadable line;
+    ``problem`` says what was wrong (None when the whole file was read)."""
+    rows = []
+    if not os.path.exists(path):
+        return rows, "missing"
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                return rows, f"line {n} is not JSON"
+    return rows, None
+
+
+def metrics_from_checkpoint(ck):
+    """The metrics rows a checkpoint can rebuild: the baselines row and (format 2) every
+    eval row up to its step. Returns (rows, complete: bool)."""
+    rows = [dict(kind="baselines", **ck.extra["baselines"])]
+    hist = ck.extra.get("history")
+    if hist is None:
+        return rows, False
+    return rows + [dict(r) for r in hist], True
+
+
+class _Metrics:
+    """metrics.jsonl, appended line by line (or in memory only when there is no run dir)."""
+
+    def __init__(self, path, rows=()):
+        self.path, self.rows = path, list(rows)
+        if path is not None:
+            write_text_atomic(path, "".join(json.dumps(jsonable(r)) + "\n" for r in self.rows))
+
+    def add(self, row):
+        self.rows.append(row)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(jsonable(row)) + "\n")
+
+    def history(self):
+        return [r for r in self.rows if r.get("kind") == "eval"]
+
+
+# ---- the lock ---------------------------------------------------------------------------------
+
+class RunLock:
+    """An exclusive flock on run_dir/run.lock while a process trains there."""
+
+    def __init__(self, run_dir):
+        self.path = os.path.join(run_dir, LOCK_FILE)
+        self.fd = None
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with open(self.path) as f:
+                who = f.read().strip() or "another process"
+            os.close(self.fd)
+            self.fd = None
+            raise ConfigError(f"{os.path.dirname(self.path)} is in use by {who}; wait for it to finish") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"pid {os.getpid()}\n".encode())
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+        return False
+
+
+# ---- one run ----------------------------------------------------------------------------------
+
+class RunResult(NamedTuple):
+    config: TrainConfig
+    params: tuple
+    baselines: dict
+    history: list     # the 'eval' rows
+    summary: dict
+    run_dir: Optional[str]
+
+
+class _RunFiles(trainer.Observer):
+    """The observer that keeps a run directory: metrics rows, checkpoints, progress."""
+
+    def __init__(self, cfg, paths, metrics, baselines, elapsed0, progress, last_ckpt):
+        self.cfg, self.paths, self.metrics, self.baselines = cfg, paths, metrics, baselines
+        self.elapsed0, self.t_start, self.progress = elapsed0, time.perf_counter(), progress
+        self.last_ckpt, self.checksum = last_ckpt, None
+
+    def seconds(self):
+        return round(self.elapsed0 + time.perf_counter() - self.t_start, 2)
+
+    def after_step(self, state, loss, grad_norm):
+        self.progress.step(state.step, loss)
+
+    def after_eval(self, state, row, train_loss, grad_norm):
+        row = {"kind": "eval", **row, "train_loss": train_loss, "grad_norm": grad_norm, "seconds": self.seconds()}
+        self.metrics.add(row)
+        self.progress.evaluated(row)
+        s, c = state.step, self.cfg
+        if self.paths is not None and (s % c.eval.checkpoint_every == 0 or s == c.steps):
+            self.save(state)
+
+    def save(self, state):
+        extra = {"baselines": self.baselines, "seconds": self.seconds(), "history": self.metrics.history()}
+        self.checksum = save_checkpoint(self.paths[CHECKPOINT_FILE], self.cfg, state.step, to_host(state.params),
+                                        AdamState(to_host(state.adam.m), to_host(state.adam.v), state.adam.t), extra)
+        self.last_ckpt = state.step
+
+
+def train_run(cfg, out_dir=None, *, resume=False, overwrite=False, progress=None, log=None, analyses=True):
+    """Train ``cfg`` (``reference.trainer``), keeping the run directory ``out_dir`` (None:
+    nothing is written), and return a :class:`RunResult`.
+
+    ``resume``: continue from the checkpoint (refused if it is unreadable or from another
+    config). Without resume an existing run in ``out_dir`` is refused unless
+    ``overwrite``. ``progress``: a :class:`verify.progress.Progress` (None: none).
+    ``log``: a function for one-line messages. ``analyses``: run the final analyses.
+    Raises ConfigError before any work, TrainingDiverged on a non-finite loss or
+    parameters (the last good checkpoint is kept), CheckpointError on a bad resume.
+    """
+    from .progress import Progress
+
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    log = log or _silent
+    progress = progress or Progress(cfg.steps, enabled=False)
+    stepper = _checked_stepper(cfg)
+    if out_dir is None:
+        return _train(cfg, None, resume, overwrite, progress, log, analyses, stepper)
+    if not resume and not overwrite and any(os.path.exists(os.path.join(out_dir, k)) for k in RUN_FILES):
+        existing = [k for k in RUN_FILES if os.path.exists(os.path.join(out_dir, k))]
+        raise ConfigError(f"{out_dir} already holds a run ({', '.join(existing)}); pass resume to continue "
+                          "it, overwrite to replace it, or choose another output directory")
+    os.makedirs(out_dir, exist_ok=True)
+    with RunLock(out_dir):
+        return _train(cfg, out_dir, resume, overwrite, progress, log, analyses, stepper)
+
+
+def _silent(msg):
+    pass
+
+
+def _checked_stepper(cfg):
+    try:
+        return trainer.make_stepper(cfg)
+    except (RuntimeError, ImportError, OSError, ValueError) as exc:
+        raise ConfigError(f"backend {cfg.backend!r} cannot run this configuration here: {exc}; "
+                          "use backend=numpy") from exc
+
+
+def check_runnable(cfg):
+    """ConfigError (with the reason) unless the configured backend is available here and
+    runs this model; nothing is trained."""
+    _checked_stepper(cfg)
+
+
+def _train(cfg, out_dir, resume, overwrite, progress, log, analyses, stepper):
+    paths = None if out_dir is None else {k: os.path.join(out_dir, k) for k in RUN_FILES}
+    if resume:
+        if out_dir is None:
+            raise ConfigError("resume needs a run directory")
+        ck = load_checkpoint(paths[CHECKPOINT_FILE], expect_config=cfg)
+        state = trainer.TrainState(ck.params, ck.state, ck.step)
+        baselines, elapsed0 = ck.extra["baselines"], float(ck.extra.get("seconds", 0.0))
+        rows = _resume_rows(paths[METRICS_FILE], ck, log)
+        log(f"resuming {out_dir} at step {ck.step} of {cfg.steps}")
+    else:
+        if paths is not None:
+            for k in RUN_FILES:
+                if os.path.exists(paths[k]):
+                    os.unlink(paths[k])
+        state, baselines, elapsed0, rows = trainer.init_state(cfg), None, 0.0, []
+    if paths is not None:
+        write_text_atomic(paths[CONFIG_FILE], json.dumps({"format_version": FORMAT_VERSION, **cfg.to_dict()},
+                                                         indent=2) + "\n")
+    evals = trainer.eval_tasks(cfg)
+    if baselines is None:
+        baselines = trainer.compute_baselines(cfg, evals, log=log)
+        rows = [dict(kind="baselines", **baselines)]
+    metrics = _Metrics(paths and paths[METRICS_FILE], rows)
+    es = trainer.eval_set(cfg, evals, baselines)
+    progress.start(state.step, baselines, cfg.model.n_layers)
+    files = _RunFiles(cfg, paths, metrics, baselines, elapsed0, progress, state.step if resume else None)
+    try:
+        state = trainer.train_loop(cfg, state, es, files, stepper)
+    except TrainingDiverged as exc:
+        raise _with_checkpoint(exc, paths, files.last_ckpt) from None
+    finally:
+        progress.close()
+    params = to_host(state.params)
+    history = metrics.history()
+    summary = {"experiment": cfg.experiment, "steps": cfg.steps, "seed": cfg.seed, "baselines": baselines,
+               "final": history[-1] if history else None, "seconds": files.seconds()}
+    if analyses:
+        t0 = time.perf_counter()
+        summary.update(A.final_analyses(cfg, params, baselines, evals))
+        summary["analysis_seconds"] = round(time.perf_counter() - t0, 2)
+    if paths is not None:
+        summary = jsonable(summary)
+        summary["digest"] = _digest(cfg, files.checksum, summary)
+        write_text_atomic(paths[SUMMARY_FILE], json.dumps(summary, indent=1) + "\n")
+    return RunResult(cfg, params, baselines, history, summary, out_dir)
+
+
+def _resume_rows(path, ck, log):
+    """metrics.jsonl's rows up to the checkpoint's step. When the file is missing or
+    damaged they are rebuilt from the checkpoint (format 2 holds every eval row; format
+    1 only the baselines), and the message says what was rebuilt or lost."""
+    old, problem = read_metrics(path)
+    keep = [r for r in old if r.get("kind") == "baselines" or (r.get("kind") == "eval" and r["step"] <= ck.step)]
+    rebuilt, complete = metrics_from_checkpoint(ck)
+    if complete and (problem is not None or len(keep) != len(rebuilt)):
+        log(f"{path}: {problem or 'rows missing'}; rebuilt its {len(rebuilt)} rows from the checkpoint")
+        return rebuilt
+    if problem is not None:
+        log(f"{path}: {problem}; a format-1 checkpoint holds only the baselines, so the eval rows after the damage "
+            "are lost")
+    if not any(r.get("kind") == "baselines" for r in keep):
+        keep = rebuilt[:1] + keep
+    return keep
+
+
+def _with_checkpoint(exc, paths, last_ckpt):
+    where = ""
+    if paths is not None and last_ckpt is not None:
+        where = f"; the last good checkpoint (step {last_ckpt}) is kept at {paths[CHECKPOINT_FILE]}"
+    elif paths is not None:
+        where = "; no checkpoint had been written yet"
+    return TrainingDiverged(f"{exc}{where}. Lower lr or set grad_clip.", exc.step, last_ckpt)
+
+
+def _digest(cfg, checkpoint_checksum, summary):
+    body = {k: v for k, v in summary.items() if k != "digest"}
+    return {"config": config_hash(cfg), "checkpoint": checkpoint_checksum, "reference": reference_hash(),
+            "summary": _sha(json.dumps(body, sort_keys=True))}
+
+
+def check_digest(run_dir):
+    """None when summary.json's digest matches the run's config, checkpoint, the current
+    reference/ sources and the summary itself; else the list of parts that do not match
+    (or ['no digest'] for a format-1 run)."""
+    cfg, ck, _, summary = load_run(run_dir)
+    dg = (summary or {}).get("digest")
+    if not dg:
+        return ["no digest (a format-1 run)"]
+    bad = []
+    if dg.get("config") != config_hash(cfg):
+        bad.append("config.json differs from the config that trained the run")
+    if ck is None or dg.get("checkpoint") != ck.checksum:
+        bad.append("checkpoint.npz is not the one the run ended with")
+    if dg.get("reference") != reference_hash():
+        bad.append("the reference/ sources changed since the run was trained")
+    body = {k: v for k, v in summary.items() if k != "digest"}
+    if dg.get("summary") != _sha(json.dumps(body, sort_keys=True)):
+        bad.append("summary.json was edited after the run wrote it")
+    return bad or None
+
+
+# ---- reading runs ------------------------------------------------------------------------------
+
+def load_run(run_dir):
+    """(config, Checkpoint or None, metrics rows, summary or None) of a run directory."""
+    with open(os.path.join(run_dir, CONFIG_FILE)) as f:
+        cfg = config_from_dict(json.load(f))
+    ck_path = os.path.join(run_dir, CHECKPOINT_FILE)
+    ck = load_checkpoint(ck_path) if os.path.exists(ck_path) else None
+    rows, problem = read_metrics(os.path.join(run_dir, METRICS_FILE))
+    if problem is not None and ck is not None:
+        rebuilt, complete = metrics_from_checkpoint(ck)
+        if complete or not rows:
+            rows = rebuilt
+    sp = os.path.join(run_dir, SUMMARY_FILE)
+    summary = None
+    if os.path.exists(sp):
+        with open(sp) as f:
+            summary = json.load(f)
+    return cfg, ck, rows, summary
+
+
+def load_result(run_dir):
+    """The :class:`RunResult` of a finished run directory (as :func:`train_run` returned it)."""
+    cfg, ck, rows, summary = load_run(run_dir)
+    if summary is None or ck is None:
+        raise CheckpointError(f"{run_dir}: not a finished run (no summary.json or checkpoint.npz)")
+    base = next((r for r in rows if r.get("kind") == "baselines"), None)
+    base = {k: v for k, v in base.items() if k != "kind"} if base else summary.get("baselines")
+    return RunResult(cfg, ck.params, base, [r for r in rows if r.get("kind") == "eval"], summary, run_dir)
+
+
+def train_to_dir(cfg_dict, out_dir):
+    """Train a config given as a dict into ``out_dir`` (overwriting) without progress
+    output; returns out_dir. A picklable entry point for worker processes."""
+    train_run(config_from_dict(cfg_dict), out_dir, overwrite=True)
+    return out_dir
+
+
+def jsonable(x):
+    """JSON-ready copies: arrays to lists, NumPy scalars to Python, inf to +-1e308, NaN to None."""
+    if isinstance(x, dict):
+        return {k: jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, (np.floating, np.integer)):
+        return jsonable(x.item())
+    if isinstance(x, float) and not np.isfinite(x):
+        return None if np.isnan(x) else (1e308 if x > 0 else -1e308)
+    return x
+
+
+def log_to_stderr(msg):
+    print(msg, file=sys.stderr, flush=True)
