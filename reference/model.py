@@ -109,9 +109,10 @@ class Arch:
         return [s.param_type() for s in self.param_specs()]
 
     def cache_floats(self, T, D_in):
-        """Numbers the model's forward caches hold per task (every layer's cache)."""
+        """Floats per task that a model forward holds: its input tokens and what every
+        layer keeps (``LayerType.cache_floats``)."""
         widths = self.widths(D_in)
-        return sum(s.cache_floats(T, widths[k]) for k, s in enumerate(self.layers)) + T * widths[-1]
+        return T * widths[0] + sum(s.cache_floats(T, widths[k]) for k, s in enumerate(self.layers))
 
     def to_dict(self):
         return {"layers": [s.to_dict() for s in self.layers], "tie": list(self.tie)}

@@ -21,9 +21,8 @@ spec fills every option with its default, so a method sees them all):
 * ``forward(E, params, **call_options) -> (out, cache)`` and
   ``backward(dout, cache) -> (dE, dparams)``: the pure pair;
 * ``oracle(E, params, **call_options) -> out``: the slow loop-level forward;
-* ``cache_floats(B, T, D_in, params_shapes..., **options)``: see
-  :meth:`LayerType.cache_floats`, the memory a forward's cache holds per task, so a
-  run can check memory before it starts;
+* ``cache_floats(T, D_in, **options)``: the floats per task that a forward keeps
+  (cache and output), so a run can check memory before it starts;
 * ``check_params(params, D_in, **options)``: raise unless ``params`` fit a layer of
   input width ``D_in``.
 """
@@ -81,7 +80,8 @@ class LayerType:
         raise NotImplementedError
 
     def cache_floats(self, T, D_in, **options):
-        """Numbers the forward's cache holds per task (multiply by B and the item size)."""
+        """Floats per task that the forward allocates and keeps in its cache and output
+        (not its input E); multiply by B and the item size for bytes."""
         raise NotImplementedError
 
     def check_params(self, params, D_in, **options):
@@ -99,6 +99,13 @@ def register(layer_type):
         raise ValueError(f"layer kind {layer_type.kind!r} is registered twice")
     _REGISTRY[layer_type.kind] = layer_type
     return layer_type
+
+
+def unregister(kind):
+    """Remove a layer kind (for tests and plug-ins that registered one temporarily)."""
+    if kind not in _REGISTRY:
+        raise ValueError(f"layer kind {kind!r} is not registered")
+    del _REGISTRY[kind]
 
 
 def get_layer(kind):
@@ -185,4 +192,4 @@ from .lsa import LSA  # noqa: E402
 
 register(LSA())
 
-__all__ = ["InitSettings", "LayerType", "LayerSpec", "register", "get_layer", "layer_types"]
+__all__ = ["InitSettings", "LayerType", "LayerSpec", "register", "unregister", "get_layer", "layer_types"]

@@ -293,13 +293,16 @@ class LSA(LayerType):
 
         return oracle_lsa_layer(E, params, causal=causal, clip=clip)
 
-    def cache_floats(self, T, D_in, *, causal=False, heads=1, key_size=None, value_size=None, merged=False, **_):
-        """Per task: E, pre (T D); Ec (S D); q (H T Kd); k (H S Kd); v (H S Vd); A (H T S); o (H T Vd)."""
+    def cache_floats(self, T, D_in, *, causal=False, clip=None, heads=1, key_size=None, value_size=None,
+                     merged=False):
+        """Floats per task the forward allocates and keeps (cache and output; E and its
+        key/value rows are the input's memory): q (H T Kd), k (H S Kd), v (H S Vd),
+        A (H T S), o (H T Vd), pre (T D), and out (T D) when clipping."""
         D, H = D_in, heads
         Kd = D if (merged or key_size is None) else key_size
         Vd = D if (merged or value_size is None) else value_size
         S = T if causal else T - 1
-        return 2 * T * D + S * D + H * (T * Kd + S * Kd + S * Vd + T * S + T * Vd)
+        return H * (T * Kd + S * Kd + S * Vd + T * S + T * Vd) + T * D * (2 if clip is not None else 1)
 
     def check_params(self, params, D_in, **_):
         D = _check_params(params)
