@@ -127,6 +127,13 @@ def _rel(a, b):
 
 # ------------------------------------------------------------------------- the problem --
 
+def token_layout(cfg):
+    """The configuration's token layout (d_y = 1)."""
+    from reference import TokenLayout
+
+    return TokenLayout(cfg["d"], 1)
+
+
 def problem(cfg, seed=0):
     """Arch, AdamHP, TaskSpec, float32 initial params (the official init) and float32
     verification tasks drawn by the reference."""
@@ -159,14 +166,15 @@ def big_params(cfg, seed=1):
                              for _ in range(4))) for _ in range(K))
 
 
-def reference_loss_grads64(tasks, params, arch, d):
-    from reference import build_tokens, loss_and_grads
+def reference_loss_grads64(tasks, params, arch, layout):
+    """The reference's loss and gradient leaves (``reference.tree`` order) in float64."""
+    from reference import loss_and_grads
+    from reference.tree import tree_leaves, tree_map
 
     c = lambda a: np.asarray(a, np.float64)  # noqa: E731
-    E = build_tokens(c(tasks.X), c(tasks.Y), c(tasks.x_q))
-    p64 = tuple(type(p)(*(c(a) for a in p)) for p in params)
-    L, g, _ = loss_and_grads(E, c(tasks.y_q), p64, arch, d)
-    return float(L), [a for layer in g for a in layer]
+    E = layout.build(c(tasks.X), c(tasks.Y), c(tasks.x_q))
+    L, g, _ = loss_and_grads(E, c(tasks.y_q), tree_map(c, params), arch, layout)
+    return float(L), tree_leaves(g)
 
 
 def _verdict(checks):
@@ -214,10 +222,10 @@ class Ours:
         # lr * sign(g), so float32 rounding of tiny gradient entries shows in any float32
         # implementation; the NumPy backend's own float32 error is recorded for comparison)
         from reference.tasks import Tasks
+        from reference.tree import to_vector, tree_map
 
-        c64 = lambda tree: tuple(type(p)(*(np.asarray(a, np.float64) for a in p)) for p in tree)  # noqa: E731
-        flat = lambda r: np.concatenate([a.ravel() for layer in r.params for a in layer])  # noqa: E731
-        p64 = c64(self.params0)
+        flat = lambda r: to_vector(r.params, np.float64)  # noqa: E731
+        p64 = tree_map(lambda a: np.asarray(a, np.float64), self.params0)
         t64 = Tasks(*(np.asarray(a, np.float64) for a in self.vtasks))
         r64 = numpy_backend.make_stepper(self.arch, self.hp, self.spec, 0, np.float64).step_on(p64, adam_init(p64), t64)
         r32 = numpy_backend.make_stepper(self.arch, self.hp, self.spec, 0, np.float32).step_on(
@@ -236,42 +244,42 @@ class Ours:
         return _verdict(checks)
 
     def _loss_grad_checks(self, params, label):
-        from reference import build_tokens
+        from reference.tree import tree_leaves
 
-        d = self.cfg["d"]
-        L0, g0 = reference_loss_grads64(self.vtasks, params, self.arch, d)
-        E = build_tokens(self.vtasks.X, self.vtasks.Y, self.vtasks.x_q)
+        lay = token_layout(self.cfg)
+        L0, g0 = reference_loss_grads64(self.vtasks, params, self.arch, lay)
+        E = lay.build(self.vtasks.X, self.vtasks.Y, self.vtasks.x_q)
         if self.name == "numba":
             # the path the stepper runs (no dE needed): D x D space where it applies
-            L1, g1, aux = self.backend.loss_and_grads(E, self.vtasks.y_q, params, self.arch, d, need_dE=False)
+            L1, g1, aux = self.backend.loss_and_grads(E, self.vtasks.y_q, params, self.arch, lay, need_dE=False)
             label += f", {aux['path']} path, {aux['fallback_tasks']} tasks via the token fallback"
         else:
-            L1, g1, _ = self.backend.loss_and_grads(E, self.vtasks.y_q, params, self.arch, d)
-        g1 = [a for layer in g1 for a in layer]
+            L1, g1, _ = self.backend.loss_and_grads(E, self.vtasks.y_q, params, self.arch, lay)
+        g1 = tree_leaves(g1)
         return [dict(what=f"loss vs reference f64 ({label})", rel_err=_rel([float(L1)], [L0])),
                 dict(what=f"grads vs reference f64 ({label})",
                      rel_err=_rel(np.concatenate([a.ravel() for a in g1]), np.concatenate([a.ravel() for a in g0])))]
 
     def parts(self):
-        from reference import build_tokens, loss_and_grads, model_forward, readout
+        from reference import loss_and_grads, model_forward
         from reference.model import loss_forward
         from reference.optim import adam_update
         from reference.tasks import step_rng
 
         tasks = self.vtasks
-        d = self.cfg["d"]
-        E = build_tokens(tasks.X, tasks.Y, tasks.x_q)
+        lay = token_layout(self.cfg)
+        E = lay.build(tasks.X, tasks.Y, tasks.x_q)
         params, state, hp = self.params, self.state, self.hp
         if self.name == "numpy":
-            _, grads, _ = loss_and_grads(E, tasks.y_q, params, self.arch, d)
+            _, grads, _ = loss_and_grads(E, tasks.y_q, params, self.arch, lay)
             return {
                 "sample": lambda: self.spec.sample(step_rng(0, 1), dtype=np.float32),
-                "forward": lambda: loss_forward(readout(model_forward(E, params, self.arch)[0], d), tasks.y_q),
-                "backward": lambda: loss_and_grads(E, tasks.y_q, params, self.arch, d),
+                "forward": lambda: loss_forward(lay.readout(model_forward(E, params, self.arch)[0]), tasks.y_q),
+                "backward": lambda: loss_and_grads(E, tasks.y_q, params, self.arch, lay),
                 "adam": lambda: adam_update(params, grads, state, hp),
             }
         nb = self.backend
-        run = nb.BatchRun(self.arch, params, self.spec.B, self.spec.N, d, 1, np.float32)
+        run = nb.BatchRun(self.arch, params, self.spec.B, self.spec.N, lay.d, lay.d_y, np.float32)
         res = run(E=E, y_q=tasks.y_q)
         grads = nb.factored_grads(params, res["dA"], res["dB"], np.float32)
 
@@ -316,13 +324,15 @@ class Peer:
         self.last_loss = self.peer.loss()
 
     def verify(self):
+        from reference.tree import tree_leaves
+
         arch, _, _, params0, tasks = problem(self.cfg)
         checks = []
         saved = self.peer.get_params()
         for label, params in (("init", params0), ("big", big_params(self.cfg))):
-            flat = [a[0] if a.ndim == 3 else a for layer in params for a in layer]   # 4K arrays (D, D)
+            flat = [a[0] if a.ndim == 3 else a for a in tree_leaves(params)]   # 4K arrays (D, D)
             self.peer.set_params(flat)
-            L0, g0 = reference_loss_grads64(tasks, params, arch, self.cfg["d"])
+            L0, g0 = reference_loss_grads64(tasks, params, arch, token_layout(self.cfg))
             L1 = self.peer.forward_loss(tasks.X, tasks.Y, tasks.x_q, tasks.y_q)
             g1 = self.peer.grads(tasks.X, tasks.Y, tasks.x_q, tasks.y_q)
             checks.append(dict(what=f"loss vs reference f64 ({label})", rel_err=_rel([L1], [L0])))

@@ -53,12 +53,12 @@ import math
 
 
 def choose_path(d, N, K, d_y=1):
-    """The backend's automatic choice (reference/backends/numba_backend.py, _Run)."""
+    """The backend's automatic choice (reference/backends/numba_backend.py, BatchRun)."""
     D = d + d_y
     return "dspace" if (K >= 2 and d_y == 1 and D >= 24 and N + 1 >= D) else "tokens"
 
 
-def _token_macs(d, N, K, H, d_y):
+def token_macs(d, N, K, H, d_y):
     D, T, S = d + d_y, N + 1, N
     mac = add = 0.0
     for _ in range(K - 1):
@@ -78,7 +78,7 @@ def _token_macs(d, N, K, H, d_y):
     return mac, add, scratch
 
 
-def _dspace_macs(d, N, K, H):
+def dspace_macs(d, N, K, H):
     D = d + 1
     D2, D3 = D * D, D ** 3
     nd = K - 2
@@ -111,9 +111,9 @@ def step_cost(d, N, B, K, H=1, d_y=1, itemsize=4, path=None):
     path = choose_path(d, N, K, d_y) if path is None else path
     D = d + d_y
     if path == "dspace":
-        mac, add, scratch = _dspace_macs(d, N, K, H)
+        mac, add, scratch = dspace_macs(d, N, K, H)
     else:
-        mac, add, scratch = _token_macs(d, N, K, H, d_y)
+        mac, add, scratch = token_macs(d, N, K, H, d_y)
     mac += (N + 1) * d * d_y                           # labels
     n_params = K * 4 * H * D * D
     flops = B * (2 * mac + add) + 14 * n_params

@@ -193,10 +193,11 @@ class IcgdCupy:
 
     def load(self, params, dtype):
         from reference.optim import adam_init
+        from reference.tree import tree_map
 
         arch, hp, spec = settings(self.cfg)
         self.stepper = self.cb.make_stepper(arch, hp, spec, seed=0, dtype=dtype)
-        self.p = tuple(type(l)(*(self.cupy.asarray(a) for a in l)) for l in params)
+        self.p = tree_map(self.cupy.asarray, params)
         self.s = adam_init(self.p)
         self.k = 0
 
@@ -211,9 +212,9 @@ class IcgdCupy:
         return r.loss
 
     def params(self):
-        from reference import to_numpy
+        from reference.tree import to_host
 
-        return tuple(type(l)(*(to_numpy(a) for a in l)) for l in self.p)
+        return to_host(self.p)
 
     def sync(self):
         self.cupy.cuda.get_current_stream().synchronize()
@@ -438,6 +439,7 @@ def verify(impl, cfg, verify_batch, dtype=np.float64):
     from reference.backends import numpy_backend
     from reference.optim import adam_init
     from reference.tolerances import allclose_report
+    from reference.tree import tree_leaves
 
     small = dict(cfg, B=min(cfg["B"], verify_batch))
     arch, hp, spec = settings(small)
@@ -450,7 +452,7 @@ def verify(impl, cfg, verify_batch, dtype=np.float64):
     got = impl.params()
     reps = [allclose_report(np.asarray([loss], dtype=dtype), np.asarray([ref.loss], dtype=dtype), "algebra")]
     reps += [allclose_report(np.asarray(a, dtype=dtype), np.asarray(b), "algebra")
-             for la, lb in zip(got, ref.params) for a, b in zip(la, lb)]
+             for a, b in zip(tree_leaves(got), tree_leaves(ref.params))]
     worst = max(reps, key=lambda r: r.rel_err)
     ok = all(r.ok for r in reps)
     return ok, worst.rel_err, ("ok" if ok else f"MISMATCH: {worst}")

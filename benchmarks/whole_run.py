@@ -2,7 +2,7 @@
 
     python -m benchmarks.whole_run                       5000 steps, both backends
     python -m benchmarks.whole_run --json benchmarks/results/whole_run.json
-    python -m benchmarks.whole_run --via-training        through reference.training.train
+    python -m benchmarks.whole_run --via-training        through verify.runs.train_run
 
 One run (von Oswald et al. 2023, the official code's one-layer setting): d = 10, N = 10,
 one LSA layer, float32, batch 2048 fresh tasks per step, Adam (lr 1e-3, b2 0.98) with
@@ -15,9 +15,10 @@ wall time end to end (set-up, the first step with its JIT load or compile, train
 evaluations), the split, and the evaluation losses (first and last; the one-step-GD
 loss on the same evaluation set for reference).
 
-``--via-training`` instead times ``reference.training.train`` (the project's training
-loop: baselines, the same steps and evaluations with the alignment metrics, no final
-analyses) with ``backend=numba`` and ``backend=numpy``.
+``--via-training`` instead times ``verify.runs.train_run`` (the project's training
+run: ``reference.trainer``'s loop with baselines, the same steps and evaluations with
+the alignment metrics, checkpoints in a temporary run directory, no final analyses) with
+``backend=numba`` and ``backend=numpy``.
 """
 
 import argparse
@@ -31,27 +32,27 @@ import time
 import numpy as np
 
 
-def _eval_loss_fn(backend, arch, E, y_q, d):
-    from reference import model_forward, readout
+def _eval_loss_fn(backend, arch, E, y_q, layout):
+    from reference import model_forward
     from reference.model import loss_forward
 
     if backend == "numba":
         from reference.backends import numba_backend as nb
 
         def f(params):
-            run = nb.BatchRun(arch, params, E.shape[0], E.shape[1] - 1, d, 1, np.float32)
+            run = nb.BatchRun(arch, params, E.shape[0], E.shape[1] - 1, layout.d, layout.d_y, np.float32)
             return run(E=E, y_q=y_q, need_grad=False)["loss"]
         return f
 
     def f(params):
         out, _ = model_forward(E, params, arch)
-        return float(loss_forward(readout(out, d), y_q)[0])
+        return float(loss_forward(layout.readout(out), y_q)[0])
     return f
 
 
 def direct(backend, steps, batch, eval_every, eval_tasks, seed=0):
     t_start = time.perf_counter()
-    from reference import lsa_stack, build_tokens, init_lsa_params
+    from reference import TokenLayout, lsa_stack, init_lsa_params
     from reference.backends import get_backend
     from reference.optim import AdamHP, adam_init
     from reference.solvers import gd_predict, line_search_eta
@@ -61,12 +62,13 @@ def direct(backend, steps, batch, eval_every, eval_tasks, seed=0):
     arch = lsa_stack(1)
     hp = AdamHP(lr=1e-3, b1=0.9, b2=0.98, eps=1e-8, clip_norm=0.001)
     spec = TaskSpec(d=d, N=N, B=batch)
+    layout = TokenLayout(d, 1)
     evals = TaskSpec(d=d, N=N, B=eval_tasks).sample(step_rng(2023, 0), dtype=np.float32)
-    E_eval = build_tokens(evals.X, evals.Y, evals.x_q)
+    E_eval = layout.build(evals.X, evals.Y, evals.x_q)
     params = (init_lsa_params(np.random.default_rng(seed), d + 1, dtype=np.float32),)
     state = adam_init(params)
     stepper = get_backend(backend).make_stepper(arch, hp, spec, seed, np.float32)
-    eval_loss = _eval_loss_fn(backend, arch, E_eval, evals.y_q, d)
+    eval_loss = _eval_loss_fn(backend, arch, E_eval, evals.y_q, layout)
     t_setup = time.perf_counter() - t_start
 
     t0 = time.perf_counter()
@@ -97,20 +99,20 @@ def direct(backend, steps, batch, eval_every, eval_tasks, seed=0):
 
 
 def via_training(backend, steps, batch, eval_every, eval_tasks):
-    from reference.training import TrainConfig, train
+    from reference.config import TrainConfig
+    from verify.runs import train_run
 
     every = max(eval_every, 500 // eval_every * eval_every)
-    cfg = TrainConfig(steps=steps, batch=batch, eval_every=eval_every, checkpoint_every=every,
-                      eval_tasks=eval_tasks, backend=backend)
+    cfg = TrainConfig().replace(steps=steps, batch=batch, eval_every=eval_every, checkpoint_every=every,
+                                eval_tasks=eval_tasks, backend=backend)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
-        res = train(cfg, out, progress=False, analyses=False)
+        res = train_run(cfg, out, analyses=False)
     total = time.perf_counter() - t0
-    final = res.summary.get("final", {}) if hasattr(res, "summary") else {}
+    final = res.summary.get("final") or {}
     return dict(backend=backend, mode="via-training", steps=steps, batch=batch, eval_every=eval_every,
                 eval_tasks=eval_tasks, total_s=total, final_eval=final.get("loss"),
-                gd1_eval_loss=res.baselines.get("gd_loss") if hasattr(res, "baselines") else None,
-                loadavg=list(os.getloadavg()))
+                gd1_eval_loss=res.baselines.get("gd_loss"), loadavg=list(os.getloadavg()))
 
 
 def main(argv=None):

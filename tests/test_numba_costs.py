@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 
-from benchmarks.costs import _dspace_macs, _token_macs, choose_path, step_cost
+from benchmarks.costs import dspace_macs, token_macs, choose_path, step_cost
 
 _SCRIPT = r"""
 import json, sys
@@ -70,7 +70,7 @@ def test_dspace_count_is_exact():
     cases = [["dspace", 7, 9, K, H] for K, H in ((2, 1), (3, 1), (4, 1), (5, 2))] + [["dspace", 23, 30, 8, 1]]
     for row in _counted(cases):
         assert row["path"] == "dspace"
-        want = _dspace_macs(row["d"], row["N"], row["K"], row["H"])[0]
+        want = dspace_macs(row["d"], row["N"], row["K"], row["H"])[0]
         assert row["macs"] == want, row
 
 
@@ -83,7 +83,7 @@ def test_token_path_full_layer_count():
     for H in (1, 2):
         r = {row["K"]: row["macs"] for row in rows if row["H"] == H}
         for K in (3, 4):
-            want = _token_macs(5, 6, K, H, 1)[0] - _token_macs(5, 6, K - 1, H, 1)[0]
+            want = token_macs(5, 6, K, H, 1)[0] - token_macs(5, 6, K - 1, H, 1)[0]
             assert r[K] - r[K - 1] == want, (H, K, r)
 
 
