@@ -148,7 +148,7 @@ def test_adam_rejects_trees_of_another_structure(rng):
         adam_update(p, g, adam_init(p), AdamHP())
     with pytest.raises(ValueError, match="same structure"):
         adam_update(p, p * 2, adam_init(p), AdamHP())
-    with pytest.raises(TypeError, match="tuple of per-layer NamedTuples"):
+    with pytest.raises(TypeError, match=r"tree\[0\] must be a NamedTuple of arrays"):
         adam_init(p[0])
 
 

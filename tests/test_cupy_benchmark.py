@@ -21,9 +21,9 @@ import pytest
 
 from benchmarks import gpu
 from reference import build_tokens, sample_tasks
-from reference.backends import _cupy_lsa
 from reference.backends._cupy_kernels import HostKernels
-from reference.backends._cupy_step import FusedStepper, HostDraw
+from reference.backends._cupy_step import FusedEngine, FusedStepper, HostDraw
+from reference.optim import AdamHP
 
 
 class CountingNumpy:
@@ -53,8 +53,8 @@ def test_step_cost_counts_the_algorithms_matmul_flops(K):
     params = gpu.init_params(cfg, dtype=np.float64)
     t = sample_tasks(np.random.default_rng(0), 4, 3, 5, dtype=np.float64)
     xp = CountingNumpy()
-    _cupy_lsa.loss_and_grads(build_tokens(t.X, t.Y, t.x_q), t.y_q, params, arch, 3, xp,
-                             HostKernels().half_mean_sumsq)
+    engine = FusedEngine(arch, AdamHP(), np.float64, xp, HostKernels())   # what the CuPy backend runs, on xp
+    engine.loss_and_grads(build_tokens(t.X, t.Y, t.x_q), t.y_q, params, 3)
     D = 4
     param_sized = K * (2 * 2 * D ** 3 + 4 * 2 * D ** 3)   # merge KQ, PV; unmerge 4 grads (left out of step_cost)
     flops, nbytes = gpu.step_cost(cfg)
