@@ -1,14 +1,14 @@
-"""The CuPy backend against the NumPy reference, and its clear errors without a GPU.
+"""What is specific to the CuPy backend: its stepper's own task stream and parameter
+handling, its flat layout and Adam kernel twin, and clear errors without CuPy or a GPU.
 
-Every comparison body runs twice through the ``impl`` fixture:
+Forward, loss and gradients, batching, dtypes, bad input and ``step_on`` against the
+reference are in ``tests/test_conformance.py``, for both ways of running this backend:
+``cupy`` (the real backend on a GPU, marked ``gpu``) and ``cupy-host-twin`` (its own
+step code, covariance-form layers and fused-kernel call sites driven by NumPy and the
+kernels' NumPy twins, which runs everywhere and checks everything but the CUDA bodies).
 
-* ``host-twin``: the backend's own step code (covariance-form layers, flat
-  parameters, device-style sampler, fused-kernel call sites) driven by NumPy and the
-  kernels' NumPy twins. Runs everywhere; it checks everything but the CUDA bodies.
-* ``cupy``: the real backend on a GPU (marked ``gpu``); skipped, with the reason,
-  when CuPy or a CUDA device is missing. Never a false pass.
-
-The reference side always runs on host copies with ``reference`` itself.
+The stepper tests here run through the ``impl`` fixture on both as well; ``cupy`` is
+skipped, with the reason, when CuPy or a CUDA device is missing. Never a false pass.
 """
 
 import importlib
@@ -19,78 +19,27 @@ import types
 import numpy as np
 import pytest
 
-from reference import Arch, lsa_stack, build_tokens, init_lsa_params, loss_and_grads, model_forward, sample_tasks, to_numpy
-from reference.backends import get_backend, numpy_backend
-from reference.backends import _cupy_lsa
+import test_conformance as C
+from reference import lsa_stack, build_tokens, init_lsa_params, sample_tasks, to_numpy
+from reference.backends import get_backend
 from reference.backends._cupy_kernels import HostKernels
-from reference.backends._cupy_step import FlatLayout, FusedEngine, FusedStepper, HostDraw
+from reference.backends._cupy_step import FlatLayout
 from reference.optim import AdamHP, adam_init
 from reference.tasks import TaskSpec
 from reference.tolerances import assert_close, tolerance
 
 B, N, d = 6, 5, 3
 D = d + 1
-
-# (id, arch, heads, key size, merged params, init scale): small scales keep deep
-# stacks finite; clip 0.3 is active for tokens of U(-0.5, 0.5) inputs.
-CASES = [
-    ("K1", lsa_stack(1), 1, None, False, 0.3),
-    ("K3-recurrent-2heads-key5", lsa_stack(3, recurrent=True), 2, 5, False, 0.3),
-    ("K3-separate-clip", lsa_stack(3, clip=0.3), 1, None, False, 0.3),
-    ("K2-merged", lsa_stack(2), 2, None, True, 0.3),
-    ("K2-causal-fallback", lsa_stack(2, causal=True), 1, None, False, 0.3),
-]
 DTYPES = [np.float64, np.float32]
+K1 = ("K1", lsa_stack(1), 1, None, False, 0.3)    # (id, arch, heads, key size, merged, init scale)
 
 
-class HostTwin:
-    """The backend's code paths on NumPy with the kernels' NumPy twins."""
-
-    name = "host-twin"
-    xp = np
-
-    def model_forward(self, E, params, arch):
-        if arch.causal:
-            return model_forward(E, params, arch)[0]
-        return _cupy_lsa.model_forward(E, params, arch, np)[0]
-
-    def loss_and_grads(self, E, y_q, params, arch, d):
-        eng = FusedEngine(arch, AdamHP(), E.dtype, np, HostKernels())
-        L, grads, pred, dE = eng.loss_and_grads(E, y_q, params, d, need_dE=True)
-        return L, grads, {"pred": pred, "dE": dE}
-
-    def make_stepper(self, arch, hp, spec, seed, dtype):
-        return FusedStepper(arch, hp, spec, seed, dtype, np, HostKernels(), HostDraw())
-
-
-class Device:
-    """The real CuPy backend."""
-
-    name = "cupy"
-
-    def __init__(self, backend, cupy):
-        self.b, self.xp = backend, cupy
-
-    def model_forward(self, E, params, arch):
-        return self.b.model_forward(E, params, arch)[0]
-
-    def loss_and_grads(self, E, y_q, params, arch, d):
-        return self.b.loss_and_grads(E, y_q, params, arch, d)
-
-    def make_stepper(self, arch, hp, spec, seed, dtype):
-        return self.b.make_stepper(arch, hp, spec, seed, dtype)
-
-
-@pytest.fixture(params=["host-twin", pytest.param("cupy", marks=pytest.mark.gpu)])
+@pytest.fixture(params=["cupy-host-twin", pytest.param("cupy", marks=pytest.mark.gpu)])
 def impl(request):
-    if request.param == "host-twin":
-        return HostTwin()
-    backend = get_backend("cupy")
-    try:
-        cupy = backend.require_cupy()
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
-    return Device(backend, cupy)
+    """The conformance suite's implementation of that name (skips ``cupy`` without a GPU)."""
+    im = C.IMPLS[request.param]
+    im.require()
+    return im
 
 
 def _setup(case, dtype, seed=0):
@@ -110,62 +59,10 @@ def _close(actual, desired, dtype, what):
     assert_close(np.asarray(to_numpy(actual)), np.asarray(desired), "algebra", dtype, what)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_forward_matches_reference(impl, case, dtype):
-    arch, tasks, params = _setup(case, dtype)
-    E = build_tokens(tasks.X, tasks.Y, tasks.x_q)
-    want, _ = model_forward(E, params, arch)
-    got = impl.model_forward(E, params, arch)
-    assert type(got).__module__.split(".")[0] == impl.xp.__name__
-    _close(got, want, dtype, f"{impl.name} forward")
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_loss_and_grads_match_reference(impl, case, dtype):
-    arch, tasks, params = _setup(case, dtype)
-    E = build_tokens(tasks.X, tasks.Y, tasks.x_q)
-    L0, g0, aux0 = loss_and_grads(E, tasks.y_q, params, arch, d)
-    L1, g1, aux1 = impl.loss_and_grads(E, tasks.y_q, params, arch, d)
-    _close(impl.xp.asarray(L1).reshape(1), np.asarray(L0).reshape(1), dtype, "loss")
-    _close(aux1["pred"], aux0["pred"], dtype, "pred")
-    _close(aux1["dE"], aux0["dE"], dtype, "dE")
-    assert [type(p) for p in g1] == [type(p) for p in g0]
-    for n, (a, b) in enumerate(zip(_leaves(g1), _leaves(g0))):
-        _close(a, b, dtype, f"gradient leaf {n}")
-
-
-@pytest.mark.parametrize("clip_norm", [0.001, None], ids=["gradclip", "noclip"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_step_on_matches_numpy_backend(impl, case, dtype, clip_norm):
-    """Several train steps on the same tasks: params, Adam moments, loss and grad norm."""
-    arch, _, params = _setup(case, dtype)
-    hp = AdamHP(lr=1e-2, clip_norm=clip_norm)
-    spec = TaskSpec(d=d, N=N, B=B)
-    ref = numpy_backend.make_stepper(arch, hp, spec, seed=0, dtype=dtype)
-    fast = impl.make_stepper(arch, hp, spec, 0, dtype)
-    p0, s0 = params, adam_init(params)
-    p1, s1 = params, adam_init(params)
-    for step in range(4):
-        tasks = ref.sample(step)
-        r0 = ref.step_on(p0, s0, tasks)
-        r1 = fast.step_on(p1, s1, tasks)
-        p0, s0, p1, s1 = r0.params, r0.state, r1.params, r1.state
-        assert s1.t == s0.t == step + 1
-        _close(impl.xp.asarray(r1.loss).reshape(1), np.asarray([r0.loss]), dtype, f"loss at step {step}")
-        _close(impl.xp.asarray(r1.grad_norm).reshape(1), np.asarray([r0.grad_norm]), dtype, f"grad norm at step {step}")
-        for what, t0, t1 in (("params", p0, p1), ("m", s0.m, s1.m), ("v", s0.v, s1.v)):
-            for n, (a, b) in enumerate(zip(_leaves(t1), _leaves(t0))):
-                _close(a, b, dtype, f"{what} leaf {n} after step {step}")
-
-
 def test_step_draws_then_steps(impl):
     """step(params, state, s) is step_on(params, state, sample(s)), and sample(s) is
     a function of (seed, s) alone."""
-    case = CASES[0]
-    arch, _, params = _setup(case, np.float32)
+    arch, _, params = _setup(K1, np.float32)
     hp = AdamHP(clip_norm=0.001)
     spec = TaskSpec(d=d, N=N, B=B)
     st = impl.make_stepper(arch, hp, spec, 7, np.float32)
@@ -180,7 +77,7 @@ def test_step_draws_then_steps(impl):
     r_on = impl.make_stepper(arch, hp, spec, 7, np.float32).step_on(params, state, t_a)
     for a, b in zip(_leaves(r_step.params), _leaves(r_on.params)):
         _close(a, to_numpy(b), np.float32, "step vs step_on(sample)")
-    _close(impl.xp.asarray(r_step.loss).reshape(1), to_numpy(impl.xp.asarray(r_on.loss)).reshape(1), np.float32, "loss")
+    _close(np.reshape(float(r_step.loss), 1), np.reshape(float(r_on.loss), 1), np.float32, "loss")
 
 
 def test_device_tasks_distribution(impl):
@@ -220,7 +117,7 @@ def test_device_tasks_options(impl):
 def test_returned_params_are_not_mutated_and_copies_agree(impl):
     """Handing back the returned tuples (the fast path) and handing in copies (the
     packing path) give the same step; earlier results never change afterwards."""
-    arch, _, params = _setup(CASES[0], np.float64)
+    arch, _, params = _setup(K1, np.float64)
     hp = AdamHP(clip_norm=0.001)
     spec = TaskSpec(d=d, N=N, B=B)
     st = impl.make_stepper(arch, hp, spec, 0, np.float64)
@@ -237,8 +134,8 @@ def test_returned_params_are_not_mutated_and_copies_agree(impl):
 
 
 def test_layout_and_dtype_mismatch_raise():
-    arch, tasks, params = _setup(CASES[0], np.float64)
-    st = HostTwin().make_stepper(arch, AdamHP(), TaskSpec(d=d, N=N, B=B), 0, np.float32)
+    arch, tasks, params = _setup(K1, np.float64)
+    st = C.IMPLS["cupy-host-twin"].make_stepper(arch, AdamHP(), TaskSpec(d=d, N=N, B=B), 0, np.float32)
     with pytest.raises(TypeError, match="dtype float32"):
         st.step_on(params, adam_init(params), tasks)
     lay = FlatLayout(params, np.float64)
@@ -287,7 +184,7 @@ def test_host_twin_adam_kernel_matches_reference_adam():
 # -- without CuPy or without a device: clear errors, never a crash at import ------------
 
 def _public_calls(cb):
-    arch, tasks, params = _setup(CASES[0], np.float32)
+    arch, tasks, params = _setup(K1, np.float32)
     E = build_tokens(tasks.X, tasks.Y, tasks.x_q)
     return {
         "sample_tasks": lambda: cb.sample_tasks(np.random.default_rng(0), 2, 3, 4),
