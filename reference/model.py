@@ -142,7 +142,7 @@ class ModelCache(NamedTuple):
     arch: Arch
 
 
-def _check_model_params(params, arch, D_in=None):
+def check_model_params(params, arch, D_in=None):
     """Raise unless ``params`` is a tuple with one entry per parameter set of ``arch``,
     each of a type the layer takes (and, with ``D_in``, of the right widths)."""
     if not isinstance(arch, Arch):
@@ -167,7 +167,7 @@ def _check_model_params(params, arch, D_in=None):
 def model_forward(E, params, arch):
     """Apply the K layers to tokens E (B, T, D). Returns (E_K (B, T, D_K), cache)."""
     check_array("E", E, ndim=3)
-    _check_model_params(params, arch, E.shape[2])
+    check_model_params(params, arch, E.shape[2])
     caches, outputs = [], []
     h = E
     for k, spec in enumerate(arch.layers):

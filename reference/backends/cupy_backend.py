@@ -31,7 +31,9 @@ by NumPy and the kernels' NumPy twins); the device run itself is in the tests ma
 
 import numpy as np
 
-from ..model import _check_model_params, model_forward as reference_model_forward
+from .._checks import check_array
+from ..layers.lsa import check_layer_inputs
+from ..model import check_model_params, model_forward as reference_model_forward
 from ..tokens import as_layout
 from ..tasks import TaskSpec, sample_tasks as reference_sample_tasks
 from . import _cupy_lsa
@@ -126,11 +128,20 @@ def sample_tasks(rng, B, d, N, d_y=1, *, x_range=(-0.5, 0.5), w_scale=1.0, noise
     return device_tokens(rng, spec, spec.B, np.dtype(dtype), cupy)[2]
 
 
+def _check_inputs(E, params, arch):
+    """The reference's checks (same exceptions and messages), on host or device arrays."""
+    stack = lsa_stack_of(arch, NAME)
+    check_array("E", E, ndim=3)
+    check_model_params(params, arch, E.shape[2])
+    for p in params:
+        check_layer_inputs(E, p, stack.causal, stack.clip)
+    return stack
+
+
 def model_forward(E, params, arch):
     """The K layers on tokens E (B, T, D). Returns (out (B, T, D) on the device, None)."""
     cupy = require_cupy()
-    stack = lsa_stack_of(arch, NAME)
-    _check_model_params(params, arch)
+    stack = _check_inputs(E, params, arch)
     (E,) = _to_device(cupy, E)
     params = _params_to_device(cupy, params)
     if stack.causal:
@@ -144,11 +155,13 @@ def loss_and_grads(E, y_q, params, arch, layout):
     """Loss and gradients, like ``reference.model.loss_and_grads``: (L 0-d device array,
     dparams, aux dict(pred, dE)), all on the device."""
     cupy = require_cupy()
-    _check_model_params(params, arch)
+    _check_inputs(E, params, arch)
+    d = as_layout(layout, E.shape[2]).d
+    check_array("y_q", y_q, shape=(E.shape[0], E.shape[2] - d))
     E, y_q = _to_device(cupy, E, y_q)
     params = _params_to_device(cupy, params)
     engine = FusedEngine(arch, _hp_default(), np.dtype(E.dtype), cupy, _kernels(cupy))
-    L, grads, pred, dE = engine.loss_and_grads(E, y_q, params, as_layout(layout, E.shape[2]).d, need_dE=True)
+    L, grads, pred, dE = engine.loss_and_grads(E, y_q, params, d, need_dE=True)
     return L, grads, {"pred": pred, "dE": dE}
 
 

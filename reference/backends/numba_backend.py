@@ -39,8 +39,8 @@ JIT flags (parallel, fastmath, cache, lanes) come from ``config.py``. Complex in
 import numpy as np
 
 from .._checks import check_array, check_dtype, check_int
-from ..layers.lsa import LSAParams, MergedParams, _check_layer_inputs
-from ..model import _check_model_params
+from ..layers.lsa import LSAParams, MergedParams, check_layer_inputs
+from ..model import check_model_params
 from ..optim import AdamHP, AdamState
 from ..tasks import Tasks, TaskSpec, sample_tasks as reference_sample_tasks
 from ..tokens import as_layout, build_tokens
@@ -182,10 +182,10 @@ def factored_grads(params, dA, dB, dtype):
 def _check_inputs(E, params, arch):
     """The reference's checks (same messages), then the dtype this backend computes in."""
     st = lsa_stack_of(arch, NAME)
-    _check_model_params(params, arch)
+    check_model_params(params, arch)
     check_array("E", E, ndim=3)
     for p in params:
-        _check_layer_inputs(E, p, st.causal, st.clip)
+        check_layer_inputs(E, p, st.causal, st.clip)
     return _real_dtype([E] + [a for p in params for a in p], "E and params")
 
 
@@ -320,7 +320,7 @@ def adam_update(params, grads, state, hp, dtype):
 
 def _check_step_params(params, arch, dtype, D=None):
     lsa_stack_of(arch, NAME)
-    _check_model_params(params, arch)
+    check_model_params(params, arch)
     dt = _real_dtype([a for p in params for a in p], "params")
     if dt != dtype:
         raise TypeError(f"params have dtype {dt} but this stepper computes in dtype {dtype}; "

@@ -98,7 +98,7 @@ def causal_mask(T, xp=np, dtype=np.float64):
 
 def lsa_forward(E, params, *, causal=False, clip=None):
     """Apply one LSA layer. Returns (out (B, T, D), cache)."""
-    _check_layer_inputs(E, params, causal, clip)
+    check_layer_inputs(E, params, causal, clip)
     xp = get_xp(E, *params)
     W_Q, W_K, W_V, P = _factored_view(params)
     B, T, D = E.shape
@@ -234,7 +234,7 @@ def _check_params(params):
     return D
 
 
-def _check_layer_inputs(E, params, causal, clip):
+def check_layer_inputs(E, params, causal, clip):
     check_array("E", E, ndim=3)
     D = _check_params(params)
     if E.shape[2] != D:
