@@ -1,114 +1,263 @@
-"""Tests of the training path (reference/training.py, reference/analysis.py,
-verify/train_cli.py): resume, divergence, configuration and checkpoint errors, the
-GD++ gradient, the alignment metrics, and the run directory of the CLI.
+"""Tests of the training path: the loop (reference/trainer.py) as kept by a run
+directory (verify/runs.py), the GD++ baseline (reference/solvers.py), the end-of-run
+analyses (reference/analysis.py) and ``icgd train`` (verify/train_cli.py): resume,
+divergence, configuration and checkpoint errors, the GD++ gradient, the alignment
+metrics, the legacy run fixture and the run directory of the CLI.
+
+Faults (an interrupt, NaN parameters) are injected by replacing
+``reference.trainer.make_stepper`` with one whose stepper applies a fault to the real
+stepper's result: there is no test hook in the public signatures. The run-directory
+format (checksums, digest, metrics rebuild, lock) is tested in tests/test_runs.py, which
+imports the helpers of this file, and config names in tests/test_config.py.
 
 Every run here is tiny (d=3, N=5, a few dozen steps) so the file stays fast."""
 
+import functools
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 
 import reference as R
-from reference import analysis as A
-from reference import training as T
+from reference import analysis
+from reference import trainer
+from reference.config import ConfigError, TrainConfig, config_from_dict
+from reference.errors import TrainingDiverged
 from reference.gradcheck import CENTRAL_H
+from reference.solvers import gdpp_loss_and_grads
 from reference.tolerances import assert_close, tolerance
+from reference.tree import all_finite, to_host
+from verify import runs
+from verify.experiments import EXPERIMENTS, get_experiment
+from verify.settings import apply_overrides
 
 TINY = dict(d=3, N=5, batch=64, steps=40, eval_every=10, checkpoint_every=20, eval_tasks=200,
             line_search_tasks=200, gdpp_steps=5, gdpp_batch=32, ood_tasks=20, rollout_steps=3, backend="numpy")
 
+# a finished run written by the code before the split into reference/config.py,
+# trainer.py and verify/runs.py (format 1: flat config.json, no checksum, no history)
+FIXTURE_V1 = os.path.join(os.path.dirname(__file__), "fixtures", "run-v1")
+
 
 def tiny(**kw):
-    return T.TrainConfig(**{**TINY, **kw})
+    """The tiny config with fields replaced by flat or dotted name."""
+    return TrainConfig().replace(**{**TINY, **kw})
 
 
-def _eval_rows(rows):
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows if r.get("kind") == "eval"]
+def train(cfg, out_dir=None, **kw):
+    """verify.runs.train_run without the final analyses unless asked for."""
+    kw.setdefault("analyses", False)
+    return runs.train_run(cfg, None if out_dir is None else str(out_dir), **kw)
 
 
-def _same_params(a, b):
-    return all(np.array_equal(x, y) for la, lb in zip(a, b) for x, y in zip(la, lb))
+def without_seconds(rows):
+    """Metrics rows without their timings (the only fields two equal runs may differ in)."""
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
 
 
-# ---- resume -----------------------------------------------------------------------
+def eval_rows(rows):
+    return without_seconds([r for r in rows if r.get("kind") == "eval"])
+
+
+def metrics_of(run_dir):
+    rows, problem = runs.read_metrics(os.path.join(run_dir, runs.METRICS_FILE))
+    assert problem is None, f"{run_dir}: metrics.jsonl: {problem}"
+    return rows
+
+
+def same_params(a, b):
+    """Bit-for-bit equality of two parameter trees (structure, dtypes and values)."""
+    if len(a) != len(b):
+        return False
+    for la, lb in zip(a, b):
+        if type(la) is not type(lb):
+            return False
+        for x, y in zip(la, lb):
+            if (x is None) != (y is None):
+                return False
+            if x is not None and (x.dtype != y.dtype or not np.array_equal(x, y)):
+                return False
+    return True
+
+
+def checkpoint_of(run_dir):
+    return runs.load_checkpoint(os.path.join(str(run_dir), runs.CHECKPOINT_FILE))
+
+
+def copy_fixture_v1(dest):
+    """A copy of the legacy run fixture (the committed one is never written)."""
+    shutil.copytree(FIXTURE_V1, str(dest))
+    return str(dest)
+
+
+def fixture_v1_config():
+    with open(os.path.join(FIXTURE_V1, runs.CONFIG_FILE)) as f:
+        return config_from_dict(json.load(f))
+
+
+# ---- fault injection ----------------------------------------------------------------
 
 class Interrupt(Exception):
     pass
 
 
+class FaultyStepper:
+    """The real stepper, with ``fault(step, result)`` applied to each step's result
+    (``step``: the 0-based step the update starts from)."""
+
+    def __init__(self, real, fault):
+        self.real, self.fault = real, fault
+
+    def step(self, params, state, step):
+        return self.fault(step, self.real.step(params, state, step))
+
+
+def _make_faulty_stepper(real_make_stepper, fault, cfg):
+    return FaultyStepper(real_make_stepper(cfg), fault)
+
+
+def inject_fault(monkeypatch, fault):
+    """Make every run started under ``monkeypatch`` use a :class:`FaultyStepper`."""
+    monkeypatch.setattr(trainer, "make_stepper", functools.partial(_make_faulty_stepper, trainer.make_stepper, fault))
+
+
+def interrupt_at(at, step, res):
+    if step == at:
+        raise Interrupt
+    return res
+
+
+def nan_params_at(at, step, res):
+    if step == at:
+        bad = tuple(type(layer)(*(a * np.nan for a in layer)) for layer in res.params)
+        return res._replace(params=bad)
+    return res
+
+
+def interrupted_run(monkeypatch, cfg, run_dir, at):
+    """Train ``cfg`` into ``run_dir`` until an interrupt raised at step ``at``."""
+    with monkeypatch.context() as m:
+        inject_fault(m, functools.partial(interrupt_at, at))
+        with pytest.raises(Interrupt):
+            train(cfg, run_dir)
+
+
+def test_fault_injection_reaches_the_loop(tmp_path, monkeypatch):
+    """The injected stepper is the one the loop drives (else the fault tests prove nothing)."""
+    with monkeypatch.context() as m:
+        inject_fault(m, functools.partial(interrupt_at, 3))
+        with pytest.raises(Interrupt):
+            train(tiny(steps=10), tmp_path / "a")
+    train(tiny(steps=10), tmp_path / "b")          # undone: the real stepper again
+
+
+# ---- resume -----------------------------------------------------------------------
+
 def _numba_or_skip():
     try:
-        T.check_backend_available("numba")
-    except T.ConfigError as exc:
+        runs.check_runnable(tiny(backend="numba"))
+    except ConfigError as exc:
         pytest.skip(str(exc))
     return "numba"
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(n_layers=2, recurrent=True, dtype="float64"), "numba"])
-def test_resume_equals_uninterrupted(tmp_path, kw):
+@pytest.mark.parametrize("kw", [dict(), dict(n_layers=2, recurrent=True, dtype="float64"), "numba"],
+                         ids=["one_layer", "recurrent2_float64", "numba"])
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch, kw):
     if kw == "numba":
         kw = dict(backend=_numba_or_skip(), n_layers=3, token_clip=1.0, grad_clip=10.0)
     cfg = tiny(**kw)
-    full = T.train(cfg, str(tmp_path / "full"), progress=False, analyses=False)
-
-    def stop_at_25(step, res):
-        if step == 25:
-            raise Interrupt
-        return res
-
+    full = train(cfg, tmp_path / "full")
     run = str(tmp_path / "cut")
-    with pytest.raises(Interrupt):
-        T.train(cfg, run, progress=False, analyses=False, _fault=stop_at_25)
-    assert T.load_checkpoint(os.path.join(run, "checkpoint.npz")).step == 20
-    resumed = T.train(cfg, run, resume=True, progress=False, analyses=False)
-    assert _same_params(full.params, resumed.params), "resumed params differ from the uninterrupted run"
-    assert _eval_rows(T.read_metrics(os.path.join(run, "metrics.jsonl"))) == _eval_rows(full.history)
+    interrupted_run(monkeypatch, cfg, run, 25)
+    assert checkpoint_of(run).step == 20
+    resumed = train(cfg, run, resume=True)
+    assert same_params(full.params, resumed.params), "resumed params differ from the uninterrupted run"
+    assert eval_rows(metrics_of(run)) == eval_rows(full.history)
+    assert eval_rows(resumed.history) == eval_rows(full.history)
 
 
 def test_resume_may_extend_steps(tmp_path):
     run = str(tmp_path / "r")
-    T.train(tiny(steps=20), run, progress=False, analyses=False)
-    longer = T.train(tiny(steps=40), run, resume=True, progress=False, analyses=False)
-    full = T.train(tiny(steps=40), None, progress=False, analyses=False)
-    assert _same_params(full.params, longer.params)
+    train(tiny(steps=20), run)
+    longer = train(tiny(steps=40), run, resume=True)
+    full = train(tiny(steps=40))
+    assert same_params(full.params, longer.params)
+    ck = checkpoint_of(run)
+    assert ck.step == 40 and same_params(ck.params, full.params)
 
 
 def test_existing_run_not_overwritten_without_flag(tmp_path):
     run = str(tmp_path / "r")
-    T.train(tiny(steps=10), run, progress=False, analyses=False)
-    with pytest.raises(T.ConfigError, match="already holds a run"):
-        T.train(tiny(steps=10), run, progress=False, analyses=False)
+    first = train(tiny(steps=10), run)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(tiny(steps=10, seed=1), run)
+    assert same_params(checkpoint_of(run).params, first.params)
+    again = train(tiny(steps=10, seed=1), run, overwrite=True)
+    assert same_params(checkpoint_of(run).params, again.params)
+
+
+# ---- the legacy run (format 1, written by the code before the split) ------------------
+
+def test_fresh_run_reproduces_the_legacy_fixture_bit_for_bit():
+    """The fixture's params, eval rows and analyses were computed by the old code."""
+    old = checkpoint_of(FIXTURE_V1)
+    assert old.version == 1 and old.step == 20
+    res = runs.train_run(fixture_v1_config(), None)
+    assert same_params(res.params, old.params), "the new code does not reproduce the old run's params"
+    assert eval_rows(res.history) == eval_rows(metrics_of(FIXTURE_V1))
+    with open(os.path.join(FIXTURE_V1, runs.SUMMARY_FILE)) as f:
+        old_summary = json.load(f)
+    new_summary = runs.jsonable(res.summary)
+    timings = ("seconds", "analysis_seconds", "baselines", "final")
+    assert set(new_summary) == set(old_summary)
+    for k in set(old_summary) - set(timings):
+        assert new_summary[k] == old_summary[k], f"summary[{k!r}] differs from the old code's"
+    assert without_seconds([new_summary["baselines"]]) == without_seconds([old_summary["baselines"]])
+
+
+def test_legacy_fixture_loads_and_resumes_like_a_fresh_run(tmp_path):
+    run = copy_fixture_v1(tmp_path / "v1")
+    res = runs.load_result(run)
+    assert res.config == fixture_v1_config() and res.config.steps == 20
+    assert same_params(res.params, checkpoint_of(FIXTURE_V1).params)
+    assert [r["step"] for r in res.history] == [0, 10, 20]
+    assert res.summary["final"]["step"] == 20 and res.baselines["gd_eta"] == res.summary["baselines"]["gd_eta"]
+    longer = fixture_v1_config().replace(steps=40)
+    resumed = train(longer, run, resume=True)
+    fresh = train(longer)
+    assert same_params(resumed.params, fresh.params), "resuming the old run differs from a fresh 40-step run"
+    assert eval_rows(metrics_of(run)) == eval_rows(fresh.history)
+    with open(os.path.join(run, runs.CONFIG_FILE)) as f:
+        assert json.load(f)["format_version"] == runs.FORMAT_VERSION   # rewritten in the new format
 
 
 # ---- divergence -------------------------------------------------------------------
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_divergence_with_huge_lr_names_step_and_keeps_checkpoint(tmp_path):
     run = str(tmp_path / "div")
     cfg = tiny(lr=1e3, grad_clip=None, init_scale=50.0, steps=200, checkpoint_every=10, eval_every=10)
-    with pytest.raises(T.TrainingDiverged) as ei:
-        T.train(cfg, run, progress=False, analyses=False)
+    with pytest.raises(TrainingDiverged) as ei:
+        train(cfg, run)
     msg = str(ei.value)
     assert f"step {ei.value.step} of 200" in msg and "last good checkpoint" in msg
-    ck = T.load_checkpoint(os.path.join(run, "checkpoint.npz"))
+    ck = checkpoint_of(run)
     assert ck.step == ei.value.checkpoint_step < ei.value.step
-    assert T.params_finite(ck.params)
+    assert all_finite(ck.params)
 
 
-def test_injected_nan_stops_at_that_step(tmp_path):
+def test_injected_nan_stops_at_that_step(tmp_path, monkeypatch):
     run = str(tmp_path / "nan")
-
-    def nan_at_15(step, res):
-        if step == 14:   # the 15th update
-            bad = tuple(type(layer)(*(a * np.nan for a in layer)) for layer in res.params)
-            return res._replace(params=bad)
-        return res
-
+    inject_fault(monkeypatch, functools.partial(nan_params_at, 14))     # the 15th update
     cfg = tiny(steps=40, checkpoint_every=10, eval_every=10)
-    with pytest.raises(T.TrainingDiverged, match=r"step 15 of 40.*non-finite parameters.*step 10"):
-        T.train(cfg, run, progress=False, analyses=False, _fault=nan_at_15)
-    assert T.load_checkpoint(os.path.join(run, "checkpoint.npz")).step == 10
+    with pytest.raises(TrainingDiverged, match=r"step 15 of 40.*non-finite parameters.*step 10") as ei:
+        train(cfg, run)
+    assert ei.value.step == 15 and ei.value.checkpoint_step == 10
+    assert checkpoint_of(run).step == 10
+    assert [r["step"] for r in metrics_of(run) if r.get("kind") == "eval"] == [0, 10]
 
 
 # ---- configuration ----------------------------------------------------------------
@@ -126,21 +275,23 @@ def test_injected_nan_stops_at_that_step(tmp_path):
     (dict(grad_clip=0.0), "grad_clip: must be > 0 or None"),
 ])
 def test_bad_config_values_rejected(bad, match):
-    with pytest.raises(T.ConfigError, match=match):
+    with pytest.raises(ConfigError, match=match):
         tiny(**bad)
 
 
 def test_overrides_typed_and_unknown_keys_rejected():
-    base = T.EXPERIMENTS["one_layer"].config
-    c = T.apply_overrides(base, {"steps": "2_000", "lr": "5e-4", "recurrent": "true", "grad_clip": "none",
-                                 "token_clip": "10"})
-    assert (c.steps, c.lr, c.recurrent, c.grad_clip, c.token_clip) == (2000, 5e-4, True, None, 10.0)
-    with pytest.raises(T.ConfigError, match="unknown config field 'step'.*did you mean steps"):
-        T.apply_overrides(base, {"step": "10"})
-    with pytest.raises(T.ConfigError, match="steps: cannot read 'abc' as int"):
-        T.apply_overrides(base, {"steps": "abc"})
-    with pytest.raises(T.ConfigError, match="unknown experiment"):
-        T.get_experiment("one-layer-please")
+    base = EXPERIMENTS["one_layer"].config
+    c = apply_overrides(base, {"steps": "2_000", "lr": "5e-4", "recurrent": "true", "grad_clip": "none",
+                               "token_clip": "10"})
+    assert (c.steps, c.optim.lr, c.model.recurrent, c.optim.grad_clip, c.model.token_clip) == (2000, 5e-4, True,
+                                                                                               None, 10.0)
+    assert type(c.steps) is int and type(c.model.token_clip) is float
+    with pytest.raises(ConfigError, match="unknown config field 'step'.*did you mean steps"):
+        apply_overrides(base, {"step": "10"})
+    with pytest.raises(ConfigError, match="steps: cannot read 'abc' as int"):
+        apply_overrides(base, {"steps": "abc"})
+    with pytest.raises(ConfigError, match="unknown experiment"):
+        get_experiment("one-layer-please")
 
 
 def test_missing_backend_is_a_clear_error_before_work(tmp_path, monkeypatch):
@@ -148,54 +299,62 @@ def test_missing_backend_is_a_clear_error_before_work(tmp_path, monkeypatch):
 
     monkeypatch.setitem(backends.BACKENDS, "ghost", "reference.backends.ghost_backend_does_not_exist")
     cfg = tiny(backend="ghost")
-    with pytest.raises(T.ConfigError, match="backend 'ghost' is not available"):
-        T.train(cfg, str(tmp_path / "g"), progress=False)
+    with pytest.raises(ConfigError, match="backend 'ghost' cannot run this configuration here"):
+        runs.train_run(cfg, str(tmp_path / "g"))
     assert not (tmp_path / "g").exists()
 
 
 def test_experiments_are_valid_and_documented():
-    for name, e in T.EXPERIMENTS.items():
+    for name, e in EXPERIMENTS.items():
         assert e.config.experiment == name and len(e.description) > 20
-    c = T.EXPERIMENTS["layers5"].config
-    assert (c.n_layers, c.recurrent, c.lr, c.grad_clip, c.token_clip, c.steps) == (5, False, 5e-4, 10.0, 10.0, 50_000)
-    c = T.EXPERIMENTS["one_layer"].config
-    assert (c.b2, c.grad_clip, c.batch, c.eval_tasks, c.eval_every) == (0.98, 0.001, 2048, 10_000, 100)
+    c = EXPERIMENTS["layers5"].config
+    assert (c.model.n_layers, c.model.recurrent, c.optim.lr, c.optim.grad_clip, c.model.token_clip, c.steps) == (
+        5, False, 5e-4, 10.0, 10.0, 50_000)
+    c = EXPERIMENTS["one_layer"].config
+    assert (c.optim.b2, c.optim.grad_clip, c.data.batch, c.eval.eval_tasks, c.eval.eval_every) == (
+        0.98, 0.001, 2048, 10_000, 100)
 
 
 # ---- checkpoints ------------------------------------------------------------------
 
+def _npz_arrays(path):
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
 def test_mismatched_or_corrupt_checkpoint_refused(tmp_path):
     run = str(tmp_path / "r")
-    T.train(tiny(steps=20), run, progress=False, analyses=False)
-    path = os.path.join(run, "checkpoint.npz")
-    with pytest.raises(T.CheckpointError, match="different configuration: lr"):
-        T.train(tiny(steps=40, lr=5e-4), run, resume=True, progress=False)
-    with pytest.raises(T.CheckpointError, match="beyond steps"):
-        T.train(tiny(steps=10), run, resume=True, progress=False)
-    # another format version
-    with np.load(path) as z:
-        arrays = {k: z[k] for k in z.files}
-    arrays["format_version"] = np.array(T.FORMAT_VERSION + 1)
-    np.savez(os.path.join(run, "v.npz"), **arrays)
-    with pytest.raises(T.CheckpointError, match="format version"):
-        T.load_checkpoint(os.path.join(run, "v.npz"))
-    # a missing array
-    del arrays["adam.t"]
-    arrays["format_version"] = np.array(T.FORMAT_VERSION)
-    np.savez(os.path.join(run, "m.npz"), **arrays)
-    with pytest.raises(T.CheckpointError, match="unreadable"):
-        T.load_checkpoint(os.path.join(run, "m.npz"))
+    train(tiny(steps=20), run)
+    path = os.path.join(run, runs.CHECKPOINT_FILE)
+    with pytest.raises(runs.CheckpointError, match="different configuration: lr"):
+        train(tiny(steps=40, lr=5e-4), run, resume=True)
+    with pytest.raises(runs.CheckpointError, match="beyond steps"):
+        train(tiny(steps=10), run, resume=True)
+    arrays = _npz_arrays(path)
+    assert int(arrays["format_version"]) == runs.FORMAT_VERSION
+    # another format version: refused for its version, whether or not its checksum fits
+    stored = {k: v for k, v in arrays.items() if k != "checksum"}
+    newer = dict(stored, format_version=np.array(runs.FORMAT_VERSION + 1))
+    for name, checksum in (("v_stale.npz", arrays["checksum"]), ("v_fit.npz", runs.arrays_checksum(newer))):
+        np.savez(os.path.join(run, name), **newer, checksum=np.array(checksum))
+        with pytest.raises(runs.CheckpointError, match=f"format version {runs.FORMAT_VERSION + 1}"):
+            runs.load_checkpoint(os.path.join(run, name))
+    # a missing array (under a checksum that fits what is left)
+    missing = {k: v for k, v in stored.items() if k != "adam.t"}
+    np.savez(os.path.join(run, "m.npz"), **missing, checksum=np.array(runs.arrays_checksum(missing)))
+    with pytest.raises(runs.CheckpointError, match="unreadable"):
+        runs.load_checkpoint(os.path.join(run, "m.npz"))
     # garbage bytes and a truncated file
     with open(path, "rb") as f:
         data = f.read()
     with open(path, "wb") as f:
         f.write(data[: len(data) // 2])
-    with pytest.raises(T.CheckpointError, match="unreadable"):
-        T.train(tiny(steps=40), run, resume=True, progress=False)
+    with pytest.raises(runs.CheckpointError, match="unreadable"):
+        train(tiny(steps=40), run, resume=True)
     with open(path, "wb") as f:
         f.write(b"not a checkpoint")
-    with pytest.raises(T.CheckpointError, match="unreadable"):
-        T.load_checkpoint(path)
+    with pytest.raises(runs.CheckpointError, match="unreadable"):
+        runs.load_checkpoint(path)
 
 
 # ---- GD++ gradient ----------------------------------------------------------------
@@ -208,12 +367,14 @@ def test_gdpp_gradient_matches_central_differences(recurrent, K):
     eta = rng.uniform(0.5, 2.0, n)
     gamma = rng.uniform(0.0, 0.3, n)
 
-    def f(e, g):
-        ee, gg = (list(e) * K, list(g) * K) if recurrent else (list(e), list(g))
-        return T.gdpp_loss_and_grads(t, ee, gg, recurrent)[0]
+    def per_step(e, g):
+        return (list(e) * K, list(g) * K) if recurrent else (list(e), list(g))
 
-    ee, gg = (list(eta) * K, list(gamma) * K) if recurrent else (list(eta), list(gamma))
-    _, de, dg = T.gdpp_loss_and_grads(t, ee, gg, recurrent)
+    def f(e, g):
+        return gdpp_loss_and_grads(t, *per_step(e, g), recurrent)[0]
+
+    _, de, dg = gdpp_loss_and_grads(t, *per_step(eta, gamma), recurrent)
+    assert de.shape == dg.shape == (n,)
     h = CENTRAL_H
     num_e = np.array([(f(eta + h * np.eye(n)[i], gamma) - f(eta - h * np.eye(n)[i], gamma)) / (2 * h) for i in range(n)])
     num_g = np.array([(f(eta, gamma + h * np.eye(n)[i]) - f(eta, gamma - h * np.eye(n)[i])) / (2 * h) for i in range(n)])
@@ -228,8 +389,8 @@ def test_gdpp_gradient_same_on_the_backends():
     from reference.backends import get_backend
 
     t = R.sample_tasks(np.random.default_rng(8), 32, 3, 6)
-    ref = T.gdpp_loss_and_grads(t, [1.2, 0.8], [0.1, 0.2], False)
-    fast = T.gdpp_loss_and_grads(t, [1.2, 0.8], [0.1, 0.2], False, get_backend(backend).loss_and_grads)
+    ref = gdpp_loss_and_grads(t, [1.2, 0.8], [0.1, 0.2], False)
+    fast = gdpp_loss_and_grads(t, [1.2, 0.8], [0.1, 0.2], False, get_backend(backend).loss_and_grads)
     for a, b in zip(ref[1:], fast[1:]):
         assert_close(b, a, "algebra")
 
@@ -237,7 +398,7 @@ def test_gdpp_gradient_same_on_the_backends():
 def test_gdpp_meta_training_lowers_the_loss_below_gd():
     cfg = tiny(n_layers=2, recurrent=True, gdpp_steps=150, gdpp_batch=256, d=4, N=8, line_search_tasks=2000)
     ev = cfg.task_spec(2000).sample(np.random.default_rng(3))
-    base = T.compute_baselines(cfg, ev)
+    base = trainer.compute_baselines(cfg, ev)
     assert base["gdpp_loss"] < base["gd_loss"]
     assert base["gdpp_gammas"][0] > 0
 
@@ -250,20 +411,20 @@ def test_alignment_of_gd_construction_is_exact_and_perturbation_detected():
     t = R.sample_tasks(rng, 50, d, N)
     params, arch = R.gd_stack(K, d, 1, N, eta, recurrent=True)
     E = R.build_tokens(t.X, t.Y, t.x_q)
-    pred, g = A.sensitivity(E, params, arch, d)
-    pred_gd, W = A.gd_reference(t, eta, K)
-    m = A.alignment(pred, g, pred_gd, W)
+    pred, g = analysis.sensitivity(E, params, arch, d)
+    pred_gd, W = analysis.gd_reference(t, eta, K)
+    m = analysis.alignment(pred, g, pred_gd, W)
     tol = tolerance(np.float64, "construction")
     # cos of g with itself is |g|^2 / (|g| + 1e-8)^2 = 1 - O(1e-8 / |g|) by the metric's guard
-    self_cos = A.alignment(pred_gd, W, pred_gd, W)["model_cos"]
+    self_cos = analysis.alignment(pred_gd, W, pred_gd, W)["model_cos"]
     assert abs(m["model_cos"] - self_cos) <= tol.rtol and abs(self_cos - 1.0) < 1e-6
     assert m["model_diff"] <= tol.rtol * np.abs(W).max() and m["preds_diff"] <= tol.rtol * np.abs(pred_gd).max()
     assert_close(g, W, "construction", what="sensitivity of the GD construction vs GD's weight")
     # a perturbed model is detected by all three metrics
     p = params[0]
     bad = (p._replace(W_Q=p.W_Q + 0.05 * rng.standard_normal(p.W_Q.shape)),)
-    pred_b, g_b = A.sensitivity(E, bad, arch, d)
-    mb = A.alignment(pred_b, g_b, pred_gd, W)
+    pred_b, g_b = analysis.sensitivity(E, bad, arch, d)
+    mb = analysis.alignment(pred_b, g_b, pred_gd, W)
     assert mb["model_cos"] < 0.999 and mb["model_diff"] > 1e-3 and mb["preds_diff"] > 1e-3
 
 
@@ -274,7 +435,7 @@ def test_sensitivity_matches_finite_differences_of_the_prediction():
     params = tuple(R.init_lsa_params(rng, d + 2, H=2, scale=5.0, dtype=np.float64) for _ in range(2))
     arch = R.lsa_stack(2)
     E = R.build_tokens(t.X, t.Y, t.x_q)
-    _, g = A.sensitivity(E, params, arch, d)
+    _, g = analysis.sensitivity(E, params, arch, d)
     h = CENTRAL_H
     num = np.zeros_like(g)
     for i in range(d):
@@ -290,9 +451,9 @@ def test_construction_match_removes_scale_and_interpolation_of_construction_is_i
     c = R.gd_layer(d, 1, N, eta)
     beta = -0.37
     scaled = c._replace(W_Q=c.W_Q * beta, P=c.P / beta)
-    m = A.construction_match(scaled, c, d)
+    m = analysis.construction_match(scaled, c, d)
     assert abs(m["beta"] - beta) < 1e-12 and m["rel_err"] < 1e-12
-    mi = A.interpolate(scaled, c, d)
+    mi = analysis.interpolate(scaled, c, d)
     mc = R.to_merged(c)
     assert_close(mi.W_KQ, mc.W_KQ, "algebra") and assert_close(mi.W_PV, mc.W_PV, "algebra")
 
@@ -302,35 +463,48 @@ def test_readout_map_is_what_the_prediction_reads_and_sees_through_head_splits()
     d, N, H = 4, 6, 2
     D = d + 1
     layer = R.init_lsa_params(rng, D, H=H, scale=1.0, dtype=np.float64)
-    KQ, PV = A.layer_products(layer)
-    T = A.readout_map(KQ, PV, d)
+    KQ, PV = analysis.layer_products(layer)
+    rmap = analysis.readout_map(KQ, PV, d)                                       # (D, D, d)
     tasks = R.sample_tasks(rng, 7, d, N, 1, dtype=np.float64)
     E = R.build_tokens(tasks.X, tasks.Y, tasks.x_q)
     out, _ = R.model_forward(E, (layer,), R.lsa_stack(1))
     C = np.einsum("nia,nic->nac", E[:, :N], E[:, :N])
-    pred = -np.einsum("abj,nab,nj->n", T, C, tasks.x_q)[:, None]
+    pred = -np.einsum("abj,nab,nj->n", rmap, C, tasks.x_q)[:, None]
     assert_close(pred, R.readout(out, d), "algebra")
     # a GD construction split over two heads by a term that cancels in the sum
     c = R.gd_layer(d, 1, N, 1.5)
-    cKQ, cPV = (a[0] for a in A.layer_products(c))
+    cKQ, cPV = (a[0] for a in analysis.layer_products(c))
     G = rng.standard_normal((D, D))
     beta = -0.6
     split = (np.stack([(cKQ + G) * beta, cKQ - G]), np.stack([cPV / 2 / beta, cPV / 2]))
-    m = A.readout_map_match(*split, c, d)
+    m = analysis.readout_map_match(*split, c, d)
     assert m["rel_err"] < 1e-12 and min(m["per_head_rel_err"]) > 0.1
     bad = (split[0], np.stack([cPV / 2 / beta, cPV / 3]))        # the heads no longer add up to GD
-    assert A.readout_map_match(*bad, c, d)["rel_err"] > 0.1
+    assert analysis.readout_map_match(*bad, c, d)["rel_err"] > 0.1
     with pytest.raises(ValueError, match="W_KQ and W_PV"):
-        A.readout_map(KQ, PV[:, :, :3], d)
+        analysis.readout_map(KQ, PV[:, :, :3], d)
 
 
 def test_rollout_of_the_gd_layer_is_damped_gd():
     rng = np.random.default_rng(4)
     d, N, eta = 3, 8, 1.5
     t = R.sample_tasks(rng, 30, d, N)
-    a = A.rollout_losses(R.gd_layer(d, 1, N, eta), t, 10, 0.75)
-    b = A.damped_gd_losses(t, eta, 10, 0.75)
+    a = analysis.rollout_losses(R.gd_layer(d, 1, N, eta), t, 10, 0.75)
+    b = analysis.damped_gd_losses(t, eta, 10, 0.75)
     assert_close(a, b, "construction", what="roll-out of the GD layer vs damped GD")
+
+
+def test_interpolation_skipped_when_the_clip_cannot_represent_the_construction():
+    cfg = tiny(n_layers=2, recurrent=False, token_clip=0.5, dtype="float64")
+    ev = cfg.task_spec(50).sample(np.random.default_rng(5))
+    E = R.build_tokens(ev.X, ev.Y, ev.x_q)
+    params = trainer.init_params(cfg)
+    big = {"gd_eta": 1.0, "gdpp_etas": [40.0, 40.0], "gdpp_gammas": [0.1, 0.1]}
+    res = analysis.interpolation(cfg, params, big, ev, E)
+    assert "skipped" in res and "beyond the token clip" in res["skipped"]
+    small = {"gd_eta": 1.0, "gdpp_etas": [0.5, 0.5], "gdpp_gammas": [0.01, 0.01]}
+    res = analysis.interpolation(tiny(n_layers=2, dtype="float64"), params, small, ev, E)
+    assert set(res) == {"loss_construction", "loss_interpolated", "loss_model"}
 
 
 # ---- the CLI ----------------------------------------------------------------------
@@ -341,23 +515,42 @@ def _cli(argv):
     return cli.main(["train", *argv])
 
 
+def _tiny_set_args(dotted_groups=("data", "eval")):
+    """``--set`` arguments for TINY without steps: dotted names for the fields of
+    ``dotted_groups``, flat names for the others (both spellings must work)."""
+    from reference.config import field_path
+
+    out = []
+    for k, v in TINY.items():
+        if k == "steps":
+            continue
+        path = field_path(k)
+        out.append(f"--set={'.'.join(path) if path[0] in dotted_groups else k}={v}")
+    return out
+
+
 def test_cli_writes_the_run_directory(tmp_path, capsys):
     out = tmp_path / "run"
-    sets = [f"--set={k}={v}" for k, v in TINY.items() if k != "steps"]
+    sets = _tiny_set_args()
+    assert any("--set=data.d=3" == s for s in sets) and any("--set=gdpp_steps=5" == s for s in sets)
     rc = _cli(["one_layer", "--steps", "20", *sets, "--out", str(out), "--quiet"])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "effective config (one_layer" in text and "* steps" in text and "final eval loss" in text
+    assert "effective config (one_layer" in text and "* steps" in text and "* d " in text and "final eval loss" in text
     for f in ("config.json", "metrics.jsonl", "checkpoint.npz", "summary.json"):
         assert (out / f).is_file(), f
     for f in ("loss.png", "alignment.png", "ood.png", "weights.png", "rollout.png"):
         assert (out / "plots" / f).stat().st_size > 1000, f
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["steps"] == 20 and cfg["experiment"] == "one_layer"
-    rows = T.read_metrics(str(out / "metrics.jsonl"))
+    assert cfg["format_version"] == 2 and cfg["steps"] == 20 and cfg["experiment"] == "one_layer"
+    assert (cfg["data"]["d"], cfg["data"]["N"], cfg["eval"]["eval_tasks"], cfg["baselines"]["gdpp_steps"],
+            cfg["backend"]) == (3, 5, 200, 5, "numpy")
+    rows = metrics_of(out)
     assert rows[0]["kind"] == "baselines" and [r["step"] for r in rows[1:]] == [0, 10, 20]
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["ood"]) == {"input", "teacher"} and len(summary["ood"]["input"]["alpha"]) == len(A.INPUT_SCALES) == 51
+    assert set(summary["ood"]) == {"input", "teacher"}
+    assert len(summary["ood"]["input"]["alpha"]) == len(analysis.INPUT_SCALES) == 51
+    assert runs.check_digest(str(out)) is None
 
 
 def test_cli_bad_config_fails_before_work(tmp_path, capsys):
@@ -367,6 +560,8 @@ def test_cli_bad_config_fails_before_work(tmp_path, capsys):
     assert _cli(["one_layer", "--lr", "-3", "--out", str(out)]) == 2
     assert "lr: must be > 0" in capsys.readouterr().err
     assert _cli(["one_layer", "--steps", "5", "--set", "steps=6", "--out", str(out)]) == 2
+    assert _cli(["one_layer", "--set", "optim.lrr=0.1", "--out", str(out)]) == 2
+    assert "unknown config field 'optim.lrr'" in capsys.readouterr().err
     assert _cli(["no_such_experiment", "--out", str(out)]) == 2
     assert not out.exists()
     assert _cli(["--list"]) == 0 and "recurrent2" in capsys.readouterr().out
@@ -374,45 +569,42 @@ def test_cli_bad_config_fails_before_work(tmp_path, capsys):
 
 def test_cli_resume_reuses_the_run_config(tmp_path, capsys):
     out = tmp_path / "run"
-    sets = [f"--set={k}={v}" for k, v in TINY.items() if k != "steps"]
-    assert _cli(["recurrent2", "--steps", "20", *sets, "--out", str(out), "--quiet", "--no-plots"]) == 0
+    assert _cli(["recurrent2", "--steps", "20", *_tiny_set_args(), "--out", str(out), "--quiet", "--no-plots"]) == 0
     assert _cli(["--out", str(out), "--resume", "--steps", "40", "--quiet", "--no-plots"]) == 0
-    rows = T.read_metrics(str(out / "metrics.jsonl"))
+    rows = metrics_of(out)
     assert [r["step"] for r in rows if r.get("kind") == "eval"] == [0, 10, 20, 30, 40]
-    full = T.train(T.apply_overrides(T.EXPERIMENTS["recurrent2"].config, {**TINY, "steps": 40}), None,
-                   progress=False, analyses=False)
-    assert _same_params(full.params, T.load_checkpoint(str(out / "checkpoint.npz")).params)
+    full = train(apply_overrides(EXPERIMENTS["recurrent2"].config, {**TINY, "steps": 40}))
+    assert same_params(full.params, checkpoint_of(out).params)
     capsys.readouterr()
     assert _cli(["--out", str(out), "--resume", "--lr", "0.5", "--quiet", "--no-plots"]) == 4
     assert "different configuration: lr" in capsys.readouterr().err
     assert _cli(["one_layer", "--out", str(out), "--resume", "--quiet"]) == 2
 
 
-def test_interpolation_skipped_when_the_clip_cannot_represent_the_construction():
-    cfg = tiny(n_layers=2, recurrent=False, token_clip=0.5, dtype="float64")
-    ev = cfg.task_spec(50).sample(np.random.default_rng(5))
-    E = R.build_tokens(ev.X, ev.Y, ev.x_q)
-    params = T.init_params(cfg)
-    big = {"gd_eta": 1.0, "gdpp_etas": [40.0, 40.0], "gdpp_gammas": [0.1, 0.1]}
-    res = T._interpolation(cfg, params, big, ev, E)
-    assert "skipped" in res and "beyond the token clip" in res["skipped"]
-    small = {"gd_eta": 1.0, "gdpp_etas": [0.5, 0.5], "gdpp_gammas": [0.01, 0.01]}
-    res = T._interpolation(T.TrainConfig(**{**TINY, "n_layers": 2, "dtype": "float64"}), params, small, ev, E)
-    assert set(res) == {"loss_construction", "loss_interpolated", "loss_model"}
-
-
 # ---- host copies and backend availability ------------------------------------------
 
-def test_params_finite_sees_every_array_and_host_params_keeps_the_layout():
-    params = T.init_params(tiny(n_layers=2, recurrent=False))
-    assert T.params_finite(params)
-    bad = list(params)
-    W = bad[1].W_V.copy()
-    W[0, 1, 2] = np.nan
-    bad[1] = bad[1]._replace(W_V=W)
-    assert not T.params_finite(tuple(bad))
-    host = T.host_params(params)
-    assert type(host[0]) is type(params[0]) and _same_params(host, params)
+def test_all_finite_sees_every_array_and_to_host_keeps_the_layout():
+    params = trainer.init_params(tiny(n_layers=2, recurrent=False))
+    assert all_finite(params)
+    for i, field in ((0, "W_Q"), (1, "W_V"), (1, "P")):
+        bad = list(params)
+        W = getattr(bad[i], field).copy()
+        W[0, 1, 2] = np.nan
+        bad[i] = bad[i]._replace(**{field: W})
+        assert not all_finite(tuple(bad)), f"a NaN in params[{i}].{field} was not seen"
+    host = to_host(params)
+    assert type(host[0]) is type(params[0]) and same_params(host, params)
+
+
+def test_same_params_rejects_one_changed_bit():
+    """The bit-for-bit comparison of the resume tests can fail."""
+    params = trainer.init_params(tiny(n_layers=2))
+    W = params[1].W_K.copy()
+    W.reshape(-1).view(np.uint8)[0] ^= 1                  # one bit of the first value
+    assert same_params(params, to_host(params))
+    assert not same_params(params, (params[0], params[1]._replace(W_K=W)))
+    assert not same_params(params, params[:1])
+    assert not same_params(params, tuple(type(p)(*(a.astype(np.float64) for a in p)) for p in params))
 
 
 def test_unusable_cupy_backend_is_a_config_error_before_work(tmp_path):
@@ -423,49 +615,90 @@ def test_unusable_cupy_backend_is_a_config_error_before_work(tmp_path):
         pass
     else:
         pytest.skip("CuPy and a CUDA device are usable here")
-    with pytest.raises(T.ConfigError, match="backend 'cupy'"):
-        T.train(tiny(backend="cupy"), str(tmp_path / "c"), progress=False)
+    with pytest.raises(ConfigError, match="backend 'cupy'"):
+        runs.train_run(tiny(backend="cupy"), str(tmp_path / "c"))
     assert not (tmp_path / "c").exists()
 
 
 # ---- verify --reuse-runs ---------------------------------------------------------------
 
-def test_verify_reuses_only_a_finished_run_of_the_same_config(tmp_path, monkeypatch):
-    from verify import claims_training as CT
-    from verify import registry
+class CountingTrainRun:
+    """verify.runs.train_run that records the (seed, lr) of every run it trains."""
 
-    cfg = tiny(steps=20)
-    monkeypatch.setattr(CT, "config_for", lambda ctx, experiment, seed: T.apply_overrides(cfg, {"seed": seed}))
+    def __init__(self, real):
+        self.real, self.trained = real, []
+
+    def __call__(self, cfg, out_dir=None, **kw):
+        self.trained.append((cfg.seed, cfg.optim.lr))
+        return self.real(cfg, out_dir, **kw)
+
+
+class ConfigFor:
+    """A stand-in for claims_training.config_for returning ``base`` at the asked seed."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __call__(self, ctx, experiment, seed):
+        return self.base.replace(seed=seed)
+
+
+@pytest.fixture
+def claims_training(monkeypatch):
+    """verify.claims_training with no parallel prefetch and an empty memo."""
+    from verify import claims_training as CT
+
     monkeypatch.setattr(CT, "_prefetch", lambda ctx: None)
     monkeypatch.setattr(CT, "_MEMO", {})
-    trained = []
-    real_train = T.train
+    return CT
 
-    def counting_train(c, out_dir=None, **kw):
-        trained.append((c.seed, c.lr))
-        return real_train(c, out_dir, **kw)
 
-    monkeypatch.setattr(T, "train", counting_train)
+def test_verify_reuses_only_a_finished_run_of_the_same_config(tmp_path, monkeypatch, claims_training):
+    from verify import registry
+
+    CT = claims_training
+    config_for = ConfigFor(tiny(steps=20))
+    monkeypatch.setattr(CT, "config_for", config_for)
+    counter = CountingTrainRun(runs.train_run)
+    monkeypatch.setattr(runs, "train_run", counter)
+    lr = config_for.base.optim.lr
     ctx = registry.Context(mode="quick", seed=0, workdir=str(tmp_path), reuse_runs=True)
     first = CT.run_for(ctx, "one_layer", 0)
-    assert trained == [(0, cfg.lr)]
+    assert counter.trained == [(0, lr)]
+    assert first.run_dir not in registry.reused_runs()
     CT._MEMO.clear()
     again = CT.run_for(ctx, "one_layer", 0)                      # same config, finished: reused
-    assert trained == [(0, cfg.lr)] and _same_params(again.params, first.params)
+    assert counter.trained == [(0, lr)] and same_params(again.params, first.params)
     assert again.run_dir in registry.reused_runs()
     CT._MEMO.clear()
     no_reuse = registry.Context(mode="quick", seed=0, workdir=str(tmp_path), reuse_runs=False)
     CT.run_for(no_reuse, "one_layer", 0)                         # without the flag: retrained
-    assert len(trained) == 2
+    assert len(counter.trained) == 2
     CT._MEMO.clear()
-    cfg = tiny(steps=20, lr=2e-3)                                # another config in the same directory
+    config_for.base = tiny(steps=20, lr=2e-3)                    # another config in the same directory
     CT.run_for(ctx, "one_layer", 0)
-    assert trained[-1] == (0, 2e-3)
+    assert counter.trained[-1] == (0, 2e-3)
     CT._MEMO.clear()
-    run_dir = CT._run_dir(ctx, cfg)                              # an interrupted run is not finished
-    os.unlink(os.path.join(run_dir, T.SUMMARY_FILE))
+    run_dir = CT._run_dir(ctx, config_for.base)                  # an interrupted run is not finished
+    os.unlink(os.path.join(run_dir, runs.SUMMARY_FILE))
     CT.run_for(ctx, "one_layer", 0)
-    assert len(trained) == 4
+    assert len(counter.trained) == 4
+
+
+def test_verify_reuses_the_legacy_fixture_and_says_it_has_no_digest(tmp_path, monkeypatch, claims_training):
+    from verify import registry
+
+    CT = claims_training
+    ctx = registry.Context(mode="quick", seed=0, workdir=str(tmp_path), reuse_runs=True)
+    run_dir = copy_fixture_v1(tmp_path / "quick" / "one_layer-seed0")
+    monkeypatch.setattr(CT, "config_for", ConfigFor(fixture_v1_config()))
+    counter = CountingTrainRun(runs.train_run)
+    monkeypatch.setattr(runs, "train_run", counter)
+    assert CT._run_dir(ctx, fixture_v1_config()) == run_dir
+    r = CT.run_for(ctx, "one_layer", 0)
+    assert counter.trained == [], "the legacy run was retrained instead of reused"
+    assert same_params(r.params, checkpoint_of(FIXTURE_V1).params)
+    assert run_dir + " (format 1: no digest to check)" in registry.reused_runs()
 
 
 def test_report_lists_reused_runs():
