@@ -1,5 +1,5 @@
 """SymPy transcriptions of the reference's equations, written once and used by every
-proof: the LSA layer (``reference/lsa.py``), the hand constructions
+proof: the LSA layer (``reference/layers/lsa.py``), the hand constructions
 (``reference/constructions.py``) and the GD / GD++ updates (``reference/solvers.py``).
 
 Each function works on two kinds of matrices with the same code:
@@ -72,7 +72,7 @@ def gdpp_weights(dx, dy, n_ctx, step, W_0, curv=gamma):
     return W_KQ, W_KQ, W_V, P
 
 
-# --- the layer (reference/lsa.py, lsa_forward, one head, context-only) -------------
+# --- the layer (reference/layers/lsa.py, lsa_forward, one head, context-only) -------------
 
 def lsa_layer(E, E_c, W_Q, W_K, W_V, P):
     """out = E + ((E W_Q^T)(E_c W_K^T)^T)(E_c W_V^T) P^T, line by line as lsa_forward.

@@ -38,14 +38,14 @@ def _configs(rng, n, max_d=4, max_dy=3, max_N=6):
             for _ in range(n)]
 
 
-def _lambdify_at(exprs, args, sizes):
+def lambdify_at(exprs, args, sizes):
     """lambdify matrix expressions of symbolic size after substituting concrete sizes."""
     return sp.lambdify([a.subs(sizes) if hasattr(a, "shape") else a for a in args],
                        [e.subs(sizes) for e in exprs], "numpy")
 
 
 @lru_cache(maxsize=None)
-def _gd_composed(K):
+def gd_composed(K):
     """Token blocks after K general-dimension Prop. 1 layers from (X, Y), (x_q, -W_0 x_q)."""
     X, Y, X_q, _, W_0 = general_data()
     tokens = (X, Y, X_q, -X_q * W_0.T)
@@ -55,7 +55,7 @@ def _gd_composed(K):
 
 
 @lru_cache(maxsize=None)
-def _gdpp_composed(K):
+def gdpp_composed(K):
     """Token blocks after K general GD++ layers with their own (eta_k, gamma_k)."""
     X, Y, X_q, _, W_0 = general_data()
     etas = sp.symbols(f"eta_1:{K + 1}", real=True)
@@ -80,9 +80,9 @@ def bridge_prop1(layer=R.gd_layer, seed=0):
     pf = Proof()
     rng = np.random.default_rng([seed, 1])
     X, Y, X_q, _, W_0 = general_data()
-    out = _gd_composed(1)
+    out = gd_composed(1)
     for dx, dy, n in _configs(rng, 6):
-        f = _lambdify_at(out, (X, Y, X_q, W_0, eta), {d: dx, d_y: dy, N: n, M: 1})
+        f = lambdify_at(out, (X, Y, X_q, W_0, eta), {d: dx, d_y: dy, N: n, M: 1})
         t, W0 = _task(rng, dx, dy, n)
         e = float(rng.uniform(0.1, 3.0))
         blocks = f(t.X[0], t.Y[0], t.x_q, W0, e)
@@ -104,9 +104,9 @@ def bridge_klayers(stack=R.gd_stack, seed=0):
     rng = np.random.default_rng([seed, 2])
     X, Y, X_q, _, W_0 = general_data()
     for K in (2, 3):
-        out = _gd_composed(K)
+        out = gd_composed(K)
         for dx, dy, n in _configs(rng, 3):
-            f = _lambdify_at(out[3:], (X, Y, X_q, W_0, eta), {d: dx, d_y: dy, N: n, M: 1})
+            f = lambdify_at(out[3:], (X, Y, X_q, W_0, eta), {d: dx, d_y: dy, N: n, M: 1})
             t, W0 = _task(rng, dx, dy, n)
             e = float(rng.uniform(0.1, 1.0))
             pred = -f(t.X[0], t.Y[0], t.x_q, W0, e)[0][0]
@@ -128,19 +128,19 @@ def bridge_gdpp(layer=R.gdpp_layer, seed=0):
     pf = Proof()
     rng = np.random.default_rng([seed, 3])
     X, Y, X_q, _, W_0 = general_data()
-    one, (e1,), (g1,) = _gdpp_composed(1)
-    two, etas2, gammas2 = _gdpp_composed(2)
+    one, (e1,), (g1,) = gdpp_composed(1)
+    two, etas2, gammas2 = gdpp_composed(2)
     for dx, dy, n in _configs(rng, 4):
         sizes = {d: dx, d_y: dy, N: n, M: 1}
         t, W0 = _task(rng, dx, dy, n)
         where = f"d={dx}, d_y={dy}, N={n}"
         e, g = float(rng.uniform(0.1, 2.0)), float(rng.uniform(0.0, 0.3))
-        b = _lambdify_at(one, (X, Y, X_q, W_0, e1, g1), sizes)(t.X[0], t.Y[0], t.x_q, W0, e, g)
+        b = lambdify_at(one, (X, Y, X_q, W_0, e1, g1), sizes)(t.X[0], t.Y[0], t.x_q, W0, e, g)
         ref, _ = R.lsa_forward(R.build_tokens(t.X, t.Y, t.x_q, W_0=W0), layer(dx, dy, n, e, g, W0))
         pf.close("symbolic GD++ layer output = reference lsa_forward(gdpp_layer)",
                  np.block([[b[0], b[1]], [b[2], b[3]]]), ref[0], where, KIND)
         es, gs = rng.uniform(0.1, 2.0, 2), rng.uniform(0.0, 0.3, 2)
-        f2 = _lambdify_at(two[3:], (X, Y, X_q, W_0, *etas2, *gammas2), sizes)
+        f2 = lambdify_at(two[3:], (X, Y, X_q, W_0, *etas2, *gammas2), sizes)
         pred = -f2(t.X[0], t.Y[0], t.x_q, W0, *es, *gs)[0][0]
         params = tuple(layer(dx, dy, n, float(ek), float(gk), W0) for ek, gk in zip(es, gs))
         layout = R.TokenLayout(dx, dy)

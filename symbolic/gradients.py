@@ -30,7 +30,7 @@ from reference.tree import tree_leaves, tree_map, tree_paths
 
 from .core import Proof, theorem
 
-SRC = "hand-written backward (reference/lsa.py, reference/model.py)"
+SRC = "hand-written backward (reference/layers/lsa.py, reference/model.py)"
 
 # (d, d_y, N, B) for one merged layer; B = 2 checks the 1/B of the mean.
 MERGED_SIZES = ((1, 1, 2, 2), (2, 1, 2, 1), (1, 2, 1, 1))

@@ -265,7 +265,7 @@ def test_general_prop1_expression_matches_reference_at_any_size(dx, dy, n, seed)
     drawn size, equals the reference layer."""
     rng = np.random.default_rng(seed)
     X, Y, X_q, _, W_0 = prop1.general_data()
-    f = bridge._lambdify_at(bridge._gd_composed(1), (X, Y, X_q, W_0, A.eta), {A.d: dx, A.d_y: dy, A.N: n, A.M: 1})
+    f = bridge.lambdify_at(bridge.gd_composed(1), (X, Y, X_q, W_0, A.eta), {A.d: dx, A.d_y: dy, A.N: n, A.M: 1})
     t = R.sample_tasks(rng, 1, dx, n, dy)
     W0 = rng.standard_normal((dy, dx))
     eta = float(rng.uniform(0.1, 3.0))
