@@ -186,9 +186,13 @@ class TrainConfig:
         """Grouped dict (what config.json holds, with ``format_version`` 2 added by the writer)."""
         return dataclasses.asdict(self)
 
+    def leaf(self, group, name):
+        """The value of field ``name`` of ``group`` (None: a top-level field)."""
+        return getattr(self, name) if group is None else getattr(getattr(self, group), name)
+
     def flat_dict(self):
         """{flat name: value} over every field."""
-        return {name: self.get(name) for name in flat_names()}
+        return {name: self.leaf(g, name) for (g, name) in LEAVES}
 
     def to_json(self):
         return json.dumps(self.to_dict(), indent=2) + "\n"
@@ -231,8 +235,8 @@ def flat_names():
 
 
 def dotted_name(flat):
-    g = next(g for (g, n) in LEAVES if n == flat)
-    return flat if g is None else f"{g}.{flat}"
+    """The dotted name of a (unique) flat name."""
+    return ".".join(field_path(flat))
 
 
 def field_path(name):
@@ -315,7 +319,7 @@ def _config_errors(c):
             errs.append(f"{g}: expected a {cls.__name__}, got {type(getattr(c, g)).__name__}")
     if errs:
         return errs
-    v = {name: c.get(name) for name in flat_names()}
+    v = {name: c.leaf(g, name) for (g, name) in LEAVES}
     for (g, name), tp in LEAVES.items():
         if not _has_type(v[name], tp):
             errs.append(f"{name}: expected {type_name(tp)}, got {type(v[name]).__name__} {v[name]!r}")
@@ -381,5 +385,5 @@ def type_name(tp):
 
 def config_differences(a, b, ignore=()):
     """Messages for every field (flat name) where configs a and b differ."""
-    return [f"{n}: checkpoint {a.get(n)!r} vs now {b.get(n)!r}"
-            for n in flat_names() if n not in ignore and a.get(n) != b.get(n)]
+    return [f"{n}: checkpoint {a.leaf(g, n)!r} vs now {b.leaf(g, n)!r}"
+            for (g, n) in LEAVES if n not in ignore and a.leaf(g, n) != b.leaf(g, n)]

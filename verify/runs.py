@@ -443,7 +443,12 @@ def check_digest(run_dir):
     """None when summary.json's digest matches the run's config, checkpoint, the current
     reference/ sources and the summary itself; else the list of parts that do not match
     (or ['no digest'] for a format-1 run)."""
-    cfg, ck, _, summary = load_run(run_dir)
+    try:
+        cfg, ck, _, summary = load_run(run_dir)
+    except CheckpointError as exc:
+        return [str(exc)]
+    except (OSError, ValueError) as exc:
+        return [f"{run_dir}: unreadable run files ({type(exc).__name__}: {exc})"]
     dg = (summary or {}).get("digest")
     if not dg:
         return ["no digest (a format-1 run)"]
