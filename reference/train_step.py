@@ -2,7 +2,7 @@
 
     tasks  = sample_tasks(rng, B, d, N, d_y, ...)           (or given)
     E      = build_tokens(X, Y, x_q)                        (B, N+1, D)
-    L, g   = loss_and_grads(E, y_q, params, arch, d)        (forward, loss, backward)
+    L, g   = loss_and_grads(E, y_q, params, arch, layout)   (forward, loss, backward)
     params = adam_update(params, g, state, hp)              (global-norm clip + Adam)
 
 Fast backends (``reference.backends``) implement :func:`train_step` with the same
@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from .model import loss_and_grads
 from .optim import adam_update
-from .tokens import build_tokens
+from .tokens import TokenLayout
 
 
 class StepResult(NamedTuple):
@@ -25,8 +25,8 @@ class StepResult(NamedTuple):
 
 def train_step(params, state, tasks, arch, hp):
     """Forward, backward and one clipped Adam update on ``tasks``. Returns :class:`StepResult`."""
-    d = tasks.X.shape[2]
-    E = build_tokens(tasks.X, tasks.Y, tasks.x_q)                       # (B, T, D)
-    L, grads, _ = loss_and_grads(E, tasks.y_q, params, arch, d)
+    layout = TokenLayout(tasks.X.shape[2], tasks.Y.shape[2])
+    E = layout.build(tasks.X, tasks.Y, tasks.x_q)                       # (B, T, D)
+    L, grads, _ = loss_and_grads(E, tasks.y_q, params, arch, layout)
     params, state, norm = adam_update(params, grads, state, hp)
     return StepResult(params, state, float(L), norm)

@@ -188,7 +188,7 @@ def _(ctx):
         out, _ = R.model_forward(E, params, arch0)
         clip = float(np.median(np.abs(out))) * 1.5 if i % 3 == 0 else None
         arch = R.lsa_stack(K, recurrent=recurrent, causal=causal, clip=clip)
-        r = model_gradcheck(E, t.y_q, params, arch, d, rng)
+        r = model_gradcheck(E, t.y_q, params, arch, R.TokenLayout(d, d_y), rng)
         worst = max(worst, r.rel_err if r.ok else float("inf"))
         sizes.append(float(np.max(np.abs(out))))
     tol = tolerance(np.float64, "complex_step")
