@@ -62,6 +62,16 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be read or does not belong to this configuration."""
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during :func:`train_run`: ``step`` is the last update done,
+    ``checkpoint_step`` the step of the last checkpoint written (None: none), ``run_dir``
+    the run directory (None: nothing written). No file is left half-written."""
+
+    def __init__(self, step, checkpoint_step, run_dir):
+        super().__init__(f"interrupted at step {step}")
+        self.step, self.checkpoint_step, self.run_dir = step, checkpoint_step, run_dir
+
+
 # ---- hashes ---------------------------------------------------------------------------
 
 def _sha(text):
@@ -289,11 +299,13 @@ class _RunFiles(trainer.Observer):
         self.cfg, self.paths, self.metrics, self.baselines = cfg, paths, metrics, baselines
         self.elapsed0, self.t_start, self.progress = elapsed0, time.perf_counter(), progress
         self.last_ckpt, self.checksum = last_ckpt, None
+        self.last_step = last_ckpt or 0
 
     def seconds(self):
         return round(self.elapsed0 + time.perf_counter() - self.t_start, 2)
 
     def after_step(self, state, loss, grad_norm):
+        self.last_step = state.step
         self.progress.step(state.step, loss)
 
     def after_eval(self, state, row, train_loss, grad_norm):
@@ -389,6 +401,8 @@ def _train(cfg, out_dir, resume, overwrite, progress, log, analyses, stepper):
         state = trainer.train_loop(cfg, state, es, files, stepper)
     except TrainingDiverged as exc:
         raise _with_checkpoint(exc, paths, files.last_ckpt) from None
+    except KeyboardInterrupt:
+        raise RunInterrupted(files.last_step, files.last_ckpt, out_dir) from None
     finally:
         progress.close()
     params = to_host(state.params)
