@@ -277,9 +277,11 @@ def construction_layers(cfg, baselines, dtype):
 
 def final_analyses(cfg, params, baselines, evals):
     """Weights vs construction, interpolation, OOD sweeps, roll-out of a trained model
-    (host params; ``evals`` the float64 eval tasks). Returns a dict (summary.json's)."""
-    from .tasks import STREAM_ROLLOUT, stream_rng
+    (host params; ``evals`` the float64 eval tasks). Returns a dict (summary.json's).
 
+    An analysis that cannot be computed for this model (its arithmetic overflows, a
+    matrix is singular, the rescaling has beta = 0) is recorded as
+    ``{"skipped": reason}`` under its name; the others are still computed."""
     out = {}
     dtype, lay = cfg.np_dtype, cfg.layout()
     evals_m = cast_tasks(evals, dtype)
@@ -287,20 +289,39 @@ def final_analyses(cfg, params, baselines, evals):
     consts = construction_layers(cfg, baselines, np.float64)
     out["construction"] = "gd" if cfg.model.n_layers == 1 else "gdpp"
     if cfg.model.heads == 1:
-        out["weights"] = [construction_match(p, c, lay.d) for p, c in zip(params, consts)]
-        out["interpolation"] = interpolation(cfg, params, baselines, evals, E)
+        out["weights"] = _attempt("weights", _weights, params, consts, lay.d)
+        out["interpolation"] = _attempt("interpolation", interpolation, cfg, params, baselines, evals, E)
     out["products"] = [{"W_KQ": layer_products(p)[0].tolist(), "W_PV": layer_products(p)[1].tolist()}
                        for p in params]
-    out["ood"] = ood_sweeps(cfg, params, baselines)
+    out["ood"] = _attempt("ood", ood_sweeps, cfg, params, baselines)
     if cfg.model.n_layers == 1:
-        a = cfg.analysis
-        rr = cfg.task_spec(a.ood_tasks).sample(stream_rng(cfg.eval.eval_seed, STREAM_ROLLOUT))
-        out["rollout"] = {
-            "model": rollout_losses(params[0], cast_tasks(rr, dtype), a.rollout_steps, a.rollout_damping,
+        out["rollout"] = _attempt("rollout", rollout, cfg, params, baselines)
+    return out
+
+
+def _attempt(name, fn, *args):
+    """fn(*args), or {"skipped": reason} when it cannot be computed for this model."""
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            return fn(*args)
+    except (ValueError, ArithmeticError) as exc:      # LinAlgError is a ValueError
+        return {"skipped": f"{name} could not be computed for this model: {type(exc).__name__}: {exc}"}
+
+
+def _weights(params, consts, d):
+    return [construction_match(p, c, d) for p, c in zip(params, consts)]
+
+
+def rollout(cfg, params, baselines):
+    """The damped roll-out of a one-layer model against damped GD, on ood_tasks tasks."""
+    from .tasks import STREAM_ROLLOUT, stream_rng
+
+    a = cfg.analysis
+    rr = cfg.task_spec(a.ood_tasks).sample(stream_rng(cfg.eval.eval_seed, STREAM_ROLLOUT))
+    return {"model": rollout_losses(params[0], cast_tasks(rr, cfg.np_dtype), a.rollout_steps, a.rollout_damping,
                                     clip=cfg.model.token_clip).tolist(),
             "gd": damped_gd_losses(rr, baselines["gd_eta"], a.rollout_steps, a.rollout_damping).tolist(),
             "damping": a.rollout_damping}
-    return out
 
 
 def interpolation(cfg, params, baselines, evals, E):

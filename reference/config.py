@@ -88,12 +88,17 @@ class OptimConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     """eval_tasks fixed tasks from eval_seed, evaluated every eval_every steps; a
-    checkpoint every checkpoint_every steps (a multiple of eval_every)."""
+    checkpoint every checkpoint_every steps (a multiple of eval_every). Divergence rule:
+    the run stops when the eval loss is above diverge_factor times its reference (the
+    larger of the step-0 eval loss and the zero predictor's loss) at diverge_evals
+    evaluations in a row."""
 
     eval_tasks: int = 10_000
     eval_seed: int = 2023
     eval_every: int = 100
     checkpoint_every: int = 500
+    diverge_factor: float = 10.0
+    diverge_evals: int = 3
 
 
 @dataclass(frozen=True)
@@ -331,14 +336,14 @@ def _config_errors(c):
             errs.append(msg)
 
     for name in ("d", "N", "d_y", "batch", "n_layers", "heads", "steps", "eval_tasks", "eval_every",
-                 "checkpoint_every", "line_search_tasks", "gdpp_batch", "ood_tasks", "rollout_steps"):
+                 "checkpoint_every", "line_search_tasks", "gdpp_batch", "ood_tasks", "rollout_steps", "diverge_evals"):
         need(v[name] >= 1, f"{name}: must be >= 1, got {v[name]}")
     for name in ("key_size", "value_size"):
         need(v[name] is None or v[name] >= 1, f"{name}: must be >= 1 or None (= D), got {v[name]}")
     for name in ("seed", "eval_seed", "n_distractors", "gdpp_steps"):
         need(v[name] >= 0, f"{name}: must be >= 0, got {v[name]}")
     floats = ("x_low", "x_high", "w_scale", "noise_std", "init_scale", "lr", "b1", "b2", "eps", "gdpp_lr",
-              "gdpp_b2", "rollout_damping", "token_clip", "grad_clip")
+              "gdpp_b2", "rollout_damping", "token_clip", "grad_clip", "diverge_factor")
     for name in floats:
         need(v[name] is None or np.isfinite(v[name]), f"{name}: must be finite, got {v[name]}")
     if errs:
@@ -353,6 +358,7 @@ def _config_errors(c):
     for name in ("b1", "b2", "gdpp_b2"):
         need(0 <= v[name] < 1, f"{name}: must be in [0, 1), got {v[name]}")
     need(v["eps"] >= 0, f"eps: must be >= 0, got {v['eps']}")
+    need(v["diverge_factor"] > 1, f"diverge_factor: must be > 1, got {v['diverge_factor']}")
     for name in ("token_clip", "grad_clip"):
         need(v[name] is None or v[name] > 0, f"{name}: must be > 0 or None (off), got {v[name]}")
     need(v["dtype"] in ("float32", "float64"), f"dtype: must be 'float32' or 'float64', got {v['dtype']!r}")

@@ -17,7 +17,11 @@ of a :class:`reference.config.TrainConfig`:
    gradient norm or parameter stops the loop (:class:`TrainingDiverged`, naming the step);
 4. every ``eval_every`` updates and after the last one (and once before the first, at
    step 0): the loss on the fixed evaluation set and the alignment metrics against GD
-   and GD++ (:func:`evaluate`).
+   and GD++ (:func:`evaluate`). The divergence rule (:class:`DivergenceWatch`) stops a
+   run whose eval loss stays above ``diverge_factor`` times its reference (the larger of
+   the step-0 eval loss and the zero predictor's) for ``diverge_evals`` evaluations in a
+   row; its state is part of :class:`TrainState`, so a resumed run decides as an
+   uninterrupted one.
 
 The loop reports to an observer (:class:`Observer`: ``after_step``, ``after_eval``),
 which is where an application writes checkpoints, metrics and progress; this module
@@ -25,7 +29,7 @@ writes no files. The end-of-run analyses are ``analysis.final_analyses``.
 """
 
 import time
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -39,19 +43,46 @@ from .tasks import STREAM_EVAL, STREAM_INIT, STREAM_LINE_SEARCH, stream_rng
 from .tree import all_finite, to_host
 
 
+class DivergenceWatch(NamedTuple):
+    """The divergence rule's state: its reference loss (None until step 0 is evaluated)
+    and the evaluations in a row (with their steps) above diverge_factor * reference."""
+    reference: Optional[float] = None
+    strikes: tuple = ()
+
+    def update(self, step, loss, zero_loss, factor, patience):
+        """(new watch, True if the run has diverged) after the evaluation at ``step``."""
+        if self.reference is None:
+            return DivergenceWatch(max(float(loss), float(zero_loss)), ()), False
+        if loss > factor * self.reference:
+            strikes = self.strikes + (int(step),)
+            return DivergenceWatch(self.reference, strikes), len(strikes) >= patience
+        return DivergenceWatch(self.reference, ()), False
+
+    def to_dict(self):
+        return {"reference": self.reference, "strikes": list(self.strikes)}
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(None if d["reference"] is None else float(d["reference"]), tuple(int(s) for s in d["strikes"]))
+
+
 class TrainState(NamedTuple):
-    """Where a run is: parameters, Adam state and the number of updates done."""
+    """Where a run is: parameters, Adam state, the number of updates done and the
+    divergence rule's state."""
     params: tuple
     adam: AdamState
     step: int
+    watch: DivergenceWatch = DivergenceWatch()
 
 
 class EvalSet(NamedTuple):
-    """The fixed evaluation tasks (float64), their tokens in the model's dtype, and the
-    references (GD-K and GD++ predictions and implicit linear models) on them."""
+    """The fixed evaluation tasks (float64), their tokens in the model's dtype, the
+    references (GD-K and GD++ predictions and implicit linear models) on them, and the
+    zero predictor's loss 0.5 E||y_q||^2."""
     tasks: object
     E: object     # (B_eval, T, D)
     refs: dict    # name -> (pred (B, d_y), g (B, d_y, d))
+    zero_loss: float
 
 
 def init_params(cfg):
@@ -86,15 +117,26 @@ def compute_baselines(cfg, evals, log=None):
     etas, gammas, _ = meta_train_gdpp(cfg.task_spec(b.gdpp_batch), K, eta, shared=cfg.gdpp_shared,
                                       steps=b.gdpp_steps, lr=b.gdpp_lr, b2=b.gdpp_b2, seed=cfg.eval.eval_seed,
                                       loss_and_grads_fn=host_loss_and_grads(cfg.backend), log=gdpp_log)
-    gdpp_loss = A.mean_loss(gdpp_predict(evals.X, evals.Y, evals.x_q, etas, gammas), evals.y_q)
+    with np.errstate(over="ignore", invalid="ignore"):
+        gdpp_loss = A.mean_loss(gdpp_predict(evals.X, evals.Y, evals.x_q, etas, gammas), evals.y_q)
     ls_loss = A.mean_loss(least_squares_predict(evals.X, evals.Y, evals.x_q), evals.y_q)
+    zero_loss = A.mean_loss(np.zeros_like(evals.y_q), evals.y_q)
     if log:
         log(f"baselines: GD++ ({'shared' if cfg.gdpp_shared else 'per layer'}, {b.gdpp_steps} Adam steps on P) "
             f"eta {np.round(etas, 3).tolist()} gamma {np.round(gammas, 4).tolist()}, eval loss {gdpp_loss:.5f}; "
             f"least squares {ls_loss:.5f} ({time.perf_counter() - t0:.0f} s)")
+    losses = {"gd": gd_loss, "gdpp": gdpp_loss, "lstsq": ls_loss}
+    failed = {k: v for k, v in losses.items() if not (np.isfinite(v) and v <= zero_loss)}
+    if log:
+        for k, v in failed.items():
+            log(f"warning: the {BASELINE_NAMES[k]} baseline failed: its eval loss {v:.4g} is above the zero "
+                f"predictor's {zero_loss:.4g} (0.5 E||y||^2); comparisons with it are not meaningful")
     return {"gd_eta": float(eta), "gd_loss": gd_loss, "gdpp_etas": [float(e) for e in etas],
             "gdpp_gammas": [float(g) for g in gammas], "gdpp_loss": gdpp_loss, "lstsq_loss": ls_loss,
-            "seconds": round(time.perf_counter() - t0, 2)}
+            "zero_loss": zero_loss, "failed": failed, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+BASELINE_NAMES = {"gd": "GD-K", "gdpp": "GD++", "lstsq": "least-squares"}
 
 
 class _GDPPLog:
@@ -111,9 +153,21 @@ def eval_set(cfg, evals, baselines):
     """:class:`EvalSet` of the run: tokens in the model dtype and the GD / GD++ references."""
     evals_m = A.cast_tasks(evals, cfg.np_dtype)
     E = cfg.layout().build(evals_m.X, evals_m.Y, evals_m.x_q)                     # (B_eval, T, D)
-    refs = {"gd": A.gd_reference(evals, baselines["gd_eta"], cfg.model.n_layers),
-            "gdpp": A.gdpp_reference(evals, baselines["gdpp_etas"], baselines["gdpp_gammas"])}
-    return EvalSet(evals, E, refs)
+    refs = {"gd": _reference(A.gd_reference, evals, baselines["gd_eta"], cfg.model.n_layers),
+            "gdpp": _reference(A.gdpp_reference, evals, baselines["gdpp_etas"], baselines["gdpp_gammas"])}
+    return EvalSet(evals, E, refs, A.mean_loss(np.zeros_like(evals.y_q), evals.y_q))
+
+
+def _reference(fn, evals, *args):
+    """A reference learner's (pred, g) on the eval set; NaN where it cannot be computed
+    (a failed baseline whose tokens overflow), so its alignment metrics read NaN."""
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            pred, g = fn(evals, *args)
+    except ValueError:
+        B, d_y, d = evals.y_q.shape[0], evals.y_q.shape[1], evals.X.shape[2]
+        return np.full((B, d_y), np.nan), np.full((B, d_y, d), np.nan)
+    return pred, g
 
 
 def evaluate(params, cfg, es):
@@ -160,7 +214,8 @@ def train_loop(cfg, state, es, observer=None, stepper=None):
     stepper = make_stepper(cfg) if stepper is None else stepper
     every = cfg.eval.eval_every
     if state.step == 0:
-        observer.after_eval(state, _evaluated(cfg, state, es), None, None)
+        state, row = _evaluated(cfg, state, es)
+        observer.after_eval(state, row, None, None)
     losses, norms = [], []
     while state.step < cfg.steps:
         res = stepper.step(state.params, state.adam, state.step)
@@ -169,21 +224,31 @@ def train_loop(cfg, state, es, observer=None, stepper=None):
         finite = all_finite(res.params)
         if not (np.isfinite(loss) and np.isfinite(gnorm) and finite):
             raise _diverged(cfg, step, loss, gnorm, finite)
-        state = TrainState(res.params, res.state, step)
+        state = TrainState(res.params, res.state, step, state.watch)
         losses.append(loss)
         norms.append(gnorm)
         observer.after_step(state, loss, gnorm)
         if step % every == 0 or step == cfg.steps:
-            observer.after_eval(state, _evaluated(cfg, state, es), float(np.mean(losses)), float(np.mean(norms)))
+            state, row = _evaluated(cfg, state, es)
+            observer.after_eval(state, row, float(np.mean(losses)), float(np.mean(norms)))
             losses, norms = [], []
     return state
 
 
 def _evaluated(cfg, state, es):
+    """Evaluate, apply the divergence rule; (new state, eval row) or TrainingDiverged."""
     row = {"step": state.step, **evaluate(to_host(state.params), cfg, es)}
     if not np.isfinite(row["loss"]):
         raise _diverged(cfg, state.step, row["loss"], None, True)
-    return row
+    e = cfg.eval
+    watch, diverged = state.watch.update(state.step, row["loss"], es.zero_loss, e.diverge_factor, e.diverge_evals)
+    if diverged:
+        raise TrainingDiverged(
+            f"training diverged at step {state.step} of {cfg.steps}: the eval loss ({row['loss']:.4g} now) was above "
+            f"{e.diverge_factor:g} x its reference {watch.reference:.4g} (the larger of the step-0 eval loss and "
+            f"the zero predictor's) at {e.diverge_evals} evaluations in a row (steps "
+            f"{', '.join(map(str, watch.strikes))})", state.step)
+    return state._replace(watch=watch), row
 
 
 def _diverged(cfg, step, loss, grad_norm, finite_params):
@@ -193,3 +258,36 @@ def _diverged(cfg, step, loss, grad_norm, finite_params):
     if not finite_params:
         what.append("non-finite parameters")
     return TrainingDiverged(f"training diverged at step {step} of {cfg.steps}: {', '.join(what)}", step)
+
+
+def memory_estimate(cfg):
+    """Bytes a run of ``cfg`` needs at its peak, estimated from the config alone (no
+    array is made), as dict(parts={name: bytes} (what is held at the peak), passes={name:
+    bytes} (every transient pass), total=bytes).
+
+    What is counted: the parameters with their gradients, Adam moments and the updated
+    copy (5 copies); the evaluation set, kept for the whole run (float64 tasks, tokens,
+    the GD and GD++ references); and the largest of the passes that come and go: one
+    training step on ``batch`` tasks (tasks drawn in float64 and cast, tokens, the
+    forward's caches as the layers report them, and as much again for the backward),
+    the evaluation forward and backward (also the GD++ reference's, in float64), the
+    line search, a GD++ meta-training step and an OOD point. The fused backends keep
+    less than the reference's caches, so this is an upper bound for them."""
+    t, arch, item = cfg.data, cfg.arch(), cfg.np_dtype.itemsize
+    D, T = cfg.layout().D, cfg.layout().n_tokens(t.N)
+    task = t.N * (t.d + t.d_y) + t.d + t.d_y + t.d_y * t.d          # floats per task (X, Y, x_q, y_q, W)
+    cache = arch.cache_floats(T, D)                                  # floats per task the forward keeps
+    refs = 2 * t.d_y * (1 + t.d)                                     # GD and GD++ (pred, g) per task
+    E_eval = cfg.eval.eval_tasks
+    passes = {
+        "train_step": cfg.data.batch * (task * (8 + item) + T * D * item + 2 * cache * item),
+        "eval_pass": E_eval * 2 * cache * max(item, 8),
+        "line_search": cfg.baselines.line_search_tasks * task * 8 * 3,
+        "gdpp_step": cfg.baselines.gdpp_batch * (task + 2 * cache) * 8,
+        "ood_point": cfg.analysis.ood_tasks * (task * (8 + item) + 2 * cache * item),
+    }
+    parts = {"params": 5 * arch.param_floats(D) * item,
+             "eval": E_eval * (task * 8 + T * D * item + refs * 8)}
+    peak = max(passes, key=passes.get)
+    parts[peak] = passes[peak]
+    return {"parts": parts, "passes": passes, "total": int(sum(parts.values()))}

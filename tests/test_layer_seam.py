@@ -74,6 +74,9 @@ class TokenMap(LayerType):
     def cache_floats(self, T, D_in, **options):
         return T * D_in
 
+    def param_floats(self, D_in, **options):
+        return D_in * D_in
+
     def check_params(self, params, D_in, **options):
         if not isinstance(params, TokenMapParams) or params.W.shape != (D_in, D_in):
             raise ValueError(f"token_map params must be TokenMapParams with W ({D_in}, {D_in})")
@@ -190,3 +193,11 @@ def test_cache_size_is_what_the_forward_keeps(causal, clip):
         base = a if a.base is None else a.base
         owners[id(base)] = base.size
     assert arch.cache_floats(7, 4) * E.shape[0] == sum(owners.values())
+
+
+@pytest.mark.parametrize("options", [{}, {"heads": 3, "key_size": 2, "value_size": 5}, {"merged": True, "heads": 2}])
+def test_param_floats_is_the_size_init_draws(options):
+    arch = lsa_stack(3, **options)
+    params = arch.init(np.random.default_rng(0), 6, InitSettings(dtype=np.float64))
+    assert arch.param_floats(6) == sum(a.size for p in params for a in p)
+    assert lsa_stack(3, recurrent=True, **options).param_floats(6) == sum(a.size for a in params[0])

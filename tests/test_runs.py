@@ -201,12 +201,13 @@ def test_load_run_rebuilds_deleted_metrics_from_the_checkpoint(finished, tmp_pat
     assert runs.load_result(run).history == before[1:]
 
 
-def test_metrics_rows_after_a_damaged_line_are_reported(tmp_path):
+def test_a_damaged_metrics_line_loses_only_itself_and_is_reported(tmp_path):
     path = str(tmp_path / "m.jsonl")
     with open(path, "w") as f:
         f.write('{"kind": "baselines"}\n{"kind": "eval", "step": 0}\n{bad\n{"kind": "eval", "step": 10}\n')
     rows, problem = runs.read_metrics(path)
-    assert rows == [{"kind": "baselines"}, {"kind": "eval", "step": 0}] and problem == "line 3 is not JSON"
+    assert problem == "line 3 is not JSON"
+    assert rows == [{"kind": "baselines"}, {"kind": "eval", "step": 0}, {"kind": "eval", "step": 10}]
     assert runs.read_metrics(str(tmp_path / "none.jsonl")) == ([], "missing")
 
 

@@ -37,11 +37,11 @@ def make_plots(run_dir):
     if hist and base:
         paths.append(plot_loss(cfg, hist, base, summary, os.path.join(out, "loss.png")))
         paths.append(plot_alignment(cfg, hist, os.path.join(out, "alignment.png")))
-    if summary and "ood" in summary:
+    if summary and "input" in summary.get("ood", {}):
         paths.append(plot_ood(cfg, summary["ood"], os.path.join(out, "ood.png")))
     if params is not None and base:
         paths.append(plot_weights(cfg, params, base, os.path.join(out, "weights.png")))
-    if summary and "rollout" in summary:
+    if summary and "model" in summary.get("rollout", {}):
         paths.append(plot_rollout(cfg, summary["rollout"], os.path.join(out, "rollout.png")))
     return paths
 

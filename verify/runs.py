@@ -44,7 +44,7 @@ from reference._io import write_text_atomic
 from reference.config import ConfigError, TrainConfig, config_differences, config_from_dict
 from reference.errors import TrainingDiverged
 from reference.optim import AdamState
-from reference.tree import all_finite, from_arrays, to_arrays, to_host
+from reference.tree import all_finite, from_arrays, to_arrays, to_host, tree_leaves, tree_paths
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -137,6 +137,7 @@ def save_checkpoint(path, cfg, step, params, state, extra):
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".ckpt-", suffix=".npz")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
@@ -149,6 +150,12 @@ def save_checkpoint(path, cfg, step, params, state, extra):
     return checksum
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def load_checkpoint(path, expect_config=None):
     """Read a checkpoint (format 1 or 2); refuse it (CheckpointError, with the reason) if
     it cannot be read, fails its checksum, has an unknown format version, or was written
@@ -158,16 +165,14 @@ def load_checkpoint(path, expect_config=None):
             arrays = {k: z[k] for k in z.files}
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no checkpoint to resume from") from None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure to read the zip (bad CRC, compression, encryption, ...)
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from exc
     try:
         ck = _decode_checkpoint(path, arrays)
     except CheckpointError:
         raise
-    except (ValueError, KeyError, TypeError, json.JSONDecodeError, ConfigError) as exc:
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError, ConfigError, UnicodeError) as exc:
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from exc
-    if not all_finite(ck.params):
-        raise CheckpointError(f"{path}: checkpoint holds non-finite parameters")
     if expect_config is not None:
         diff = config_differences(ck.config, expect_config, ignore=RESUME_MAY_CHANGE)
         if diff:
@@ -181,7 +186,7 @@ def load_checkpoint(path, expect_config=None):
 def _decode_checkpoint(path, arrays):
     if "format_version" not in arrays:
         raise CheckpointError(f"{path}: not an icgd checkpoint (no format_version)")
-    version = int(arrays["format_version"])
+    version = _scalar_int(path, arrays, "format_version")
     if version not in READABLE_VERSIONS:
         raise CheckpointError(f"{path}: checkpoint format version {version}, this code reads versions "
                               f"{list(READABLE_VERSIONS)}; retrain, or use the code that wrote it")
@@ -195,31 +200,77 @@ def _decode_checkpoint(path, arrays):
             raise CheckpointError(f"{path}: checksum mismatch (stored {checksum[:12]}..., contents {actual[:12]}...): "
                                   "the file is corrupted or was edited")
     cfg = config_from_dict(json.loads(str(arrays["config"])))
-    types = cfg.arch().param_types()
+    step, t = _scalar_int(path, arrays, "step"), _scalar_int(path, arrays, "adam.t")
+    if step < 0:
+        raise CheckpointError(f"{path}: step must be >= 0, got {step}")
+    if t != step:
+        raise CheckpointError(f"{path}: adam.t = {t} disagrees with step = {step} (one Adam update per step)")
+    template = trainer.init_params(cfg)
+    types = [type(p) for p in template]
+    expected = {"format_version", "config", "step", "adam.t", "extra"} | {
+        f"{prefix}.{i}.{f}" for prefix in ("params", "adam.m", "adam.v") for i, tp in enumerate(types) for f in tp._fields}
+    extra_keys = sorted(set(arrays) - expected)
+    if extra_keys:
+        raise CheckpointError(f"{path}: unexpected array(s) {extra_keys} for this configuration")
+    for prefix in ("params", "adam.m", "adam.v"):
+        for i, p in enumerate(template):
+            for f, want in zip(p._fields, p):
+                _check_leaf(path, f"{prefix}.{i}.{f}", arrays.get(f"{prefix}.{i}.{f}"), want)
     params = from_arrays(arrays, "params", types)
-    state = AdamState(from_arrays(arrays, "adam.m", types), from_arrays(arrays, "adam.v", types),
-                      int(arrays["adam.t"]))
-    return Checkpoint(cfg, int(arrays["step"]), params, state, json.loads(str(arrays["extra"])), version, checksum)
+    m, v = from_arrays(arrays, "adam.m", types), from_arrays(arrays, "adam.v", types)
+    for name, tree in (("params", params), ("adam.m", m), ("adam.v", v)):
+        if not all_finite(tree):
+            raise CheckpointError(f"{path}: {name} hold non-finite values")
+    neg = [p for p, a in zip(tree_paths(v), tree_leaves(v)) if (a < 0).any()]
+    if neg:
+        raise CheckpointError(f"{path}: adam.v (second moments) must be >= 0, negative in {neg}")
+    extra = json.loads(str(arrays["extra"]))
+    if not isinstance(extra, dict) or not isinstance(extra.get("baselines"), dict):
+        raise CheckpointError(f"{path}: extra must hold the run's baselines")
+    return Checkpoint(cfg, step, params, AdamState(m, v, t), extra, version, checksum)
+
+
+def _scalar_int(path, arrays, name):
+    a = arrays[name]
+    if a.ndim != 0 or a.dtype.kind not in "iu":
+        raise CheckpointError(f"{path}: {name} must be an integer scalar, got dtype {a.dtype} shape {a.shape}")
+    return int(a)
+
+
+def _check_leaf(path, name, a, want):
+    if a is None:
+        raise CheckpointError(f"{path}: missing array {name!r}")
+    if a.dtype != want.dtype:
+        raise CheckpointError(f"{path}: {name} has dtype {a.dtype}, the config trains in {want.dtype}")
+    if a.shape != want.shape:
+        raise CheckpointError(f"{path}: {name} has shape {a.shape}, the config needs {want.shape}")
 
 
 # ---- metrics -------------------------------------------------------------------------------
 
 def read_metrics(path):
-    """(rows, problem): the rows of a metrics.jsonl file up to the first unreadable line;
-    ``problem`` says what was wrong (None when the whole file was read)."""
-    rows = []
+    """(rows, problem): every readable row of a metrics.jsonl file, and what was wrong
+    with it (None when every line was read; "missing"; or "line n is not JSON", joined
+    by "; " for several lines). An unreadable line loses only itself."""
     if not os.path.exists(path):
-        return rows, "missing"
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
+        return [], "missing"
+    rows, bad = [], []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            line = raw.strip()
             if not line:
                 continue
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                return rows, f"line {n} is not JSON"
-    return rows, None
+                row = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                bad.append(f"line {n} is not JSON")
+                continue
+            if not isinstance(row, dict) or row.get("kind") not in ("baselines", "eval") or (
+                    row.get("kind") == "eval" and not isinstance(row.get("step"), int)):
+                bad.append(f"line {n} is not a metrics row")
+                continue
+            rows.append(row)
+    return rows, ("; ".join(bad) or None)
 
 
 def metrics_from_checkpoint(ck):
@@ -230,6 +281,42 @@ def metrics_from_checkpoint(ck):
     if hist is None:
         return rows, False
     return rows + [dict(r) for r in hist], True
+
+
+def merge_metrics(rows, problem, ck):
+    """The rows a run directory still has: the file's rows, with every row up to the
+    checkpoint's step taken from the checkpoint when the file is damaged or lacks one
+    (format 2 holds them all; format 1 only the baselines row). Returns (rows, note):
+    ``note`` says what was rebuilt and what is lost (None when the file was whole)."""
+    if ck is None:
+        return rows, (None if problem is None else f"metrics.jsonl: {problem}; no checkpoint to rebuild from")
+    rebuilt, complete = metrics_from_checkpoint(ck)
+    upto = [r for r in rows if r.get("kind") == "baselines" or r["step"] <= ck.step]
+    after = [r for r in rows if r.get("kind") == "eval" and r["step"] > ck.step]
+    have = {r["step"] for r in upto if r.get("kind") == "eval"}
+    want = {r["step"] for r in rebuilt if r.get("kind") == "eval"}
+    has_base = any(r.get("kind") == "baselines" for r in upto)
+    if problem is None and has_base and (not complete or have == want):
+        return rows, None
+    if complete:
+        note = (f"metrics.jsonl: {problem or 'rows missing'}; rebuilt its {len(rebuilt)} rows up to step {ck.step} "
+                "from the checkpoint")
+        lost = sorted({r["step"] for r in after})
+        return rebuilt + after, note + (f"; kept the readable rows after it (steps {lost})" if lost else "")
+    base = [] if has_base else rebuilt[:1]
+    return base + upto + after, (f"metrics.jsonl: {problem or 'rows missing'}; a format-1 checkpoint holds only "
+                                 "the baselines row, so the eval rows that were unreadable are lost")
+
+
+def recover_metrics(run_dir):
+    """What :func:`load_run` does to metrics.jsonl, spelled out: dict(rows, problems (the
+    file's), rebuilt (rows taken from the checkpoint), note)."""
+    ck_path = os.path.join(run_dir, CHECKPOINT_FILE)
+    ck = load_checkpoint(ck_path) if os.path.exists(ck_path) else None
+    rows, problem = read_metrics(os.path.join(run_dir, METRICS_FILE))
+    merged, note = merge_metrics(rows, problem, ck)
+    return {"rows": merged, "problems": [] if problem is None else problem.split("; "),
+            "rebuilt": note is not None and "rebuilt" in note, "note": note}
 
 
 class _Metrics:
@@ -317,7 +404,8 @@ class _RunFiles(trainer.Observer):
             self.save(state)
 
     def save(self, state):
-        extra = {"baselines": self.baselines, "seconds": self.seconds(), "history": self.metrics.history()}
+        extra = {"baselines": self.baselines, "seconds": self.seconds(), "history": self.metrics.history(),
+                 "divergence": state.watch.to_dict()}
         self.checksum = save_checkpoint(self.paths[CHECKPOINT_FILE], self.cfg, state.step, to_host(state.params),
                                         AdamState(to_host(state.adam.m), to_host(state.adam.v), state.adam.t), extra)
         self.last_ckpt = state.step
@@ -340,23 +428,42 @@ def train_run(cfg, out_dir=None, *, resume=False, overwrite=False, progress=None
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     log = log or _silent
     progress = progress or Progress(cfg.steps, enabled=False)
-    stepper = _checked_stepper(cfg)
+    if resume and overwrite:
+        raise ConfigError("resume and overwrite exclude each other: --resume continues the run in the directory, "
+                          "--overwrite replaces it")
+    stepper = check_runnable(cfg)
     if out_dir is None:
-        return _train(cfg, None, resume, overwrite, progress, log, analyses, stepper)
-    if not resume and not overwrite and any(os.path.exists(os.path.join(out_dir, k)) for k in RUN_FILES):
-        existing = [k for k in RUN_FILES if os.path.exists(os.path.join(out_dir, k))]
-        raise ConfigError(f"{out_dir} already holds a run ({', '.join(existing)}); pass resume to continue "
-                          "it, overwrite to replace it, or choose another output directory")
-    os.makedirs(out_dir, exist_ok=True)
+        if resume:
+            raise ConfigError("resume needs a run directory")
+        return _train(cfg, None, False, progress, log, analyses, stepper)
+    check_run_dir(out_dir)
     with RunLock(out_dir):
-        return _train(cfg, out_dir, resume, overwrite, progress, log, analyses, stepper)
+        _remove_stale_temporaries(out_dir, log)
+        existing = [k for k in RUN_FILES if os.path.exists(os.path.join(out_dir, k))]
+        has_ckpt = CHECKPOINT_FILE in existing
+        if resume and not has_ckpt:
+            raise CheckpointError(
+                f"{out_dir}: no checkpoint to resume from"
+                + (" (the run stopped before its first checkpoint)" if existing else "")
+                + "; run it again without --resume (or with --overwrite) to start it from step 0")
+        if existing and not resume and not overwrite:
+            if has_ckpt:
+                raise ConfigError(f"{out_dir} already holds a run ({', '.join(existing)}); pass --resume to continue "
+                                  "it, --overwrite to replace it, or choose another output directory")
+            log(f"{out_dir}: replacing an unfinished run that stopped before its first checkpoint "
+                f"({', '.join(existing)})")
+        return _train(cfg, out_dir, resume, progress, log, analyses, stepper)
 
 
 def _silent(msg):
     pass
 
 
-def _checked_stepper(cfg):
+def check_runnable(cfg):
+    """ConfigError (with the reason) unless the run fits in memory and the configured
+    backend is available here and runs this model; nothing is trained. Returns the
+    backend's stepper."""
+    check_memory(cfg)
     try:
         return trainer.make_stepper(cfg)
     except (RuntimeError, ImportError, OSError, ValueError) as exc:
@@ -364,21 +471,81 @@ def _checked_stepper(cfg):
                           "use backend=numpy") from exc
 
 
-def check_runnable(cfg):
-    """ConfigError (with the reason) unless the configured backend is available here and
-    runs this model; nothing is trained."""
-    _checked_stepper(cfg)
+def check_run_dir(out_dir):
+    """ConfigError unless ``out_dir`` is (or can be made) a writable directory: not a
+    file or a device, creatable, and writable (probed with a temporary file, so read-only
+    mounts are caught whoever runs it)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"--out {out_dir}: not a directory (a run directory is a folder; this path is a "
+                          f"{'special file' if not os.path.isfile(out_dir) else 'file'})")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".tmp-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"--out {out_dir}: cannot write there ({exc.strerror or exc})") from None
 
 
-def _train(cfg, out_dir, resume, overwrite, progress, log, analyses, stepper):
+def _remove_stale_temporaries(out_dir, log):
+    """Temporary files a killed writer left behind (``.ckpt-*``, ``.tmp-*``); only called
+    while holding the run lock, so no live writer owns them."""
+    for name in os.listdir(out_dir):
+        if name.startswith((".ckpt-", ".tmp-")):
+            os.unlink(os.path.join(out_dir, name))
+            log(f"{out_dir}: removed the stale temporary file {name}")
+
+
+def check_memory(cfg):
+    """ConfigError with the estimate unless the run fits in the memory available here."""
+    est = trainer.memory_estimate(cfg)
+    avail, source = available_memory()
+    if avail is not None and est["total"] > avail:
+        parts = ", ".join(f"{k} {_gib(v)}" for k, v in sorted(est["parts"].items(), key=lambda kv: -kv[1]))
+        raise ConfigError(f"this run needs about {_gib(est['total'])} of memory ({parts}), but {_gib(avail)} is "
+                          f"available ({source}); lower batch, eval_tasks or the sizes")
+
+
+def available_memory():
+    """(bytes, where it comes from): the smaller of the cgroup's remaining limit and
+    MemAvailable; (None, reason) when neither can be read."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append((int(line.split()[1]) * 1024, "MemAvailable"))
+    except OSError:
+        pass
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit) as f:
+                raw = f.read().strip()
+            if raw == "max":
+                continue
+            with open(usage) as f:
+                used = int(f.read().strip())
+            found.append((max(int(raw) - used, 0), "the cgroup memory limit"))
+            break
+        except (OSError, ValueError):
+            continue
+    if not found:
+        return None, "unknown"
+    return min(found)
+
+
+def _gib(n):
+    return f"{n / 2 ** 30:.3g} GiB" if n >= 2 ** 28 else f"{n / 2 ** 20:.3g} MiB"
+
+
+def _train(cfg, out_dir, resume, progress, log, analyses, stepper):
     paths = None if out_dir is None else {k: os.path.join(out_dir, k) for k in RUN_FILES}
     if resume:
-        if out_dir is None:
-            raise ConfigError("resume needs a run directory")
         ck = load_checkpoint(paths[CHECKPOINT_FILE], expect_config=cfg)
-        state = trainer.TrainState(ck.params, ck.state, ck.step)
         baselines, elapsed0 = ck.extra["baselines"], float(ck.extra.get("seconds", 0.0))
         rows = _resume_rows(paths[METRICS_FILE], ck, log)
+        state = trainer.TrainState(ck.params, ck.state, ck.step, _watch_of(cfg, ck, rows, baselines))
         log(f"resuming {out_dir} at step {ck.step} of {cfg.steps}")
     else:
         if paths is not None:
@@ -421,21 +588,28 @@ def _train(cfg, out_dir, resume, overwrite, progress, log, analyses, stepper):
 
 
 def _resume_rows(path, ck, log):
-    """metrics.jsonl's rows up to the checkpoint's step. When the file is missing or
-    damaged they are rebuilt from the checkpoint (format 2 holds every eval row; format
-    1 only the baselines), and the message says what was rebuilt or lost."""
-    old, problem = read_metrics(path)
-    keep = [r for r in old if r.get("kind") == "baselines" or (r.get("kind") == "eval" and r["step"] <= ck.step)]
-    rebuilt, complete = metrics_from_checkpoint(ck)
-    if complete and (problem is not None or len(keep) != len(rebuilt)):
-        log(f"{path}: {problem or 'rows missing'}; rebuilt its {len(rebuilt)} rows from the checkpoint")
-        return rebuilt
-    if problem is not None:
-        log(f"{path}: {problem}; a format-1 checkpoint holds only the baselines, so the eval rows after the damage "
-            "are lost")
-    if not any(r.get("kind") == "baselines" for r in keep):
-        keep = rebuilt[:1] + keep
-    return keep
+    """metrics.jsonl's rows up to the checkpoint's step, recovered from the checkpoint
+    where the file is missing or damaged (:func:`merge_metrics`), with a message."""
+    rows, problem = read_metrics(path)
+    merged, note = merge_metrics(rows, problem, ck)
+    if note:
+        log(f"{os.path.dirname(path)}: {note}")
+    return [r for r in merged if r.get("kind") == "baselines" or r["step"] <= ck.step]
+
+
+def _watch_of(cfg, ck, rows, baselines):
+    """The divergence rule's state at the checkpoint: stored in format-2 checkpoints;
+    for older ones replayed from the eval rows up to the checkpoint's step."""
+    if "divergence" in ck.extra:
+        return trainer.DivergenceWatch.from_dict(ck.extra["divergence"])
+    zero = baselines.get("zero_loss")
+    if zero is None:
+        zero = A.mean_loss(np.zeros((1, 1)), np.zeros((1, 1)))
+    watch, e = trainer.DivergenceWatch(), cfg.eval
+    for r in rows:
+        if r.get("kind") == "eval" and r["step"] <= ck.step:
+            watch, _ = watch.update(r["step"], r["loss"], zero, e.diverge_factor, e.diverge_evals)
+    return watch
 
 
 def _with_checkpoint(exc, paths, last_ckpt):
@@ -488,10 +662,7 @@ def load_run(run_dir):
     ck_path = os.path.join(run_dir, CHECKPOINT_FILE)
     ck = load_checkpoint(ck_path) if os.path.exists(ck_path) else None
     rows, problem = read_metrics(os.path.join(run_dir, METRICS_FILE))
-    if problem is not None and ck is not None:
-        rebuilt, complete = metrics_from_checkpoint(ck)
-        if complete or not rows:
-            rows = rebuilt
+    rows, _ = merge_metrics(rows, problem, ck)
     sp = os.path.join(run_dir, SUMMARY_FILE)
     summary = None
     if os.path.exists(sp):
