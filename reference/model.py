@@ -114,6 +114,12 @@ class Arch:
         widths = self.widths(D_in)
         return T * widths[0] + sum(s.cache_floats(T, widths[k]) for k, s in enumerate(self.layers))
 
+    def param_floats(self, D_in):
+        """Numbers in the model's parameters (each parameter set once; no array is made)."""
+        widths = self.widths(D_in)
+        return sum(self.layers[self.tie.index(i)].param_floats(widths[self.tie.index(i)])
+                   for i in range(self.n_param_layers))
+
     def to_dict(self):
         return {"layers": [s.to_dict() for s in self.layers], "tie": list(self.tie)}
 

@@ -87,6 +87,10 @@ class LayerType:
     def check_params(self, params, D_in, **options):
         raise NotImplementedError
 
+    def param_floats(self, D_in, **options):
+        """Numbers in the parameters ``init`` draws (no array is made)."""
+        raise NotImplementedError
+
 
 _REGISTRY = {}
 
@@ -172,6 +176,9 @@ class LayerSpec:
 
     def check_params(self, params, D_in):
         return self.layer.check_params(params, D_in, **self.opts)
+
+    def param_floats(self, D_in):
+        return self.layer.param_floats(D_in, **self.opts)
 
     def to_dict(self):
         return {"kind": self.kind, **self.opts}

@@ -308,3 +308,12 @@ class LSA(LayerType):
         D = _check_params(params)
         if D != D_in:
             raise ValueError(f"lsa params have token width D={D}, the layer's input has width {D_in}")
+
+    def param_floats(self, D_in, *, heads=1, key_size=None, value_size=None, merged=False, **_):
+        """W_Q, W_K (H Kd D), W_V (H Vd D), P (H D Vd); merged: W_KQ, W_PV (H D D)."""
+        D, H = D_in, heads
+        if merged:
+            return 2 * H * D * D
+        Kd = D if key_size is None else key_size
+        Vd = D if value_size is None else value_size
+        return H * (2 * Kd * D + 2 * Vd * D)
