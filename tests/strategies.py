@@ -1,5 +1,8 @@
 """Hypothesis strategies, in one place. They build valid inputs directly (sizes drawn
-in small ranges, data from a drawn seed) instead of filtering invalid ones."""
+in small ranges, data from a drawn seed) instead of filtering invalid ones; the bad-array
+strategies at the end make one argument of a valid call invalid."""
+
+from typing import NamedTuple
 
 import numpy as np
 from hypothesis import strategies as st
@@ -42,3 +45,171 @@ def layer_case(draw, dtype=None, merged=None):
                           value_size=draw(st.integers(1, D + 1)), scale=1.0,
                           dtype=t.X.dtype, merged=merged)
     return R.build_tokens(t.X, t.Y, t.x_q), p, draw(st.booleans())
+
+
+# ---- bad arrays: one argument of a valid call made invalid (tests/test_fuzz_arrays.py) ----
+
+class ArrayArg(NamedTuple):
+    """An array argument of a call and what it must be, so that a bad one can be drawn.
+
+    ``path`` says where it sits in the call's keyword arguments (``("X",)``,
+    ``("tasks", "y_q")``, ``("params", 0, "W_Q")``); an error about it must name one of
+    ``names`` (a size error may also name one of ``tied_names``, the arguments whose
+    shapes fix its ``tied`` axes)."""
+
+    path: tuple
+    names: tuple
+    tied: tuple = ()            # axes whose size the other arguments fix
+    tied_names: tuple = ()
+    data: bool = False          # task data or tokens: overflow-scale values are rejected
+    shared_dtype: bool = True   # must have the call's dtype (the other float dtype is an error)
+    fixed_ndim: bool = True     # its number of dimensions is fixed
+    nonneg: bool = False        # must be >= 0 (Adam's second moments)
+    optional: bool = False      # None is a valid value (it means "not given")
+    complex_ok: bool = False    # complex accepted (alone, for complex-step checks)
+
+
+class ValidCall(NamedTuple):
+    """Keyword arguments of a call that succeeds, its array arguments, and for the sizes
+    that must be >= 1 ("B", "N") the argument an error must name when that size is 0."""
+
+    args: dict
+    arrays: tuple
+    empty: dict = {}
+
+
+class BadCall(NamedTuple):
+    what: str         # e.g. "tasks.y_q: nan"
+    names: tuple      # one of these must be named in the error message
+    exc: type         # ValueError or TypeError
+    args: dict
+
+
+fuzz_dims = st.fixed_dictionaries({
+    "d": st.integers(1, 3),
+    "d_y": st.integers(1, 2),
+    "N": st.integers(1, 4),
+    "B": st.integers(1, 3),
+})
+# dtypes an argument must never have (the call's own float dtype is the only one allowed;
+# complex is refused too: a single complex argument among real ones mixes dtypes)
+BAD_DTYPES = (object, np.int64, np.float16, np.bool_, np.complex128)
+
+
+def overflow_scale(dtype):
+    """A magnitude the dtype represents but whose square overflows it."""
+    return 1e200 if np.dtype(dtype) == np.float64 else 1e30
+
+
+def get_at(args, path):
+    a = args
+    for k in path:
+        a = a[k] if isinstance(k, int) or isinstance(a, dict) else getattr(a, k)
+    return a
+
+
+def replace_at(args, path, value):
+    """A copy of ``args`` with the entry at ``path`` replaced (NamedTuples by _replace,
+    tuples rebuilt); the rest is shared."""
+    def put(node, keys):
+        if not keys:
+            return value
+        k, rest = keys[0], keys[1:]
+        if isinstance(node, dict):
+            return {**node, k: put(node[k], rest)}
+        if isinstance(k, int):
+            items = list(node)
+            items[k] = put(items[k], rest)
+            return type(node)(items) if not hasattr(node, "_fields") else type(node)(*items)
+        return node._replace(**{k: put(getattr(node, k), rest)})
+    return put(args, tuple(path))
+
+
+def small_tasks(rng, dims, dtype):
+    """Tasks of ``dims``; B = 0 or N = 0 are made by slicing tasks drawn with size 1
+    (``sample_tasks`` itself refuses them)."""
+    B, N = dims["B"], dims["N"]
+    t = R.sample_tasks(rng, max(B, 1), dims["d"], max(N, 1), dims["d_y"], dtype=dtype)
+    return R.Tasks(t.X[:B, :N], t.Y[:B, :N], t.x_q[:B], t.y_q[:B], t.W[:B])
+
+
+def raw_tokens(tasks):
+    """Tokens of ``tasks`` assembled without any checks (also for B = 0 or N = 0)."""
+    X, Y, x_q = tasks.X, tasks.Y, tasks.x_q
+    q = np.concatenate([x_q, np.zeros((x_q.shape[0], Y.shape[2]), X.dtype)], axis=1)[:, None]
+    return np.concatenate([np.concatenate([X, Y], axis=2), q], axis=1)   # (B, N+1, D)
+
+
+@st.composite
+def bad_arrays(draw, a, spec, dtype):
+    """(kind, bad value, exception type, names) for the valid array ``a`` described by
+    ``spec`` (an :class:`ArrayArg`) in a call of float dtype ``dtype``."""
+    kinds = ["dtype"] if spec.optional else ["none", "dtype"]
+    if spec.fixed_ndim:
+        kinds.append("ndim")
+    if a.size:
+        kinds += ["nan", "inf"]
+    if spec.tied:
+        kinds.append("size")
+    if spec.data and a.size:
+        kinds.append("overflow")
+    if spec.shared_dtype:
+        kinds.append("other-float")
+    if spec.nonneg and a.size:
+        kinds.append("negative")
+    kind = draw(st.sampled_from(kinds))
+    names = spec.names
+    i = draw(st.integers(0, max(a.size - 1, 0)))
+    if kind == "none":
+        return kind, None, TypeError, names
+    if kind == "dtype":
+        dt = draw(st.sampled_from([t for t in BAD_DTYPES if not (spec.complex_ok and t is np.complex128)]))
+        return f"dtype {np.dtype(dt)}", a.astype(dt), TypeError, names
+    if kind == "other-float":
+        other = np.float32 if np.dtype(dtype) == np.float64 else np.float64
+        return f"dtype {np.dtype(other)}", a.astype(other), TypeError, names
+    if kind == "ndim":
+        if draw(st.booleans()) or a.ndim < 2:
+            return "ndim +1", a[None], ValueError, names
+        return "ndim -1", a.reshape(a.shape[:-2] + (-1,)), ValueError, names
+    if kind == "size":
+        axis = draw(st.sampled_from(spec.tied))
+        n = a.shape[axis]
+        if n >= 2 and draw(st.booleans()):
+            bad = np.take(a, np.arange(n - 1), axis=axis)
+        else:
+            bad = np.concatenate([a, np.take(a, [0], axis=axis)], axis=axis)
+        return f"size of axis {axis} {n} -> {bad.shape[axis]}", bad, ValueError, names + spec.tied_names
+    b = a.copy()
+    if kind == "nan":
+        b.flat[i] = np.nan
+    elif kind == "inf":
+        b.flat[i] = draw(st.sampled_from([np.inf, -np.inf]))
+    elif kind == "negative":
+        b.flat[i] = -1.0
+    else:  # overflow: finite in the dtype, but its square is not
+        s = overflow_scale(dtype)
+        b = (a.astype(np.float64) * s).astype(a.dtype)
+        b.flat[i] = s
+    return kind, b, ValueError, names
+
+
+@st.composite
+def bad_calls(draw, build):
+    """A :class:`BadCall`: a valid call of ``build(rng, dims, dtype) -> ValidCall`` with
+    one array argument made invalid (None, a bad dtype, NaN or inf entries, a wrong
+    number of dimensions or size, overflow-scale data, a negative second moment), or
+    built with B = 0 or N = 0."""
+    dims = draw(fuzz_dims)
+    dtype = np.dtype(draw(dtypes))
+    seed = draw(seeds)
+    valid = build(np.random.default_rng(seed), dims, dtype)
+    choices = [("array", k) for k in range(len(valid.arrays))] + [("empty", ax) for ax in sorted(valid.empty)]
+    what, which = draw(st.sampled_from(choices))
+    if what == "empty":
+        empty = build(np.random.default_rng(seed), {**dims, which: 0}, dtype)
+        return BadCall(f"{which} = 0", (valid.empty[which],), ValueError, empty.args)
+    spec = valid.arrays[which]
+    kind, value, exc, names = draw(bad_arrays(get_at(valid.args, spec.path), spec, dtype))
+    path = ".".join(str(k) for k in spec.path)
+    return BadCall(f"{path}: {kind} ({dtype})", names, exc, replace_at(valid.args, spec.path, value))
