@@ -4,7 +4,9 @@ For every theorem: its statement, its hypotheses (symbolic dimensions, or which
 explicit sizes), how each step was established, and the time it took. A theorem that
 is not established (a residual that does not vanish, a bridge error above the
 tolerance, or an exception) is reported as FAILED and the exit code is 1; nothing is
-skipped. Exit code 2 when ``--only`` matches no theorem.
+skipped. Exit code 2 for a bad option, checked before any proof: ``--only`` without a
+pattern or matching no theorem, a ``--seed`` below 0, a ``--json`` file that cannot be
+written (``reference.files``); exit code 130 on Ctrl-C (no report written).
 """
 
 import argparse
@@ -12,11 +14,24 @@ import fnmatch
 import json
 import re
 import sys
-from reference._io import write_text_atomic
 import textwrap
 import time
 
+from reference.files import OutputPathError, check_writable, write_output
+
 WIDTH = 100
+INTERRUPTED = 130
+
+
+def _seed(text):
+    """An argparse type: an integer >= 0 (the bridge's random points use it as a seed)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
 
 
 def add_arguments(p):
@@ -26,7 +41,7 @@ def add_arguments(p):
     p.add_argument("--json", metavar="FILE", help="write the JSON report to FILE")
     p.add_argument("--list", action="store_true", help="list the theorems and exit")
     p.add_argument("--brief", action="store_true", help="one line per theorem instead of the full report")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random points of the numeric bridge (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the random points of the numeric bridge (default 0)")
 
 
 def select(theorems, only):
@@ -91,11 +106,18 @@ def brief_line(res):
     return f"{mark}  {res.id:<34} {meas:<28} ({res.seconds:.2f} s)"
 
 
+def _fail(msg):
+    print(f"icgd prove: {msg}", file=sys.stderr)
+    return 2
+
+
 def run(args):
     import sympy
 
     from .core import load_all, run_theorem
 
+    if args.only is not None and not any(p.strip() for p in args.only.split(",")):
+        return _fail(f"--only: no pattern in {args.only!r}; give theorem ids or globs, comma-separated")
     theorems = select(load_all(), args.only)
     if args.list:
         for t in theorems:
@@ -104,24 +126,37 @@ def run(args):
     if not theorems:
         print(f"no theorem matches {args.only!r}", file=sys.stderr)
         return 2
+    if args.json is not None:
+        try:
+            check_writable(args.json, "--json")
+        except OutputPathError as exc:
+            return _fail(exc)
     print(f"icgd prove: {len(theorems)} theorem(s), SymPy {sympy.__version__}\n", flush=True)
     t0 = time.perf_counter()
     results = []
-    for t in theorems:
-        res = run_theorem(t, **({"seed": args.seed} if t.kind == "bridge" else {}))
-        results.append(res)
-        print(brief_line(res) if args.brief else describe(res) + "\n", flush=True)
+    try:
+        for t in theorems:
+            res = run_theorem(t, **({"seed": args.seed} if t.kind == "bridge" else {}))
+            results.append(res)
+            print(brief_line(res) if args.brief else describe(res) + "\n", flush=True)
+    except KeyboardInterrupt:
+        print(f"\nicgd prove: interrupted during {theorems[len(results)].id} ({len(results)} of {len(theorems)} "
+              "done); no report written", file=sys.stderr)
+        return INTERRUPTED
     seconds = time.perf_counter() - t0
     n_failed = sum(not r.established for r in results)
     print(f"{len(results) - n_failed} established, {n_failed} failed in {seconds:.1f} s")
     for r in results:
         if r.traceback:
             print(f"\n--- {r.id} ---\n{r.traceback}", file=sys.stderr)
-    if args.json:
+    if args.json is not None:
         rep = {"sympy": sympy.__version__, "seed": args.seed, "seconds": round(seconds, 2),
                "n_established": len(results) - n_failed, "n_failed": n_failed,
                "theorems": [r.as_dict() for r in results]}
-        write_text_atomic(args.json, json.dumps(rep, indent=2, default=str) + "\n")
+        try:
+            write_output(args.json, json.dumps(rep, indent=2, default=str) + "\n", "--json")
+        except OutputPathError as exc:
+            return _fail(exc)
     return 1 if n_failed else 0
 
 
@@ -129,4 +164,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m symbolic",
                                 description="Establish the symbolic proofs (SymPy) and report each one.")
     add_arguments(p)
-    return run(p.parse_args(argv))
+    args = p.parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:          # while loading the theorems
+        print("\nicgd prove: interrupted; no report written", file=sys.stderr)
+        return INTERRUPTED

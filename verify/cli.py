@@ -5,11 +5,46 @@ which provides ``add_arguments(parser)`` and ``run(args) -> exit code``.
     icgd prove ...           the symbolic proofs (symbolic.cli)
     icgd train ...           train an LSA model (verify.train_cli)
     icgd vectors write|check golden test vectors (verify.golden)
+
+Exit codes shared by every subcommand: 0 done, 1 a check failed, 2 bad usage (an option's
+value, a config field, an output path; said before any work), 130 interrupted (Ctrl-C).
+The argument types here (:func:`int_at_least`, :func:`positive_float`) serve the
+subcommands and the benchmarks' programs.
 """
 
 import argparse
 import importlib
+import math
 import sys
+
+INTERRUPTED = 130     # the shell's code for a process ended by SIGINT
+
+
+def int_at_least(lo):
+    """An argparse type: an integer >= lo (the message names the option)."""
+
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+def positive_float(text):
+    """An argparse type: a finite float > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be finite and > 0, got {text!r}")
+    return v
 
 SUBCOMMANDS = {
     "verify": ("verify.runner", "check the papers' claims and report each one"),
@@ -25,7 +60,8 @@ def main(argv=None):
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     modules = {}
     for name, (modname, help_) in SUBCOMMANDS.items():
-        sp = sub.add_parser(name, help=help_, description=help_)
+        # no abbreviations for train: a prefix of a config field (--ste) must not pick the field
+        sp = sub.add_parser(name, help=help_, description=help_, allow_abbrev=name != "train")
         try:
             mod = importlib.import_module(modname)
         except ModuleNotFoundError as exc:
@@ -41,7 +77,11 @@ def main(argv=None):
     if args.command not in modules:
         print(f"icgd {args.command}: not available in this build", file=sys.stderr)
         return 2
-    return modules[args.command].run(args)
+    try:
+        return modules[args.command].run(args)
+    except KeyboardInterrupt:          # a subcommand that does not say where it was stopped
+        print(f"\nicgd {args.command}: interrupted", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

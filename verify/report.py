@@ -9,7 +9,6 @@ import json
 import os
 import platform
 import sys
-from reference._io import write_text_atomic
 
 
 def machine_info():
@@ -38,9 +37,6 @@ def verdict_line(row):
         return f"{mark}  {row['id']:<44} error: {row['error']}"
     return (f"{mark}  {row['id']:<44} measured {fmt_num(row['measured']):>9} "
             f"{row['comparison']} {fmt_num(row['tolerance']):>9}   ({row['seconds']:.1f}s)")
-
-
-write_atomic = write_text_atomic
 
 
 def to_json(report):

@@ -40,7 +40,7 @@ import numpy as np
 import reference
 from reference import analysis as A
 from reference import trainer
-from reference._io import write_text_atomic
+from reference.files import write_text_atomic
 from reference.config import ConfigError, TrainConfig, config_differences, config_from_dict
 from reference.errors import TrainingDiverged
 from reference.optim import AdamState
