@@ -8,13 +8,11 @@ which provides ``add_arguments(parser)`` and ``run(args) -> exit code``.
 
 Exit codes shared by every subcommand: 0 done, 1 a check failed, 2 bad usage (an option's
 value, a config field, an output path; said before any work), 130 interrupted (Ctrl-C).
-The argument types here (:func:`int_at_least`, :func:`positive_float`) serve the
-subcommands and the benchmarks' programs.
+:func:`int_at_least` is the argument type of the options that take a count or a seed.
 """
 
 import argparse
 import importlib
-import math
 import sys
 
 INTERRUPTED = 130     # the shell's code for a process ended by SIGINT
@@ -35,16 +33,6 @@ def int_at_least(lo):
     parse.__name__ = f"integer >= {lo}"
     return parse
 
-
-def positive_float(text):
-    """An argparse type: a finite float > 0."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"must be finite and > 0, got {text!r}")
-    return v
 
 SUBCOMMANDS = {
     "verify": ("verify.runner", "check the papers' claims and report each one"),

@@ -13,30 +13,41 @@ unknown keys are refused, and the effective config is printed before any work. T
 run directory (``verify.runs``) gets config.json, metrics.jsonl, checkpoint.npz,
 summary.json and plots/*.png.
 
-Exit codes: 0 done, 2 bad configuration, 3 training diverged, 4 checkpoint refused.
+Each field may be given once, in one spelling (``--lr`` and ``--set optim.lr=`` together
+are refused, as is ``--lr`` twice); option names are not abbreviated. ``--out`` must be a
+directory that can be written, or made (``reference.files.check_output_dir``), checked
+before the config is printed. Ctrl-C stops the run, keeping its last checkpoint, and
+says how to resume it.
+
+Exit codes: 0 done, 2 bad configuration or usage, 3 training diverged, 4 checkpoint
+refused, 130 interrupted.
 """
 
 import argparse
 import json
 import os
+import shlex
 import sys
 
-from reference.config import ConfigError, LEAVES, config_from_dict, dotted_name, flat_names, type_name
+from reference.config import ConfigError, LEAVES, config_from_dict, dotted_name, field_path, type_name
 from reference.errors import TrainingDiverged
+from reference.files import OutputPathError, check_output_dir
 
 from . import runs
+from .cli import INTERRUPTED
 from .experiments import EXPERIMENTS, get_experiment
 from .progress import Progress
-from .settings import apply_overrides, parse_set_args
+from .settings import apply_overrides
 
 
 def add_arguments(p):
     p.add_argument("experiment", nargs="?", help="a named experiment (see --list)")
     p.add_argument("--out", metavar="DIR", help="run directory (default runs/EXPERIMENT-seedSEED)")
-    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="set_",
+    p.add_argument("--set", metavar="KEY=VALUE", action=_Override, default=[], dest="overrides",
                    help="override a config field (repeatable), e.g. --set steps=2000 --set lr=5e-4")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    how.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--list", action="store_true", help="list the named experiments and exit")
     p.add_argument("--dry-run", action="store_true", help="print the effective config and exit")
     p.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
@@ -46,8 +57,22 @@ def add_arguments(p):
     for (group, name), tp in LEAVES.items():
         if name == "experiment":
             continue
-        g.add_argument(f"--{name}", dest=f"cfg__{name}", metavar=_metavar(tp), default=None,
+        g.add_argument(f"--{name}", dest="overrides", action=_Override, field=name, metavar=_metavar(tp),
                        help=dotted_name(name) if group else None)
+
+
+class _Override(argparse.Action):
+    """Collects ``--set KEY=VALUE`` and ``--FIELD VALUE`` in command-line order, as
+    (option as typed, field name or None for --set, text), into ``args.overrides``."""
+
+    def __init__(self, option_strings, dest, field=None, **kw):
+        super().__init__(option_strings, dest, **kw)
+        self.field = field
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        given = list(getattr(namespace, self.dest, None) or [])
+        given.append((option_string, self.field, value))
+        setattr(namespace, self.dest, given)
 
 
 def _metavar(tp):
@@ -56,15 +81,29 @@ def _metavar(tp):
 
 
 def _overrides(args):
-    over = parse_set_args(args.set_)
-    for name in flat_names():
-        v = getattr(args, f"cfg__{name}", None)
-        if v is None:
+    """{name as typed: text} of the command line's overrides; ConfigError for a --set
+    without KEY=VALUE or a field given more than once (in any spelling)."""
+    over, where, errs = {}, {}, []
+    for opt, field, text in args.overrides:
+        if field is None:
+            if "=" not in text:
+                errs.append(f"--set expects KEY=VALUE, got {text!r}")
+                continue
+            key, text = text.split("=", 1)
+            key = key.strip()
+            given = f"--set {key}={text}"
+        else:
+            key, given = field, f"{opt} {text}"
+        try:
+            path = field_path(key)
+        except ConfigError:
+            path = (key,)                # unknown or ambiguous: apply_overrides says which
+        if path in where:
+            errs.append(f"{'.'.join(path)}: given twice ({where[path]} and {given}); give each field once")
             continue
-        if name in over and over[name] != v:
-            raise ConfigError(f"{name} given twice with different values: --set {name}={over[name]} "
-                              f"and --{name} {v}")
-        over[name] = v
+        where[path], over[key] = given, text
+    if errs:
+        raise ConfigError("invalid override(s):\n  " + "\n  ".join(errs))
     return over
 
 
@@ -91,8 +130,6 @@ def effective_config(args):
 
 def _names(over):
     """The flat names of the overridden fields (dotted names resolved)."""
-    from reference.config import field_path
-
     return sorted(field_path(k)[-1] for k in over)
 
 
@@ -122,11 +159,12 @@ def run(args):
         return 0
     try:
         cfg, overridden = effective_config(args)
+        out = args.out if args.out is not None else os.path.join("runs", f"{cfg.experiment}-seed{cfg.seed}")
+        check_output_dir(out, "--out")
         runs.check_runnable(cfg)
-    except ConfigError as exc:
+    except (ConfigError, OutputPathError) as exc:
         print(f"icgd train: {exc}", file=sys.stderr)
         return 2
-    out = args.out or os.path.join("runs", f"{cfg.experiment}-seed{cfg.seed}")
     print(format_config(cfg, overridden))
     print(f"run directory: {out}", flush=True)
     if args.dry_run:
@@ -135,7 +173,7 @@ def run(args):
         res = runs.train_run(cfg, out, resume=args.resume, overwrite=args.overwrite,
                              progress=Progress(cfg.steps, enabled=not args.quiet),
                              log=None if args.quiet else runs.log_to_stderr)
-    except ConfigError as exc:
+    except (ConfigError, OutputPathError) as exc:
         print(f"icgd train: {exc}", file=sys.stderr)
         return 2
     except TrainingDiverged as exc:
@@ -144,13 +182,32 @@ def run(args):
     except runs.CheckpointError as exc:
         print(f"icgd train: cannot resume: {exc}", file=sys.stderr)
         return 4
+    except runs.RunInterrupted as exc:
+        print(f"\nicgd train: {interrupted_text(exc, exc.run_dir or out)}", file=sys.stderr)
+        return INTERRUPTED
+    except KeyboardInterrupt:
+        print("\nicgd train: interrupted before training started; nothing to resume", file=sys.stderr)
+        return INTERRUPTED
     print(summary_text(res))
     if not args.no_plots:
         from . import plots
 
-        paths = plots.make_plots(out)
+        try:
+            paths = plots.make_plots(out)
+        except KeyboardInterrupt:
+            print(f"\nicgd train: interrupted while drawing the plots; the run in {out} is complete", file=sys.stderr)
+            return INTERRUPTED
         print("plots: " + ", ".join(os.path.relpath(p, out) for p in paths))
     return 0
+
+
+def interrupted_text(exc, out):
+    """What to do after Ctrl-C stopped a run (a :class:`verify.runs.RunInterrupted`)."""
+    if exc.checkpoint_step is None:
+        return (f"interrupted at step {exc.step}, before the first checkpoint: no checkpoint was written, so there "
+                "is nothing to resume; run the same command again to start over")
+    return (f"interrupted at step {exc.step}; resume with: icgd train --out {shlex.quote(out)} --resume "
+            f"(it continues from the checkpoint at step {exc.checkpoint_step})")
 
 
 def summary_text(res):
@@ -178,7 +235,8 @@ def summary_text(res):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="icgd train", description="Train an LSA transformer from scratch.")
+    p = argparse.ArgumentParser(prog="icgd train", description="Train an LSA transformer from scratch.",
+                                allow_abbrev=False)
     add_arguments(p)
     return run(p.parse_args(argv))
 
