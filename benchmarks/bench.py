@@ -672,6 +672,9 @@ def markdown(result):
 # -------------------------------------------------------------------------------- main --
 
 def parse(argv):
+    """The options, every one checked before any work (exit code 2 naming the option).
+    A worker's options are not: its parent checked them (and a worker imports nothing
+    before what it measures)."""
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", default=None, help="write the result object here (and a .md table beside it)")
     p.add_argument("--configs", default="a,b,c", help="comma-separated subset of a,b,c")
@@ -689,13 +692,48 @@ def parse(argv):
     p.add_argument("--impl", default=None, help=argparse.SUPPRESS)
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.repeats < 1 or a.warmup < 0:
-        p.error("--repeats must be >= 1 and --warmup >= 0")
+    if a.worker:
+        return a
+    from benchmarks.peers import PEER_NAMES
+    from reference.files import OutputPathError, check_writable, is_special
+
+    for option, lo in (("--repeats", 1), ("--warmup", 0), ("--timeout", 1), ("--threads", 1)):
+        v = getattr(a, option[2:])
+        if v is not None and v < lo:
+            p.error(f"argument {option}: must be >= {lo}, got {v}")
+    a.configs = _names(p, "--configs", a.configs, list(CONFIGS))
+    a.impls = None if a.impls is None else _names(p, "--impls", a.impls, list(OURS) + list(PEER_NAMES))
+    if a.json is not None:
+        try:
+            check_writable(a.json, "--json")
+            if not is_special(a.json):
+                check_writable(_markdown_path(a.json), "--json (the .md table beside it)")
+        except OutputPathError as exc:
+            p.error(str(exc))
     return a
 
 
+def _names(p, option, text, known):
+    """The comma-separated names of ``text``, each known and given once (else p.error)."""
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        p.error(f"argument {option}: no name given; known: {', '.join(known)}")
+    bad = [x for x in names if x not in known]
+    if bad:
+        p.error(f"argument {option}: unknown {bad}; known: {', '.join(known)}")
+    twice = sorted({x for x in names if names.count(x) > 1})
+    if twice:
+        p.error(f"argument {option}: {', '.join(twice)} given twice")
+    return names
+
+
+def _markdown_path(json_path):
+    return os.path.splitext(json_path)[0] + ".md"
+
+
 def main(argv=None):
-    a = parse(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    a = parse(argv)
     if a.worker:
         if a.rates:
             row = rates_worker()
@@ -706,22 +744,12 @@ def main(argv=None):
         print(json.dumps(row))
         return 0
     from benchmarks.costs import bound, step_cost
-    from benchmarks.peers import PEER_NAMES, UNAVAILABLE_REASONS, available_peers
+    from benchmarks.peers import UNAVAILABLE_REASONS, available_peers
+    from reference.files import OutputPathError, is_special, write_output
 
-    configs = [c.strip() for c in a.configs.split(",") if c.strip()]
-    unknown = [c for c in configs if c not in CONFIGS]
-    if unknown:
-        print(f"unknown configs {unknown}; known: {sorted(CONFIGS)}", file=sys.stderr)
-        return 2
-    if a.impls:
-        impls = [x.strip() for x in a.impls.split(",") if x.strip()]
-        bad = [x for x in impls if x not in OURS and x not in PEER_NAMES]
-        if bad:
-            print(f"unknown impls {bad}; known: {list(OURS) + list(PEER_NAMES)}", file=sys.stderr)
-            return 2
-    else:
-        impls = list(OURS) + available_peers()
-    result = dict(label=a.label, command="python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
+    configs = a.configs
+    impls = a.impls if a.impls is not None else list(OURS) + available_peers()
+    result = dict(label=a.label, command="python -m benchmarks " + " ".join(argv),
                   configs=configs, repeats=a.repeats, warmup=a.warmup, threads=a.threads or "all cores",
                   machine=machine_info(), versions=versions(),
                   unavailable_peers=dict(UNAVAILABLE_REASONS), started=time.strftime("%Y-%m-%d %H:%M:%S"))
@@ -756,11 +784,13 @@ def main(argv=None):
     md = markdown(result)
     print(md)
     if a.json:
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=1)
-        with open(os.path.splitext(a.json)[0] + ".md", "w") as f:
-            f.write(md)
+        try:
+            write_output(a.json, json.dumps(result, indent=1), "--json")
+            if not is_special(a.json):      # a table beside a JSON file, not beside a stream or device
+                write_output(_markdown_path(a.json), md, "--json (the .md table beside it)")
+        except OutputPathError as exc:
+            print(f"benchmarks: {exc}", file=sys.stderr)
+            return 2
     failed = [r for r in rows if not r.get("verify", {}).get("ok", False)]
     return 1 if failed else 0
 

@@ -535,8 +535,13 @@ def run(args):
             del impl
             cupy.get_default_memory_pool().free_all_blocks()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": info, "rows": rows}, f, indent=1)
+        from reference.files import OutputPathError, write_output
+
+        try:
+            write_output(args.json, json.dumps({"machine": info, "rows": rows}, indent=1), "--json")
+        except OutputPathError as exc:
+            print(f"benchmarks.gpu: {exc}", file=sys.stderr)
+            return 2
         print(f"# wrote {args.json}")
     return 1 if failed else 0
 
@@ -559,6 +564,8 @@ def check_peers_cpu(args):
 
 
 def main(argv=None):
+    from reference.files import OutputPathError, check_writable
+
     ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", help="write {machine, rows} to this file")
     ap.add_argument("--configs", default="a,b,c,large", help=f"comma list of {', '.join(CONFIGS)}")
@@ -571,14 +578,31 @@ def main(argv=None):
     ap.add_argument("--peak-gbps", type=float, help="override the peak memory bandwidth")
     ap.add_argument("--check-peers-cpu", action="store_true", help="verify the peers on the CPU and exit")
     args = ap.parse_args(argv)
-    args.configs = [c for c in args.configs.split(",") if c]
-    args.impls = [i for i in args.impls.split(",") if i]
-    for c in args.configs:
-        if c not in CONFIGS:
-            ap.error(f"unknown config {c!r}; known: {', '.join(CONFIGS)}")
-    for i in args.impls:
-        if i not in ICGD_IMPLS + PEER_IMPLS:
-            ap.error(f"unknown implementation {i!r}; known: {', '.join(ICGD_IMPLS + PEER_IMPLS)}")
+    for option, lo in (("--warmup", 0), ("--repeats", 1), ("--verify-batch", 1)):
+        v = getattr(args, option[2:].replace("-", "_"))
+        if v < lo:
+            ap.error(f"argument {option}: must be >= {lo}, got {v}")
+    for option in ("--target-ms", "--peak-tflops", "--peak-gbps"):
+        v = getattr(args, option[2:].replace("-", "_"))
+        if v is not None and not (np.isfinite(v) and v > 0):
+            ap.error(f"argument {option}: must be finite and > 0, got {v}")
+    args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    args.impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    for option, names, known in (("--configs", args.configs, list(CONFIGS)),
+                                 ("--impls", args.impls, list(ICGD_IMPLS + PEER_IMPLS))):
+        if not names:
+            ap.error(f"argument {option}: no name given; known: {', '.join(known)}")
+        for n in names:
+            if n not in known:
+                ap.error(f"argument {option}: unknown {n!r}; known: {', '.join(known)}")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            ap.error(f"argument {option}: {', '.join(twice)} given twice")
+    if args.json is not None:
+        try:
+            check_writable(args.json, "--json")
+        except OutputPathError as exc:
+            ap.error(str(exc))
     return check_peers_cpu(args) if args.check_peers_cpu else run(args)
 
 

@@ -115,23 +115,57 @@ def via_training(backend, steps, batch, eval_every, eval_tasks):
                 gd1_eval_loss=res.baselines.get("gd_loss"), loadavg=list(os.getloadavg()))
 
 
-def main(argv=None):
+def parse(argv):
+    """The options, every one checked before any work (exit code 2 naming the option).
+    A worker's options are not: its parent checked them (and a worker's set-up time
+    includes importing the reference)."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.whole_run", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=5000)
     p.add_argument("--batch", type=int, default=2048)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-tasks", type=int, default=10_000)
-    p.add_argument("--backends", default="numba,numpy")
+    p.add_argument("--backends", default="numba,numpy", help="comma-separated backends (reference.backends)")
     p.add_argument("--via-training", action="store_true")
     p.add_argument("--json", default=None)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
+        return a
+    from reference.backends import backend_names
+    from reference.files import OutputPathError, check_writable
+
+    for option in ("--steps", "--batch", "--eval-every", "--eval-tasks"):
+        v = getattr(a, option[2:].replace("-", "_"))
+        if v < 1:
+            p.error(f"argument {option}: must be >= 1, got {v}")
+    a.backends = [b.strip() for b in a.backends.split(",") if b.strip()]
+    if not a.backends:
+        p.error(f"argument --backends: no backend named; known: {', '.join(backend_names())}")
+    unknown = [b for b in a.backends if b not in backend_names()]
+    if unknown:
+        p.error(f"argument --backends: unknown {unknown}; known: {', '.join(backend_names())}")
+    twice = sorted({b for b in a.backends if a.backends.count(b) > 1})
+    if twice:
+        p.error(f"argument --backends: {', '.join(twice)} given twice")
+    if a.json is not None:
+        try:
+            check_writable(a.json, "--json")
+        except OutputPathError as exc:
+            p.error(str(exc))
+    return a
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    a = parse(argv)
+    if a.worker:
         fn = via_training if a.via_training else direct
         print(json.dumps(fn(a.worker, a.steps, a.batch, a.eval_every, a.eval_tasks)))
         return 0
+    from reference.files import OutputPathError, write_output
+
     rows = []
-    for backend in [b.strip() for b in a.backends.split(",") if b.strip()]:
+    for backend in a.backends:
         cmd = [sys.executable, "-m", "benchmarks.whole_run", "--worker", backend, "--steps", str(a.steps),
                "--batch", str(a.batch), "--eval-every", str(a.eval_every), "--eval-tasks", str(a.eval_tasks)]
         if a.via_training:
@@ -152,9 +186,12 @@ def main(argv=None):
     for r in rows:
         print(json.dumps(r))
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(dict(rows=rows, command="python -m benchmarks.whole_run " + " ".join(argv or sys.argv[1:])), f,
-                      indent=1)
+        text = json.dumps(dict(rows=rows, command="python -m benchmarks.whole_run " + " ".join(argv)), indent=1)
+        try:
+            write_output(a.json, text, "--json")
+        except OutputPathError as exc:
+            print(f"benchmarks.whole_run: {exc}", file=sys.stderr)
+            return 2
     return 0
 
 
