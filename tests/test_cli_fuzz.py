@@ -423,8 +423,11 @@ def test_train_interrupted_while_setting_up(monkeypatch, tmp_path):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(runs, "train_run", interrupted)
-    rc, _, err = call(cli.main, ["train", "one_layer", "--set=backend=numpy", "--out", str(tmp_path / "r"), "--quiet"])
-    assert rc == 130 and "interrupted" in err, err
+    out = str(tmp_path / "r")
+    rc, _, err = call(cli.main, ["train", "one_layer", "--set=backend=numpy", "--out", out, "--quiet"])
+    assert rc == 130 and "interrupted before training started; nothing to resume" in err, err
+    rc, _, err = call(cli.main, ["train", "one_layer", "--set=backend=numpy", "--out", out, "--quiet", "--resume"])
+    assert rc == 130 and f"resume again with: icgd train --out {out} --resume" in err, err
 
 
 def test_verify_interrupted_writes_no_report(monkeypatch, tmp_path):

@@ -185,8 +185,10 @@ def run(args):
     except runs.RunInterrupted as exc:
         print(f"\nicgd train: {interrupted_text(exc, exc.run_dir or out)}", file=sys.stderr)
         return INTERRUPTED
-    except KeyboardInterrupt:
-        print("\nicgd train: interrupted before training started; nothing to resume", file=sys.stderr)
+    except KeyboardInterrupt:          # while setting up (baselines, evaluation tasks): no step taken
+        what = (f"resume again with: icgd train --out {shlex.quote(out)} --resume" if args.resume
+                else "nothing to resume; run the same command again to start over")
+        print(f"\nicgd train: interrupted before training started; {what}", file=sys.stderr)
         return INTERRUPTED
     print(summary_text(res))
     if not args.no_plots:
