@@ -131,7 +131,7 @@ def check_output_dir(path, what="--out"):
     _probe_folder(p if os.path.isdir(p) else _nearest_folder(p), what, path)
 
 
-def _umask():
+def umask():
     """The process's umask, read without changing it where Linux allows."""
     try:
         with open("/proc/self/status") as f:
@@ -170,7 +170,7 @@ def write_text_atomic(path, text):
             f.flush()
             if old is not None:
                 _keep_owner(f.fileno(), old)
-            os.fchmod(f.fileno(), stat.S_IMODE(old.st_mode) if old is not None else 0o666 & ~_umask())
+            os.fchmod(f.fileno(), stat.S_IMODE(old.st_mode) if old is not None else 0o666 & ~umask())
             os.fsync(f.fileno())
         os.replace(tmp, p)
     except BaseException:

@@ -40,7 +40,7 @@ import numpy as np
 import reference
 from reference import analysis as A
 from reference import trainer
-from reference.files import write_text_atomic
+from reference.files import OutputPathError, check_output_dir, umask, write_text_atomic
 from reference.config import ConfigError, TrainConfig, config_differences, config_from_dict
 from reference.errors import TrainingDiverged
 from reference.optim import AdamState
@@ -137,7 +137,7 @@ def save_checkpoint(path, cfg, step, params, state, extra):
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".ckpt-", suffix=".npz")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
@@ -148,12 +148,6 @@ def save_checkpoint(path, cfg, step, params, state, extra):
             os.unlink(tmp)
         raise
     return checksum
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def load_checkpoint(path, expect_config=None):
@@ -472,19 +466,15 @@ def check_runnable(cfg):
 
 
 def check_run_dir(out_dir):
-    """ConfigError unless ``out_dir`` is (or can be made) a writable directory: not a
-    file or a device, creatable, and writable (probed with a temporary file, so read-only
-    mounts are caught whoever runs it)."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ConfigError(f"--out {out_dir}: not a directory (a run directory is a folder; this path is a "
-                          f"{'special file' if not os.path.isfile(out_dir) else 'file'})")
+    """ConfigError unless ``out_dir`` is (or can be made) a writable directory
+    (``reference.files.check_output_dir``: not a file or a device, writable as probed
+    with a temporary file, so read-only mounts are caught whoever runs it); then it is
+    created."""
     try:
+        check_output_dir(out_dir)
         os.makedirs(out_dir, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".tmp-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise ConfigError(f"--out {out_dir}: cannot write there ({exc.strerror or exc})") from None
+    except (OutputPathError, OSError) as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _remove_stale_temporaries(out_dir, log):
@@ -503,7 +493,8 @@ def check_memory(cfg):
     if avail is not None and est["total"] > avail:
         parts = ", ".join(f"{k} {_gib(v)}" for k, v in sorted(est["parts"].items(), key=lambda kv: -kv[1]))
         raise ConfigError(f"this run needs about {_gib(est['total'])} of memory ({parts}), but {_gib(avail)} is "
-                          f"available ({source}); lower batch, eval_tasks or the sizes")
+                          f"available ({source}); lower batch, eval_tasks, line_search_tasks, gdpp_batch, ood_tasks "
+                          "or the sizes d, N, n_layers, heads")
 
 
 def available_memory():

@@ -31,6 +31,7 @@ import sys
 
 from reference.config import ConfigError, LEAVES, config_from_dict, dotted_name, field_path, type_name
 from reference.errors import TrainingDiverged
+from reference.trainer import BASELINE_NAMES
 from reference.files import OutputPathError, check_output_dir
 
 from . import runs
@@ -222,9 +223,19 @@ def summary_text(res):
         lines.append(f"alignment vs GD: preds diff {f['preds_diff_gd']:.4f}, model cos {f['model_cos_gd']:.4f}, "
                      f"model diff {f['model_diff_gd']:.4f}; vs GD++: preds diff {f['preds_diff_gdpp']:.4f}, "
                      f"model cos {f['model_cos_gdpp']:.4f}, model diff {f['model_diff_gdpp']:.4f}")
-    for k, w in enumerate(s.get("weights", [])):
+    for name in b.get("failed", {}):
+        lines.append(f"warning: the {BASELINE_NAMES[name]} baseline failed (its loss is above the zero predictor's "
+                     f"{b['zero_loss']:.4g}); comparisons with it are not meaningful")
+    weights = s.get("weights", [])
+    if isinstance(weights, dict):
+        lines.append(f"weights skipped: {weights.get('skipped')}")
+        weights = []
+    for k, w in enumerate(weights):
         lines.append(f"layer {k}: beta {w['beta']:.4f}, |W_KQ/beta - C| / |C| {w['kq_rel_err']:.4f}, "
                      f"|W_PV*beta - C| / |C| {w['pv_rel_err']:.4f} (C = {s['construction'].upper()} construction)")
+    for name in ("ood", "rollout"):
+        if "skipped" in (s.get(name) or {}):
+            lines.append(f"{name} skipped: {s[name]['skipped']}")
     i = s.get("interpolation")
     if i and "skipped" in i:
         lines.append(f"interpolation skipped: {i['skipped']}")
