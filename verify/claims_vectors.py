@@ -11,9 +11,11 @@ none of the vectorised reference code whose results the vectors record:
   explicit GD by loops (oracle_gd), GD++ by a token-by-token recursion written here;
 * Adam and global-norm clipping: a few-line transcription of the equations;
 * the sampler and the initialiser: the documented draws, redone here by hand (the
-  truncated-normal constant from the error function);
-* baselines: explicit GD loops, numpy.linalg.lstsq (ridge as an augmented least-squares
-  problem), the line search by loops; the closed-form eta from SPEC.md's formula.
+  truncated-normal constant from the error function, the redraws position by position
+  in C order, the fan-in H * Vd of P);
+* baselines: explicit GD loops (one eta or one per step), numpy.linalg.lstsq (ridge as
+  an augmented least-squares problem), the line search by loops over the stored grid
+  (the first of equal smallest losses); the closed-form eta from SPEC.md's formula.
 """
 
 import json
@@ -84,16 +86,18 @@ def _gd_blocks(d, d_y, N, eta, W_0, gamma=None):
 
 
 def _gd_weights(X, Y, eta, n_steps, W_0):
-    """W_K per task by explicit loops: W <- W - (eta/N) sum_i (W x_i - y_i) x_i^T."""
+    """W_K per task by explicit loops: W <- W - (eta_k/N) sum_i (W x_i - y_i) x_i^T, with
+    ``eta`` one value or a list of one per step."""
     B, N, d = X.shape
+    etas = [float(eta)] * n_steps if np.ndim(eta) == 0 else [float(e) for e in eta]
     out = np.zeros((B, Y.shape[2], d))
     for b in range(B):
         W = np.array(W_0, dtype=np.float64)
-        for _ in range(n_steps):
+        for k in range(n_steps):
             G = np.zeros_like(W)
             for i in range(N):
                 G += np.outer(W @ X[b, i] - Y[b, i], X[b, i])
-            W = W - (eta / N) * G
+            W = W - (etas[k] / N) * G
         out[b] = W
     return out
 
@@ -146,6 +150,22 @@ def _draw_tasks(rng, B, d, N, d_y, lo, hi, w_scale, noise_std, n_distractors):
     if n_distractors > 0:
         Y[:, :n_distractors, :] = rng.standard_normal((B, n_distractors, d_y))
     return {"X": X, "Y": Y, "x_q": x_q, "y_q": y_q, "W": W}
+
+
+def truncated_normal(rng, shape):
+    """SPEC.md section 7's draw, written out: z = rng.standard_normal(shape); then, round
+    after round, the positions with |z| > 2, in C order, get the values of one call
+    rng.standard_normal(count), in that order, until none is left. Returns (z, the
+    count of each round), so a test can see that a case really redraws."""
+    z = rng.standard_normal(shape)
+    rounds = []
+    while True:
+        bad = [idx for idx in np.ndindex(*shape) if abs(z[idx]) > 2]   # C order
+        if not bad:
+            return z, rounds
+        rounds.append(len(bad))
+        for idx, value in zip(bad, rng.standard_normal(len(bad))):
+            z[idx] = value
 
 
 def _truncated_std():
@@ -285,17 +305,24 @@ def _ind_tasks(a):
     return [(k, x, "algebra") for k, x in tk.items()]
 
 
+def init_draws(a):
+    """[(name, shape, fan-in)] of an init case, in drawing order (SPEC.md section 7): the
+    fan-in is a matrix's input width, D for W_Q, W_K, W_V and both merged products, and
+    H * Vd for P (it maps the concatenated heads back to D)."""
+    D, H, K = int(a["D"]), int(a["H"]), int(a["K"])
+    if "merged" in a and bool(a["merged"]):
+        return [("W_KQ", (H, D, D), D), ("W_PV", (H, D, D), D)]
+    Kd = int(a["key_size"]) if "key_size" in a else D
+    Vd = int(a["value_size"]) if "value_size" in a else D
+    return [("W_Q", (H, Kd, D), D), ("W_K", (H, Kd, D), D), ("W_V", (H, Vd, D), D), ("P", (H, D, Vd), H * Vd)]
+
+
 def _ind_init(a):
     rng = np.random.default_rng(int(a["seed"]))
-    D, H, Kd, Vd, K, scale = (a[k][()] for k in ("D", "H", "key_size", "value_size", "K", "scale"))
-    std = math.sqrt(float(scale) / int(K) / int(D)) / _truncated_std()
     rows = []
-    for name, shape in (("W_Q", (H, Kd, D)), ("W_K", (H, Kd, D)), ("W_V", (H, Vd, D)), ("P", (H, D, Vd))):
-        z = rng.standard_normal(tuple(int(s) for s in shape))
-        while np.any(np.abs(z) > 2):
-            bad = np.abs(z) > 2
-            z[bad] = rng.standard_normal(int(bad.sum()))
-        rows.append((name, std * z, "algebra"))
+    for name, shape, fan_in in init_draws(a):
+        std = math.sqrt(float(a["scale"]) / int(a["K"]) / fan_in) / _truncated_std()
+        rows.append((name, std * truncated_normal(rng, shape)[0], "algebra"))
     return rows
 
 
@@ -303,18 +330,29 @@ def _ind_baselines(a):
     X, Y, x_q, y_q = a["X"], a["Y"], a["x_q"], a["y_q"]
     B, N, d = X.shape
     d_y = Y.shape[2]
-    n, eta, ridge = int(a["n_steps"]), float(a["eta"]), float(a["ridge"])
-    grid = 0.001 + 0.1 * np.arange(250)                                # the paper's arange(0.001, 25, 0.1)
+    n, ridge = int(a["n_steps"]), float(a["ridge"])
+    eta = float(a["eta"]) if a["eta"].ndim == 0 else [float(e) for e in a["eta"]]   # one eta, or one per step
+    grid = [float(g) for g in a["eta_grid"]]
+    paper_grid = 0.001 + 0.1 * np.arange(250)                          # the paper's arange(0.001, 25, 0.1)
     ls, rdg = np.zeros((B, d_y)), np.zeros((B, d_y))
     for b in range(B):
         ls[b] = np.linalg.lstsq(X[b], Y[b], rcond=None)[0].T @ x_q[b]
         Xa = np.vstack([X[b], math.sqrt(ridge) * np.eye(d)])
         Ya = np.vstack([Y[b], np.zeros((d, d_y))])
         rdg[b] = np.linalg.lstsq(Xa, Ya, rcond=None)[0].T @ x_q[b]
-    losses = np.array([oracle_loss(oracle_gd(X, Y, x_q, e, n), y_q) for e in grid])
-    return [("pred_gd", oracle_gd(X, Y, x_q, eta, n), "algebra"), ("W_gd", _gd_weights(X, Y, eta, n, np.zeros((d_y, d))), "algebra"),
-            ("pred_ls", ls, "algebra"), ("pred_ridge", rdg, "algebra"), ("losses_ls", losses, "algebra"),
-            ("eta_ls", np.asarray(grid[int(np.argmin(losses))]), "algebra"), ("input:eta_grid", grid, "algebra")]
+    W_gd = _gd_weights(X, Y, eta, n, np.zeros((d_y, d)))
+    pred_gd = np.array([[sum(W_gd[b, i, j] * x_q[b, j] for j in range(d)) for i in range(d_y)] for b in range(B)])
+    losses = [oracle_loss(oracle_gd(X, Y, x_q, e, n), y_q) for e in grid]
+    best = 0
+    for i, loss in enumerate(losses):                                  # the first of equal smallest losses
+        if loss < losses[best]:
+            best = i
+    rows = [("pred_gd", pred_gd, "algebra"), ("W_gd", W_gd, "algebra"), ("pred_ls", ls, "algebra"),
+            ("pred_ridge", rdg, "algebra"), ("losses_ls", np.array(losses), "algebra"),
+            ("eta_ls", np.asarray(grid[best]), "exact")]
+    if len(grid) == paper_grid.size:                                   # a 250-value grid is meant to be the paper's
+        rows.append(("input:eta_grid", paper_grid, "algebra"))
+    return rows
 
 
 def _ind_eta(a):

@@ -14,7 +14,19 @@ Every key of every case is documented in SPEC.md (section "Golden vectors").
 
 A case is a kind, a builder of inputs (seeded) and the reference function of that
 kind mapping inputs to outputs. The builder runs only in ``write``; ``check``
-recomputes outputs from the *stored* inputs, so a port needs only the npz.
+recomputes outputs from the *stored* inputs, so a port needs only the npz. Each kind
+(``KINDS``, written into the manifest) says which inputs are data and which are
+configuration, with their dtypes and ranges, and which outputs it computes.
+
+``check`` trusts nothing in the folder: the manifest's list of cases must be the
+generator's (a case missing, repeated or unknown fails), a case's file is
+``<name>.npz`` in the folder (no other path, no link), inputs must be what the kind
+reads (dtypes, shapes, sizes, ranges: a forged file cannot ask for 10**9 tasks), and
+the stored outputs must be exactly the ones the kind computes. Every problem is a FAIL
+line of its own case; the other cases are still checked and nothing raises.
+Format version: it changes only when the meaning of an existing case changes; new
+cases are appended to the table (the case index salts its generator, so the earlier
+cases keep their bytes) without a change.
 Conventions inside an npz: every float is float64; configuration is stored as 0-d
 arrays (``causal``, ``recurrent`` bool; ``K``, ``d``, ``seed`` int64); ``clip`` and
 ``clip_norm`` = +inf mean "no clipping" (clip(x, -inf, inf) = x exactly); per-layer
@@ -46,6 +58,9 @@ SEED = 20230712
 MANIFEST = "manifest.json"
 DEFAULT_DIR = Path(__file__).resolve().parent / "vectors"
 TOL_KIND = "algebra"   # the reference against its own vectors: same polynomial, maybe other summation order
+FORMAT_RULE = ("format_version changes only when the meaning of an existing case changes (a key, a convention); new "
+               "cases, of new or existing kinds, are added without a change. A port runs the cases of the kinds it "
+               "knows and reports the others")
 REGENERATE_HINT = "regenerate the vectors with `icgd vectors write` (or `python -m verify.golden write`)"
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
@@ -229,18 +244,21 @@ def compute_tasks(a):
 
 
 def compute_init(a):
-    """init_lsa_params(default_rng(seed), D, ...) in float64."""
-    p = R.init_lsa_params(np.random.default_rng(int(a["seed"])), int(a["D"]), H=int(a["H"]), key_size=int(a["key_size"]),
-                          value_size=int(a["value_size"]), n_layers_for_scale=int(a["K"]), scale=float(a["scale"]),
-                          dtype=np.float64)
+    """init_lsa_params(default_rng(seed), D, ...) in float64; ``merged`` (default false),
+    ``key_size`` and ``value_size`` (default D) may be absent."""
+    size = {k: int(a[k]) if k in a else None for k in ("key_size", "value_size")}
+    p = R.init_lsa_params(np.random.default_rng(int(a["seed"])), int(a["D"]), H=int(a["H"]), **size,
+                          n_layers_for_scale=int(a["K"]), scale=float(a["scale"]), dtype=np.float64,
+                          merged=bool(a["merged"]) if "merged" in a else False)
     return layer_arrays(p)
 
 
 def compute_baselines(a):
-    """GD-K, least squares, ridge and the eta line search on the same tasks."""
+    """GD-K (eta scalar or one per step), least squares, ridge and the eta line search on the same tasks."""
     X, Y, x_q, y_q = a["X"], a["Y"], a["x_q"], a["y_q"]
     n = int(a["n_steps"])
-    pred_gd, W_gd = R.gd_predict(X, Y, x_q, float(a["eta"]), n)
+    eta = float(a["eta"]) if a["eta"].ndim == 0 else [float(e) for e in a["eta"]]   # one eta, or one per step
+    pred_gd, W_gd = R.gd_predict(X, Y, x_q, eta, n)
     eta_ls, losses = R.line_search_eta(X, Y, x_q, y_q, n_steps=n, grid=a["eta_grid"])
     return {"pred_gd": pred_gd, "W_gd": W_gd, "pred_ls": R.least_squares_predict(X, Y, x_q),
             "pred_ridge": R.least_squares_predict(X, Y, x_q, ridge=float(a["ridge"])),
@@ -261,6 +279,195 @@ def compute_eta(a):
 COMPUTE = {"layer": compute_layer, "stack": compute_stack, "loss": compute_loss, "gd": compute_gd,
            "gdpp": compute_gdpp, "adam": compute_adam, "train": compute_train, "tasks": compute_tasks,
            "init": compute_init, "baselines": compute_baselines, "eta": compute_eta}
+
+
+# --------------------------------------------------------------------------------
+# Kinds: what each kind reads and writes (written into the manifest as "kinds")
+# --------------------------------------------------------------------------------
+# An input is *data* (float64 arrays, finite, small) or *configuration* (0-d or short
+# 1-d arrays of a fixed dtype within a range). The checker refuses any input that is
+# neither, and computes the outputs itself, so a stored output set that differs from
+# the computed one fails. The ranges bound the work a forged file can ask for.
+
+PLACEHOLDERS = {
+    "<param>": "a parameter of one LSA layer: W_Q, W_K, W_V, P (factored) or W_KQ, W_PV (merged)",
+    "<k>": "a parameter-set index 0, 1, ...: K sets for a separate stack, 1 for a recurrent one; "
+           "as many as the case stores for adam",
+    "<s>": "a training step 0 .. n_steps - 1",
+}
+_PLACEHOLDER_RE = {"<param>": "(?:W_Q|W_K|W_V|P|W_KQ|W_PV)", "<k>": "(?:0|[1-9][0-9]?)", "<s>": "(?:0|[1-9][0-9]{0,2})"}
+MAX_DIM = 32              # every dimension of a data input
+MAX_DATA = 4096           # entries of one data input
+MAX_LIST = 1024           # entries of a 1-d configuration input (eta_grid)
+MAX_FILE_BYTES = 1 << 22  # one npz on disk, and all its arrays unpacked
+MAX_MANIFEST_BYTES = 1 << 22
+LIMITS = (f"data inputs: float64, finite, every dimension <= {MAX_DIM}, <= {MAX_DATA} entries; 1-d configuration "
+          f"<= {MAX_LIST} entries; an npz <= {MAX_FILE_BYTES} bytes on disk and unpacked")
+
+
+class Config(NamedTuple):
+    """One configuration input: ``dtype`` bool, int64 or float64; ``shape`` "()",
+    "(2,)", "(n,)" (1-d, 1 .. MAX_LIST entries) or "() or (n_steps,)"; bounds ``lo``
+    (exclusive when ``strict``) and ``hi``; ``inf`` accepts +inf ("no clipping");
+    ``default``: the value when absent (None: required)."""
+    dtype: str
+    shape: str = "()"
+    lo: float = None
+    hi: float = None
+    strict: bool = False
+    inf: bool = False
+    default: object = None
+
+    def bounds(self):
+        low = "" if self.lo is None else f"{'>' if self.strict else '>='} {self.lo:g}"
+        high = "" if self.hi is None else f"<= {self.hi:g}" if isinstance(self.hi, float) else f"<= {self.hi}"
+        return ", ".join(t for t in (low, high) if t)
+
+    def describe(self):
+        return "; ".join(t for t in (f"{self.dtype} {self.shape}", self.bounds(), "+inf: no clipping" if self.inf else "",
+                                     "" if self.default is None else f"optional, default {self.default}") if t)
+
+    def problem(self, name, a, inputs):
+        """Why ``a`` is not a valid value of this input (None when it is)."""
+        if a.dtype.name != self.dtype:
+            return f"{name} has dtype {a.dtype.name}, configuration {self.dtype}"
+        if self.shape == "(n,)":
+            ok = a.ndim == 1 and 1 <= a.size <= MAX_LIST
+        elif self.shape == "() or (n_steps,)":
+            ok = a.shape in ((), (_int_or(inputs.get("n_steps"), -1),))
+        else:
+            ok = a.shape == {"()": (), "(2,)": (2,)}[self.shape]
+        if not ok:
+            return f"{name} has shape {a.shape}, configuration {self.shape}"
+        if self.dtype == "bool":
+            return None
+        v = a.astype(np.float64)
+        if np.any(np.isnan(v)) or np.any(v == -np.inf) or (not self.inf and np.any(v == np.inf)):
+            return f"{name} = {a.tolist()} is not {'finite or +inf' if self.inf else 'finite'}"
+        v = v[np.isfinite(v)]
+        low = self.lo is not None and np.any(v <= self.lo if self.strict else v < self.lo)
+        if low or (self.hi is not None and np.any(v > self.hi)):
+            return f"{name} = {a.tolist()} is outside {self.bounds()}"
+        return None
+
+
+def _int_or(a, default):
+    return int(a) if isinstance(a, np.ndarray) and a.shape == () and a.dtype.kind == "i" else default
+
+
+class Kind(NamedTuple):
+    computes: str     # one line, with the SPEC.md section
+    data: tuple       # data input keys, with placeholders
+    config: dict      # configuration input name -> Config
+    outputs: tuple    # output keys, with placeholders
+
+
+_BOOL, _CLIP = Config("bool"), Config("float64", lo=0.0, strict=True, inf=True)
+_SEED = Config("int64", lo=0, hi=2 ** 63 - 1)
+_SIZE = Config("int64", lo=1, hi=MAX_DIM)
+_LAYERS = Config("int64", lo=1, hi=8)
+_REAL = Config("float64", lo=-1e6, hi=1e6)
+_NONNEG = Config("float64", lo=0.0, hi=1e6)
+_TASK_SPEC = {"d": _SIZE, "N": _SIZE, "d_y": Config("int64", lo=1, hi=8), "B": _SIZE,
+              "x_range": Config("float64", "(2,)", -1e6, 1e6), "w_scale": _NONNEG, "noise_std": _NONNEG,
+              "n_distractors": Config("int64", lo=0, hi=MAX_DIM)}
+_UNIT = Config("float64", lo=0.0, hi=1.0)
+_ADAM_HP = {"lr": Config("float64", lo=0.0, hi=1.0, strict=True), "b1": _UNIT, "b2": _UNIT, "eps": _UNIT, "clip_norm": _CLIP}
+_STACK = {"K": _LAYERS, "recurrent": _BOOL, "causal": _BOOL, "clip": _CLIP}
+
+KINDS = {
+    "layer": Kind("one LSA layer out = clip(E + sum_h P_h (A_h v_h)) and its backward for the upstream gradient dout "
+                  "(SPEC.md section 4)", ("E", "<param>", "dout"), {"causal": _BOOL, "clip": _CLIP},
+                  ("out", "dE", "d<param>")),
+    "stack": Kind("K LSA layers (recurrent: one parameter set applied K times) and the backward for dout on E_K "
+                  "(SPEC.md section 5)", ("E", "layer<k>.<param>", "dout"), _STACK,
+                  ("out", "dE", "layer<k>.d<param>")),
+    "loss": Kind("readout pred = -E_K[:, N, d:], L = 0.5 mean_b |pred - y_q|^2 and dL/dE, dL/dparams (SPEC.md sections 3, 5, 6)",
+                 ("E", "y_q", "layer<k>.<param>"), {"d": _SIZE, **_STACK},
+                 ("pred", "L", "dE", "layer<k>.d<param>")),
+    "gd": Kind("the Prop. 1 weights for K GD steps from W_0 (shared by the batch), the tokens with query slot -W_0 x_q, "
+               "the stack's output and readout, and explicit GD-K (SPEC.md section 8)",
+               ("X", "Y", "x_q", "W_0"), {"eta": _REAL, "K": _LAYERS, "recurrent": _BOOL},
+               ("E", "layer<k>.W_Q", "layer<k>.W_K", "layer<k>.W_V", "layer<k>.P", "out", "pred", "pred_gd", "W_gd")),
+    "gdpp": Kind("the GD++ weights (separate layers, (etas[k], gammas[k]) each, from W_0), the stack's output and "
+                 "readout, and the GD++ recursion (SPEC.md sections 8, 9)",
+                 ("X", "Y", "x_q", "W_0"), {"etas": Config("float64", "(n,)", -1e6, 1e6),
+                                             "gammas": Config("float64", "(n,)", -1e6, 1e6)},
+                 ("E", "layer<k>.W_Q", "layer<k>.W_K", "layer<k>.W_V", "layer<k>.P", "out", "pred", "pred_gdpp")),
+    "adam": Kind("one global-norm-clipped Adam step from the state (m, v, t) (SPEC.md section 10)",
+                 ("layer<k>.<param>", "layer<k>.d<param>", "m.layer<k>.<param>", "v.layer<k>.<param>"),
+                 {"t": Config("int64", lo=0, hi=10 ** 9), **_ADAM_HP},
+                 ("new.layer<k>.<param>", "new_m.layer<k>.<param>", "new_v.layer<k>.<param>", "new_t", "grad_norm")),
+    "train": Kind("n_steps training steps s = 0 .. n_steps-1 from the stored initial parameters and m = v = 0; step s "
+                  "draws its tasks from default_rng([seed, s]) and records the loss and the pre-clip gradient norm "
+                  "before its update (SPEC.md section 10)",
+                  ("layer<k>.<param>",), {"seed": _SEED, "n_steps": Config("int64", lo=1, hi=64), **_TASK_SPEC,
+                                          **_STACK, **_ADAM_HP},
+                  ("losses", "grad_norms", "step<s>.X", "step<s>.Y", "step<s>.x_q", "step<s>.y_q", "final.layer<k>.<param>")),
+    "tasks": Kind("sample_tasks(default_rng([seed, step]), ...): the sampler's draws in order (SPEC.md section 2)",
+                  (), {"seed": _SEED, "step": _SEED, **_TASK_SPEC}, ("X", "Y", "x_q", "y_q", "W")),
+    "init": Kind("init_lsa_params(default_rng(seed), D, ...): truncated-normal variance scaling, redraws in order "
+                 "(SPEC.md section 7)", (),
+                 {"seed": _SEED, "D": Config("int64", lo=2, hi=MAX_DIM), "H": _LAYERS,
+                  "key_size": Config("int64", lo=1, hi=MAX_DIM, default="D"),
+                  "value_size": Config("int64", lo=1, hi=MAX_DIM, default="D"), "K": _LAYERS,
+                  "scale": Config("float64", lo=0.0, hi=1e6, strict=True), "merged": Config("bool", default="false")},
+                 ("<param>",)),
+    "baselines": Kind("GD-n_steps from 0 (eta one value or one per step), least squares, ridge, and the line search "
+                      "over eta_grid (first minimum on ties) (SPEC.md section 9)",
+                      ("X", "Y", "x_q", "y_q"),
+                      {"eta": Config("float64", "() or (n_steps,)", -1e6, 1e6), "n_steps": Config("int64", lo=0, hi=64),
+                       "ridge": _NONNEG, "eta_grid": Config("float64", "(n,)", -1e6, 1e6)},
+                      ("pred_gd", "W_gd", "pred_ls", "pred_ridge", "eta_ls", "losses_ls")),
+    "eta": Kind("moments of U(low, high) (symmetric ranges only), the closed-form optimal one-step eta, its loss and "
+                "the loss at eta (SPEC.md section 9)", (),
+                {"d": Config("int64", lo=1, hi=10 ** 6), "N": Config("int64", lo=1, hi=10 ** 6),
+                 "d_y": Config("int64", lo=1, hi=10 ** 6), "x_range": Config("float64", "(2,)", -1e6, 1e6),
+                 "w_scale": _NONNEG, "noise_std": _NONNEG, "eta": _REAL},
+                ("m2", "m4", "eta_star", "L_star", "L_eta")),
+}
+assert set(KINDS) == set(COMPUTE)
+
+
+def key_pattern(pattern):
+    """The regular expression of a key written with placeholders (``layer<k>.d<param>``)."""
+    return re.compile("".join(_PLACEHOLDER_RE.get(tok, re.escape(tok)) for tok in re.split(r"(<[a-z]+>)", pattern)))
+
+
+def input_problems(kind, inputs):
+    """Why ``inputs`` are not inputs of ``kind`` ([] when they are): every configuration
+    input present (unless optional) and valid, every other key a data key of the kind,
+    float64, finite, within the size limits."""
+    spec = KINDS[kind]
+    problems = []
+    for name, c in spec.config.items():
+        if name in inputs:
+            p = c.problem(name, inputs[name], inputs)
+            if p:
+                problems.append(p)
+        elif c.default is None:
+            problems.append(f"configuration input {name} is missing")
+    data = [key_pattern(p) for p in spec.data]
+    for key, a in inputs.items():
+        if key in spec.config:
+            continue
+        if not any(r.fullmatch(key) for r in data):
+            problems.append(f"{key} is not an input of kind {kind}")
+        elif a.dtype != np.float64:
+            problems.append(f"{key} has dtype {a.dtype.name}, data must be float64")
+        elif not 1 <= a.ndim <= 4 or max(a.shape) > MAX_DIM or a.size > MAX_DATA:
+            problems.append(f"{key} has shape {a.shape}, data must have 1 to 4 dimensions of at most {MAX_DIM}")
+        elif not np.all(np.isfinite(a)):
+            problems.append(f"{key} is not finite")
+    problems += [f"data input {k} is missing" for k in spec.data if "<" not in k and k not in inputs]
+    return problems
+
+
+def kinds_table():
+    """The manifest's description of every kind."""
+    return {kind: {"computes": k.computes, "data": list(k.data),
+                   "config": {n: c.describe() for n, c in k.config.items()}, "outputs": list(k.outputs)}
+            for kind, k in KINDS.items()}
 
 
 # --------------------------------------------------------------------------------
@@ -314,6 +521,41 @@ def build_layer(rng, H, causal, clip, merged):
     c = np.inf
     if clip:
         c = _pick_clip(lambda c: [R.lsa_forward(E, p, causal=causal, clip=c)[1].pre])
+    dout = rng.standard_normal(E.shape)                                # (B, T, D) random upstream
+    return {"E": E, **layer_arrays(p), "causal": np.asarray(causal), "clip": _f(c), "dout": dout}
+
+
+def build_layer_clip_edge(rng, H, causal):
+    """A clipped layer with two pre-clip entries exactly at the clip level, +c and -c,
+    where the gradient must pass (an autodiff clip that halves it there fails). Row 0 of
+    every P_h is zero, so coordinate 0 of every token leaves the layer as it came
+    (E + 0, exactly); two tokens get that coordinate = +c and -c. Every other pre-clip
+    value keeps the usual safe distance from c."""
+    d, d_y, N, B = 3, 1, 4, 2
+    D = d + d_y
+    E, _ = _tokens(rng, B, d, d_y, N, query_slot=True)                # (B, T, D)
+    p = _random_layer(rng, D, H, False, Kd=3, Vd=5, scale=0.5)
+    P = p.P.copy()
+    P[:, 0, :] = 0.0                                                   # coordinate 0 of delta is 0
+    p = p._replace(P=P)
+    edges = [((0, 1, 0), 1.0), ((1, N, 0), -1.0)]                      # (entry of E, sign of the level there)
+    flat = [int(np.ravel_multi_index(idx, E.shape)) for idx, _ in edges]
+
+    def at_level(c):
+        Ec = E.copy()
+        for idx, sign in edges:
+            Ec[idx] = sign * c
+        return Ec
+
+    def pre_values(c):                                                 # every pre-clip value but the two edges
+        pre = R.lsa_forward(E if c is None else at_level(c), p, causal=causal, clip=c)[1].pre
+        return [np.delete(pre.ravel(), flat)]
+
+    c = _pick_clip(pre_values)
+    E = at_level(c)
+    pre = R.lsa_forward(E, p, causal=causal, clip=c)[1].pre
+    if any(pre[idx] != sign * c for idx, sign in edges):
+        raise RuntimeError("the edge entries moved off the clip level")
     dout = rng.standard_normal(E.shape)                                # (B, T, D) random upstream
     return {"E": E, **layer_arrays(p), "causal": np.asarray(causal), "clip": _f(c), "dout": dout}
 
@@ -373,13 +615,16 @@ def build_adam(rng, n_layers, H, merged, clip):
             "t": _i(4), **_hp_arrays(clip_norm=clip_norm)}
 
 
-def build_train(rng, seed, n_steps, d, N, d_y, B, H):
+def build_train(rng, seed, n_steps, d, N, d_y, B, H, K=1, clip_norm=1e-3):
+    """A separate K-layer stack from the initialiser (paper settings); ``clip_norm`` 1e-3
+    never acts at this size (gradient norms ~1e-6), a smaller one may."""
     D = d + d_y
-    p = R.init_lsa_params(np.random.default_rng(seed), D, H=H, dtype=np.float64)
+    init_rng = np.random.default_rng(seed)
+    layers = tuple(R.init_lsa_params(init_rng, D, H=H, n_layers_for_scale=K, dtype=np.float64) for _ in range(K))
     return {"seed": _i(seed), "n_steps": _i(n_steps), "d": _i(d), "N": _i(N), "d_y": _i(d_y), "B": _i(B),
             "x_range": _f([-0.5, 0.5]), "w_scale": _f(1.0), "noise_std": _f(0.0), "n_distractors": _i(0),
-            "K": _i(1), "recurrent": np.asarray(False), "causal": np.asarray(False), "clip": _f(np.inf),
-            **stack_arrays((p,)), **_hp_arrays(clip_norm=1e-3)}
+            "K": _i(K), "recurrent": np.asarray(False), "causal": np.asarray(False), "clip": _f(np.inf),
+            **stack_arrays(layers), **_hp_arrays(clip_norm=clip_norm)}
 
 
 def build_tasks(rng, seed, step):
@@ -387,15 +632,31 @@ def build_tasks(rng, seed, step):
             "x_range": _f([-1.0, 1.0]), "w_scale": _f(1.5), "noise_std": _f(0.1), "n_distractors": _i(1)}
 
 
-def build_init(rng, seed):
-    return {"seed": _i(seed), "D": _i(4), "H": _i(1), "key_size": _i(3), "value_size": _i(4), "K": _i(2),
-            "scale": _f(0.002)}
+def build_init(rng, seed, H=1, key_size=3, value_size=4, merged=False):
+    """D = 4, K = 2, scale 0.002. Merged cases store ``merged`` and no key or value size."""
+    sizes = {} if merged else {"key_size": _i(key_size), "value_size": _i(value_size)}
+    return {"seed": _i(seed), "D": _i(4), "H": _i(H), **sizes, "K": _i(2), "scale": _f(0.002),
+            **({"merged": np.asarray(True)} if merged else {})}
 
 
-def build_baselines(rng):
+def build_baselines(rng, eta=0.7):
+    """Sampled tasks, GD-3 (``eta`` one value or one per step), the paper's eta grid."""
     t = R.sample_tasks(rng, 2, 3, 5, 1)
-    return {"X": t.X, "Y": t.Y, "x_q": t.x_q, "y_q": t.y_q, "eta": _f(0.7), "n_steps": _i(3), "ridge": _f(0.1),
+    return {"X": t.X, "Y": t.Y, "x_q": t.x_q, "y_q": t.y_q, "eta": _f(eta), "n_steps": _i(3), "ridge": _f(0.1),
             "eta_grid": R.ETA_GRID.copy()}
+
+
+def build_line_search_tie(rng):
+    """Tasks on which the line search meets an exact tie at its minimum. The context is
+    e_1, e_2, -e_1, -e_2, so (1/N) X^T X = I/2 and GD-K from 0 leaves the error
+    -(1 - eta/2)^K W x_q; with short dyadic teachers and queries every step is exact in
+    float64. The grid's 1.5 and 2.5 give the same smallest loss; the first, 1.5, wins."""
+    X = np.array([[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]] * 2)   # (B, N, d)
+    W = np.array([[[1.0, -0.5]], [[0.5, 0.25]]])                             # (B, d_y, d)
+    x_q = np.array([[1.0, 0.5], [-1.0, 0.5]])                                # (B, d)
+    Y, y_q = np.einsum("bij,bnj->bni", W, X), np.einsum("bij,bj->bi", W, x_q)
+    return {"X": X, "Y": Y, "x_q": x_q, "y_q": y_q, "eta": _f(0.75), "n_steps": _i(2), "ridge": _f(0.5),
+            "eta_grid": _f([0.5, 1.5, 2.5, 3.0])}
 
 
 def build_eta(rng, d, N, d_y, x_range, w_scale, noise_std, eta):
@@ -441,6 +702,14 @@ def _case_table():
     t.append(CaseSpec("baselines", "baselines", build_baselines))
     t.append(CaseSpec("eta-paper-defaults", "eta", lambda r: build_eta(r, 10, 10, 1, [-0.5, 0.5], 1.0, 0.0, 3.0)))
     t.append(CaseSpec("eta-noise-dy2", "eta", lambda r: build_eta(r, 5, 20, 2, [-1.0, 1.0], 1.5, 0.3, 1.0)))
+    # Added later, in format version 1: appended, so the indices salting the cases above stay as they were.
+    t.append(CaseSpec("layer-H2-causal-clipedge-factored", "layer", lambda r: build_layer_clip_edge(r, 2, True)))
+    t.append(CaseSpec("init-H2-Vd3-redraw", "init", lambda r: build_init(r, seed=29, H=2, key_size=3, value_size=3)))
+    t.append(CaseSpec("init-H2-merged-redraw", "init", lambda r: build_init(r, seed=20, H=2, merged=True)))
+    t.append(CaseSpec("train-4steps-K2-H2-clipnorm", "train",
+                      lambda r: build_train(r, seed=3, n_steps=4, d=2, N=3, d_y=1, B=2, H=2, K=2, clip_norm=3.3e-6)))
+    t.append(CaseSpec("baselines-eta-per-step", "baselines", lambda r: build_baselines(r, eta=[1.1, 0.3, 0.7])))
+    t.append(CaseSpec("baselines-line-search-tie", "baselines", build_line_search_tie))
     return t
 
 
@@ -491,6 +760,10 @@ def manifest_for(cases, files):
         "dtype": "float64",
         "tolerance": {"kind": TOL_KIND, "rtol": tol.rtol, "atol": tol.atol,
                       "rule": "per array: |actual - expected| <= atol + rtol * max|expected| elementwise"},
+        "format_rule": FORMAT_RULE,
+        "limits": LIMITS,
+        "placeholders": PLACEHOLDERS,
+        "kinds": kinds_table(),
         "cases": [{"name": c.name, "kind": c.kind, "file": f"{c.name}.npz",
                    "sha256": hashlib.sha256(files[c.name]).hexdigest(),
                    "inputs": {k: _describe(a) for k, a in c.inputs.items()},
@@ -508,10 +781,11 @@ def write_vectors(directory=DEFAULT_DIR, seed=SEED):
     old = directory / MANIFEST
     if old.exists():
         try:
-            stale = {e["file"] for e in json.loads(old.read_text())["cases"]} - {f"{n}.npz" for n in files}
+            listed = {e["file"] for e in json.loads(old.read_text())["cases"]}
         except (ValueError, KeyError, TypeError):
-            stale = set()
-        for f in stale:
+            listed = set()
+        stale = {f for f in listed if isinstance(f, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*\.npz", f)}
+        for f in stale - {f"{n}.npz" for n in files}:               # plain names in this folder only
             (directory / f).unlink(missing_ok=True)
     for name, data in files.items():
         (directory / f"{name}.npz").write_bytes(data)
@@ -546,39 +820,140 @@ class CaseResult(NamedTuple):
     message: str
 
 
+class CaseError(ValueError):
+    """A case's files or manifest entry are not what the format says (the message says how)."""
+
+
+_NPZ_DTYPES = (np.dtype("<f8"), np.dtype("<i8"), np.dtype("|b1"))
+_SHA256 = re.compile("[0-9a-f]{64}")
+
+
+def _what(x):
+    """A short description of a JSON value for a message."""
+    text = repr(x)
+    return f"{type(x).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _field(entry, key):
+    """How an entry's field reads in a message: "no 'kind'" or "'kind' NoneType None"."""
+    return f"no {key!r}" if key not in entry else f"{key!r} {_what(entry[key])}"
+
+
+def read_npz(data):
+    """The arrays of an npz held in ``data`` (bytes), in file order. Refuses (CaseError)
+    what a vector file is not: members other than ``<key>.npy``, a key twice, pickles,
+    dtypes other than float64 / int64 / bool (little-endian, C order), arrays whose
+    header does not match their bytes, more than MAX_FILE_BYTES unpacked."""
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as exc:
+        raise CaseError(f"not an npz (zip) file: {exc}") from None
+    with zf:
+        infos = zf.infolist()
+        names = [i.filename for i in infos]
+        if len(set(names)) != len(names):
+            raise CaseError(f"a key is stored twice: {sorted({n for n in names if names.count(n) > 1})}")
+        if sum(i.file_size for i in infos) > MAX_FILE_BYTES:
+            raise CaseError(f"arrays unpack to more than {MAX_FILE_BYTES} bytes")
+        arrays = {}
+        for info in infos:
+            key = info.filename[:-4]
+            if not info.filename.endswith(".npy") or not key or "/" in key:
+                raise CaseError(f"member {info.filename!r} is not an array <key>.npy")
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version not in ((1, 0), (2, 0)):
+                    raise CaseError(f"{key}: .npy format version {version} (1.0 or 2.0 expected)")
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read_header(f)
+                if dtype not in _NPZ_DTYPES or fortran:
+                    raise CaseError(f"{key}: dtype {dtype}{' in Fortran order' if fortran else ''}; vector arrays are "
+                                    "C-ordered float64, int64 or bool")
+                nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if f.tell() + nbytes != info.file_size:
+                    raise CaseError(f"{key}: header says shape {shape} ({nbytes} bytes), the member holds "
+                                    f"{info.file_size - f.tell()}")
+                arrays[key] = np.frombuffer(f.read(nbytes), dtype=dtype).reshape(shape).copy()
+    return arrays
+
+
+def _descriptions(entry, part):
+    """The entry's ``inputs`` or ``outputs``: {key: {"shape": [...], "dtype": str}}."""
+    d = entry.get(part)
+    if not isinstance(d, dict):
+        raise CaseError(f"manifest entry has {_field(entry, part)}, not an object of array descriptions")
+    for k, desc in d.items():
+        if not (isinstance(desc, dict) and set(desc) == {"shape", "dtype"} and isinstance(desc["shape"], list)
+                and all(type(n) is int and n >= 0 for n in desc["shape"]) and isinstance(desc["dtype"], str)):
+            raise CaseError(f"manifest entry's {part}[{k!r}] is {_what(desc)}, not {{'shape': [...], 'dtype': ...}}")
+    return d
+
+
+def case_path(directory, entry):
+    """The path of a case's npz: ``<name>.npz`` inside ``directory`` and nowhere else
+    (no other name, no link out of the folder). Raises CaseError."""
+    name, file = entry["name"], entry.get("file")
+    if file != f"{name}.npz":
+        raise CaseError(f"manifest entry has {_field(entry, 'file')}; a case's file is {name}.npz, in the vectors folder")
+    path = Path(directory) / file
+    if path.is_symlink() or path.resolve().parent != Path(directory).resolve():
+        raise CaseError(f"{file} links out of the vectors folder; {REGENERATE_HINT}")
+    if not path.is_file():
+        raise CaseError(f"{file} is not a file in the vectors folder; {REGENERATE_HINT}")
+    return path
+
+
 def load_case(directory, entry):
-    """The arrays of one manifest entry as (inputs dict, outputs dict); raises ValueError
-    on a checksum, key, shape or dtype mismatch with the manifest."""
-    path = Path(directory) / entry["file"]
+    """The arrays of one manifest entry as (inputs dict, outputs dict). Raises CaseError
+    (a ValueError) on a bad path, size, checksum, npz, or on keys, shapes or dtypes that
+    differ from the manifest."""
+    path = case_path(directory, entry)
+    inputs, outputs = _descriptions(entry, "inputs"), _descriptions(entry, "outputs")
+    if set(inputs) & set(outputs):
+        raise CaseError(f"keys listed as both inputs and outputs: {sorted(set(inputs) & set(outputs))}")
+    sha = entry.get("sha256")
+    if not (isinstance(sha, str) and _SHA256.fullmatch(sha)):
+        raise CaseError(f"manifest entry has {_field(entry, 'sha256')}, not 64 lowercase hex digits; {REGENERATE_HINT}")
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise CaseError(f"{path.name} has {size} bytes, more than a vector file may ({MAX_FILE_BYTES})")
     data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise ValueError(f"sha256 of {path.name} does not match the manifest; {REGENERATE_HINT}")
-    with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    want = {**entry["inputs"], **entry["outputs"]}
+    if hashlib.sha256(data).hexdigest() != sha:
+        raise CaseError(f"sha256 of {path.name} does not match the manifest; {REGENERATE_HINT}")
+    arrays = read_npz(data)
+    want = {**inputs, **outputs}
     if set(arrays) != set(want):
-        raise ValueError(f"{path.name} keys differ from the manifest: {sorted(set(arrays) ^ set(want))}; {REGENERATE_HINT}")
+        raise CaseError(f"{path.name} keys differ from the manifest: {sorted(set(arrays) ^ set(want))}; {REGENERATE_HINT}")
     for k, desc in want.items():
         if _describe(arrays[k]) != desc:
-            raise ValueError(f"{path.name}: {k} is {_describe(arrays[k])}, manifest says {desc}; {REGENERATE_HINT}")
-    return ({k: arrays[k] for k in entry["inputs"]}, {k: arrays[k] for k in entry["outputs"]})
+            raise CaseError(f"{path.name}: {k} is {_describe(arrays[k])}, manifest says {desc}; {REGENERATE_HINT}")
+    return ({k: arrays[k] for k in inputs}, {k: arrays[k] for k in outputs})
+
+
+def _listing(keys, n=6):
+    keys = list(keys)
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
 def compare_outputs(actual, expected, kind=TOL_KIND):
-    """Compare output dicts array by array. Returns (ok, worst rel err, worst key, detail)."""
+    """Compare output dicts array by array, in full: the same keys, dtypes and shapes,
+    then the values. Returns (ok, worst rel err, worst key, detail)."""
+    missing, extra = [k for k in actual if k not in expected], [k for k in expected if k not in actual]
+    if missing or extra:
+        detail = "; ".join(t for t in (missing and f"outputs the file lacks: {_listing(missing)}",
+                                       extra and f"stored outputs the kind does not compute: {_listing(extra)}") if t)
+        return False, float("inf"), (missing or extra)[0], detail
     ok, worst, worst_key, detail = True, 0.0, None, ""
     for k, e in expected.items():
-        if k not in actual:
-            return False, float("inf"), k, f"{k}: not computed"
         a = np.asarray(actual[k])
-        if a.shape != e.shape:
-            return False, float("inf"), k, f"{k}: shape {a.shape} vs stored {e.shape}"
+        if a.shape != e.shape or a.dtype != e.dtype:
+            return False, float("inf"), k, f"{k}: computed {a.dtype.name} {a.shape}, stored {e.dtype.name} {e.shape}"
         if e.dtype.kind in "biu":
             good = bool(np.array_equal(a, e))
             rel = 0.0 if good else float("inf")
             msg = "" if good else f"{k}: {a!r} vs stored {e!r}"
         else:
-            rep = allclose_report(a.astype(np.float64), e, kind, np.float64)
+            rep = allclose_report(a, e, kind, np.float64)
             good, rel, msg = rep.ok, rep.rel_err, f"{k}: {rep}"
         if rel >= worst:
             worst, worst_key = rel, k
@@ -588,41 +963,89 @@ def compare_outputs(actual, expected, kind=TOL_KIND):
     return ok, worst, worst_key, detail
 
 
-def check_vectors(directory=DEFAULT_DIR):
-    """Recompute every case from its stored inputs and compare. Returns (ok, [CaseResult])."""
-    directory = Path(directory)
-    path = directory / MANIFEST
-    if not path.exists():
-        return False, [CaseResult("manifest", False, float("inf"), f"{path} not found; {REGENERATE_HINT}")]
+def check_case(directory, entry):
+    """One manifest entry (a dict with a known ``name`` and its ``kind``): load, check the
+    inputs against the kind, recompute, compare. Every problem becomes a FAIL result;
+    nothing raises."""
+    name, kind = entry["name"], entry["kind"]
     try:
+        inputs, expected = load_case(directory, entry)
+        problems = input_problems(kind, inputs)
+        if problems:
+            return CaseResult(name, False, float("inf"), f"inputs refused for kind {kind}: {'; '.join(problems)}")
+        actual = COMPUTE[kind](inputs)
+    except CaseError as exc:
+        return CaseResult(name, False, float("inf"), str(exc))
+    except Exception as exc:  # noqa: BLE001 -- the reference refusing an input, or worse: a FAIL line, not a traceback
+        return CaseResult(name, False, float("inf"), f"recomputing failed: {type(exc).__name__}: {exc}")
+    ok, rel, key, detail = compare_outputs(actual, expected)
+    return CaseResult(name, ok, rel, ("bit-exact" if rel == 0 else f"worst at {key}") if ok else detail)
+
+
+def read_manifest(directory):
+    """(manifest dict, None) or (None, why it cannot be read) for ``directory``."""
+    path = Path(directory) / MANIFEST
+    try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            return None, f"{path} has more than {MAX_MANIFEST_BYTES} bytes; {REGENERATE_HINT}"
         man = json.loads(path.read_text())
-    except ValueError as exc:
-        return False, [CaseResult("manifest", False, float("inf"), f"{path} is not valid JSON ({exc}); {REGENERATE_HINT}")]
-    if man.get("format_version") != FORMAT_VERSION:
-        return False, [CaseResult("manifest", False, float("inf"),
-                                  f"format version {man.get('format_version')!r} in {path}, this checker reads "
-                                  f"version {FORMAT_VERSION}; {REGENERATE_HINT}")]
+    except FileNotFoundError:
+        return None, f"{path} not found; {REGENERATE_HINT}"
+    except (OSError, ValueError) as exc:          # unreadable, not UTF-8, not JSON
+        return None, f"{path} cannot be read as JSON ({exc}); {REGENERATE_HINT}"
+    if not isinstance(man, dict):
+        return None, f"{path} holds {_what(man)}, not a JSON object; {REGENERATE_HINT}"
+    version = man.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
+        return None, (f"format version {version!r} in {path}, this checker reads version {FORMAT_VERSION}; "
+                      f"{REGENERATE_HINT}")
+    return man, None
+
+
+def _entry_name(i, entry):
+    """(the name to report entry ``i`` under, the problem with its name or None). An entry
+    without a usable name is reported as ``cases[i]``."""
+    if not isinstance(entry, dict):
+        return f"cases[{i}]", f"manifest entry is {_what(entry)}, not an object"
+    name = entry.get("name")
+    if not isinstance(name, str):
+        return f"cases[{i}]", f"manifest entry has {_field(entry, 'name')}, not a string"
+    if not (name.isprintable() and 0 < len(name) <= 80):
+        return f"cases[{i}]", f"manifest entry has the unprintable or overlong name {_what(name)}"
+    return name, None
+
+
+def check_vectors(directory=DEFAULT_DIR):
+    """Recompute every case from its stored inputs and compare. Returns (ok, [CaseResult]):
+    one result per manifest entry and one per case of the generator that the manifest
+    lacks; a manifest that cannot be read (or of another format version) is one result.
+    The list of cases must be the generator's: a case missing, listed twice or unknown
+    fails."""
+    directory = Path(directory)
+    man, problem = read_manifest(directory)
+    if man is None:
+        return False, [CaseResult("manifest", False, float("inf"), problem)]
     results = []
-    known = {c.name: c.kind for c in CASES}
-    listed = [e["name"] for e in man["cases"]]
-    missing = [n for n in known if n not in listed]
-    if missing:
+    entries = man.get("cases")
+    if not isinstance(entries, list):
         results.append(CaseResult("manifest", False, float("inf"),
-                                  f"cases missing from the manifest: {missing}; {REGENERATE_HINT}"))
-    for entry in man["cases"]:
-        name = entry["name"]
-        if known.get(name) != entry["kind"]:
-            results.append(CaseResult(name, False, float("inf"),
-                                      f"unknown case or kind {entry['kind']!r} for this checker; {REGENERATE_HINT}"))
-            continue
-        try:
-            inputs, expected = load_case(directory, entry)
-            actual = COMPUTE[entry["kind"]](inputs)
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-            results.append(CaseResult(name, False, float("inf"), str(exc)))
-            continue
-        ok, rel, key, detail = compare_outputs(actual, expected)
-        results.append(CaseResult(name, ok, rel, ("bit-exact" if rel == 0 else f"worst at {key}") if ok else detail))
+                                  f"'cases' is {_what(entries)}, not a list of case entries; {REGENERATE_HINT}"))
+        entries = []
+    known = {c.name: c.kind for c in CASES}
+    first = {}                                                         # name -> index of its first entry
+    for i, entry in enumerate(entries):
+        name, problem = _entry_name(i, entry)
+        if problem is None and name in first:
+            problem = f"listed twice in the manifest (cases[{first[name]}] and cases[{i}])"
+        elif problem is None and name not in known:
+            problem = f"not a case of this generator (verify.golden); {REGENERATE_HINT}"
+        elif problem is None and entry.get("kind") != known[name]:
+            problem = f"manifest entry has {_field(entry, 'kind')}; this case's kind is {known[name]!r}"
+        results.append(check_case(directory, entry) if problem is None else CaseResult(name, False, float("inf"), problem))
+        if name in known:
+            first.setdefault(name, i)
+    results += [CaseResult(n, False, float("inf"), f"missing from the manifest; {REGENERATE_HINT}")
+                for n in known if n not in first]
     return all(r.ok for r in results), results
 
 
@@ -654,7 +1077,10 @@ def run(args):
     for r in results:
         print(_verdict(r), flush=True)
     n_bad = sum(not r.ok for r in results)
-    print(f"{len(results) - n_bad} passed, {n_bad} failed ({args.dir})")
+    if ok:
+        print(f"{len(results)} passed, 0 failed ({args.dir})")
+    else:
+        print(f"FAILED: {n_bad} of {len(results)} checks failed, {len(results) - n_bad} agree ({args.dir})")
     return 0 if ok else 1
 
 
