@@ -560,7 +560,7 @@ def _train(cfg, out_dir, resume, progress, log, analyses, stepper):
     except TrainingDiverged as exc:
         raise _with_checkpoint(exc, paths, files.last_ckpt) from None
     except KeyboardInterrupt:
-        raise RunInterrupted(files.last_step, files.last_ckpt, out_dir) from None
+        raise RunInterrupted(files.last_step, _checkpoint_step(paths, files.last_ckpt), out_dir) from None
     finally:
         progress.close()
     params = to_host(state.params)
@@ -601,6 +601,17 @@ def _watch_of(cfg, ck, rows, baselines):
         if r.get("kind") == "eval" and r["step"] <= ck.step:
             watch, _ = watch.update(r["step"], r["loss"], zero, e.diverge_factor, e.diverge_evals)
     return watch
+
+
+def _checkpoint_step(paths, last_ckpt):
+    """The step of the checkpoint on disk (an interrupt can land after a checkpoint was
+    renamed into place but before the run recorded it); ``last_ckpt`` if none is readable."""
+    if paths is None:
+        return last_ckpt
+    try:
+        return load_checkpoint(paths[CHECKPOINT_FILE]).step
+    except CheckpointError:
+        return last_ckpt
 
 
 def _with_checkpoint(exc, paths, last_ckpt):
