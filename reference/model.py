@@ -21,7 +21,9 @@ reverse; the gradients of the applications of a shared parameter set are summed.
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
-from ._checks import check_array, check_int
+import numpy as np
+
+from ._checks import check_data, check_dout, check_int, check_same_dtype
 from .layers import LayerSpec
 from .tokens import as_layout
 from .tree import tree_add
@@ -170,10 +172,45 @@ def check_model_params(params, arch, D_in=None):
             spec.check_params(p, widths[arch.tie.index(i)])
 
 
+def check_model_inputs(E, params, arch):
+    """Raise unless the model can run on tokens E: ``arch`` an Arch, E (B, T, D) tokens
+    (every size >= 1, entries within the data limit), ``params`` one finite parameter
+    set per distinct layer, fitting the widths (each layer's ``check_params``), a token
+    count every layer takes (``check_tokens``) and one dtype for E and every parameter.
+    What :func:`model_forward` checks before any layer runs; the backends call it too."""
+    if not isinstance(arch, Arch):
+        raise TypeError(f"arch must be an Arch, got {type(arch).__name__}")
+    check_data("E", E, dims=("B", "T", "D"))
+    check_model_params(params, arch, E.shape[2])
+    for spec in dict.fromkeys(arch.layers):                            # each distinct spec once, in order
+        spec.check_tokens(E.shape[1])
+    dts = {np.dtype(E.dtype)} | {np.dtype(a.dtype) for p in params for a in p if a is not None}
+    if len(dts) > 1:
+        raise TypeError(f"E and params must share one dtype, got {sorted(str(t) for t in dts)}")
+
+
+def check_loss_inputs(E, y_q, params, arch, layout):
+    """:func:`check_model_inputs`, then the layout against the tokens' width and y_q
+    (B, d_y) targets of E's dtype, within the data limit: what :func:`loss_and_grads`
+    checks before any work. Returns the :class:`TokenLayout`."""
+    check_model_inputs(E, params, arch)
+    lay = as_layout(layout, E.shape[2])
+    D_out = arch.widths(E.shape[2])[-1]
+    if D_out != lay.D:
+        raise ValueError(f"E must have token width D={lay.D} for this layout after the last layer, "
+                         f"got {D_out} (tokens of shape {tuple(E.shape)})")
+    check_data("y_q", y_q, shape=(E.shape[0], lay.d_y))
+    check_same_dtype(E=E, y_q=y_q)
+    return lay
+
+
 def model_forward(E, params, arch):
     """Apply the K layers to tokens E (B, T, D). Returns (E_K (B, T, D_K), cache)."""
-    check_array("E", E, ndim=3)
-    check_model_params(params, arch, E.shape[2])
+    check_model_inputs(E, params, arch)
+    return _model_forward(E, params, arch)
+
+
+def _model_forward(E, params, arch):
     caches, outputs = [], []
     h = E
     for k, spec in enumerate(arch.layers):
@@ -185,7 +222,11 @@ def model_forward(E, params, arch):
 
 def model_backward(dout, cache):
     """Backward of :func:`model_forward`, walking the layers in reverse.
-    Returns (dE (B, T, D), dparams tuple matching params)."""
+    Returns (dE (B, T, D), dparams tuple matching params). ``dout`` (B, T, D_K): the
+    gradient of the last layer's output, of its shape and dtype, finite."""
+    if not isinstance(cache, ModelCache):
+        raise TypeError(f"cache must be the ModelCache that model_forward returned, got {type(cache).__name__}")
+    check_dout(dout, cache.outputs[-1].shape, cache.outputs[-1].dtype)
     arch = cache.arch
     grads = [None] * arch.n_param_layers
     dh = dout
@@ -213,8 +254,13 @@ class LossCache(NamedTuple):
 
 def loss_forward(pred, y_q):
     """L = 0.5 * mean over tasks of ||pred - y_q||^2. Returns (L (0-d array), cache)."""
-    check_array("pred", pred, ndim=2)
-    check_array("y_q", y_q, shape=tuple(pred.shape))
+    check_data("pred", pred, dims=("B", "d_y"))
+    check_data("y_q", y_q, shape=tuple(pred.shape))
+    check_same_dtype(pred=pred, y_q=y_q)
+    return _loss_forward(pred, y_q)
+
+
+def _loss_forward(pred, y_q):
     err = pred - y_q                                                   # (B, d_y)
     L = (err * err).sum(axis=1).mean() * err.dtype.type(0.5)          # typed 0.5: float32 stays float32 on NumPy 1.x too
     return L, LossCache(err)
@@ -231,10 +277,10 @@ def loss_and_grads(E, y_q, params, arch, layout):
     ``layout``: a :class:`reference.tokens.TokenLayout` (or the regression layout's
     input width d, an int). Returns (L, dparams, aux) with aux = dict(pred=y_hat, dE=dL/dE).
     """
-    out, mcache = model_forward(E, params, arch)
-    lay = as_layout(layout, out.shape[2])
+    lay = check_loss_inputs(E, y_q, params, arch, layout)
+    out, mcache = _model_forward(E, params, arch)
     pred = lay.readout(out)                                            # (B, d_y)
-    L, lcache = loss_forward(pred, y_q)
+    L, lcache = _loss_forward(pred, y_q)                               # y_q checked above; pred is the model's
     # backward: loss -> readout -> layers in reverse
     dpred = loss_backward(lcache)
     dout = lay.readout_backward(dpred, out.shape)

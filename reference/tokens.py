@@ -14,8 +14,22 @@ the prediction, so the model, the loss and the analyses take a layout instead of
 
 from dataclasses import dataclass
 
-from ._checks import check_array, check_int
+from ._checks import check_array, check_data, check_int, check_same_dtype, check_W_0
 from .xp import get_xp
+
+
+def check_task_data(X, Y, x_q, names=("X", "Y", "x_q")):
+    """Raise unless X (B, N, d), Y (B, N, d_y) and x_q (B, d) are task data of one float
+    dtype with every size >= 1 and entries within the data limit. Returns (B, N, d, d_y)."""
+    nX, nY, nq = names
+    check_data(nX, X, dims=("B", "N", "d"))
+    B, N, d = X.shape
+    check_data(nY, Y, dims=("B", "N", "d_y"))
+    if Y.shape[:2] != (B, N):
+        raise ValueError(f"{nY} must have shape ({B}, {N}, d_y) to match {nX}, got {tuple(Y.shape)}")
+    check_data(nq, x_q, shape=(B, d))
+    check_same_dtype(**{nX: X, nY: Y, nq: x_q})
+    return B, N, d, Y.shape[2]
 
 
 def build_tokens(X, Y, x_q, W_0=None):
@@ -24,13 +38,8 @@ def build_tokens(X, Y, x_q, W_0=None):
     ``W_0`` (d_y, d) or (B, d_y, d), optional: the query's y-slot starts at -W_0 x_q,
     which makes the GD construction start from W_0 (Prop. 1).
     """
-    check_array("X", X, ndim=3)
-    B, N, d = X.shape
-    check_array("Y", Y, ndim=3)
-    if Y.shape[:2] != (B, N):
-        raise ValueError(f"Y must have shape ({B}, {N}, d_y) to match X, got {tuple(Y.shape)}")
-    d_y = Y.shape[2]
-    check_array("x_q", x_q, shape=(B, d))
+    B, N, d, d_y = check_task_data(X, Y, x_q)
+    check_W_0(W_0, ((d_y, d), (B, d_y, d)), X.dtype)
     xp = get_xp(X, Y, x_q, W_0)
     dtype = xp.result_type(X, Y, x_q)
     E = xp.zeros((B, N + 1, d + d_y), dtype=dtype)                    # (B, T, D)
@@ -38,9 +47,6 @@ def build_tokens(X, Y, x_q, W_0=None):
     E[:, :N, d:] = Y
     E[:, N, :d] = x_q
     if W_0 is not None:
-        check_array("W_0", W_0)
-        if W_0.shape not in ((d_y, d), (B, d_y, d)):
-            raise ValueError(f"W_0 must have shape ({d_y}, {d}) or ({B}, {d_y}, {d}), got {tuple(W_0.shape)}")
         spec = "ij,bj->bi" if W_0.ndim == 2 else "bij,bj->bi"      # shared or per-task W_0
         E[:, N, d:] = -xp.einsum(spec, W_0, x_q)
     return E
@@ -96,8 +102,7 @@ class TokenLayout:
 
     def build(self, X, Y, x_q, W_0=None):
         """:func:`build_tokens`, checked against this layout's widths."""
-        check_array("X", X, ndim=3)
-        check_array("Y", Y, ndim=3)
+        check_task_data(X, Y, x_q)
         if X.shape[2] != self.d or Y.shape[2] != self.d_y:
             raise ValueError(f"X and Y must have widths d={self.d}, d_y={self.d_y} for this layout, got "
                              f"{X.shape[2]} and {Y.shape[2]}")

@@ -24,7 +24,10 @@ spec fills every option with its default, so a method sees them all):
 * ``cache_floats(T, D_in, **options)``: the floats per task that a forward keeps
   (cache and output), so a run can check memory before it starts;
 * ``check_params(params, D_in, **options)``: raise unless ``params`` fit a layer of
-  input width ``D_in``.
+  input width ``D_in`` (arrays of the right shapes, finite);
+* ``check_tokens(T, **options)`` (optional; the default takes any T >= 1): raise unless
+  the layer runs on T tokens. ``model.check_model_inputs`` calls both before any layer
+  runs, so the backends refuse what the reference refuses.
 """
 
 from dataclasses import dataclass
@@ -86,6 +89,9 @@ class LayerType:
 
     def check_params(self, params, D_in, **options):
         raise NotImplementedError
+
+    def check_tokens(self, T, **options):
+        """Raise unless the layer runs on T tokens (any T >= 1 by default)."""
 
     def param_floats(self, D_in, **options):
         """Numbers in the parameters ``init`` draws (no array is made)."""
@@ -176,6 +182,9 @@ class LayerSpec:
 
     def check_params(self, params, D_in):
         return self.layer.check_params(params, D_in, **self.opts)
+
+    def check_tokens(self, T):
+        return self.layer.check_tokens(T, **self.opts)
 
     def param_floats(self, D_in):
         return self.layer.param_floats(D_in, **self.opts)

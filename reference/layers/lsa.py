@@ -31,7 +31,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._checks import check_array, check_float, check_int, check_dtype
+from .._checks import (check_all_finite, check_array, check_data, check_dout, check_dtype, check_float, check_int,
+                       check_same_dtype)
 from ..xp import get_xp
 from . import LayerType
 
@@ -121,7 +122,11 @@ def lsa_forward(E, params, *, causal=False, clip=None):
 
 def lsa_backward(dout, cache):
     """Backward of :func:`lsa_forward`: returns (dE (B, T, D), dparams), dparams of
-    the same type as the forward's params. Walks the forward in reverse."""
+    the same type as the forward's params. Walks the forward in reverse. ``dout``
+    (B, T, D): the gradient of the output, of its shape and dtype, finite."""
+    if not isinstance(cache, LSACache):
+        raise TypeError(f"cache must be the LSACache that lsa_forward returned, got {type(cache).__name__}")
+    check_dout(dout, cache.pre.shape, cache.pre.dtype)
     E, Ec, q, k, v, A, o, pre, params, causal, clip = cache
     xp = get_xp(dout, E)
     W_Q, W_K, W_V, P = _factored_view(params)
@@ -216,31 +221,35 @@ def init_lsa_params(rng, D, *, H=1, key_size=None, value_size=None, n_layers_for
 
 
 def _check_params(params):
+    """Shapes, dtypes and finiteness of one layer's params; returns the token width D."""
     if isinstance(params, MergedParams):
-        check_array("W_KQ", params.W_KQ, ndim=3)
+        check_array("W_KQ", params.W_KQ, ndim=3, finite=False)
         H, D, _ = params.W_KQ.shape
-        check_array("W_KQ", params.W_KQ, shape=(H, D, D))
-        check_array("W_PV", params.W_PV, shape=(H, D, D))
-        return D
-    if not isinstance(params, LSAParams):
+        check_array("W_KQ", params.W_KQ, shape=(H, D, D), finite=False)
+        check_array("W_PV", params.W_PV, shape=(H, D, D), finite=False)
+    elif isinstance(params, LSAParams):
+        check_array("W_Q", params.W_Q, ndim=3, finite=False)
+        H, Kd, D = params.W_Q.shape
+        check_array("W_K", params.W_K, shape=(H, Kd, D), finite=False)
+        check_array("W_V", params.W_V, ndim=3, finite=False)
+        Vd = params.W_V.shape[1]
+        check_array("W_V", params.W_V, shape=(H, Vd, D), finite=False)
+        check_array("P", params.P, shape=(H, D, Vd), finite=False)
+    else:
         raise TypeError(f"params must be LSAParams or MergedParams, got {type(params).__name__}")
-    check_array("W_Q", params.W_Q, ndim=3)
-    H, Kd, D = params.W_Q.shape
-    check_array("W_K", params.W_K, shape=(H, Kd, D))
-    check_array("W_V", params.W_V, ndim=3)
-    Vd = params.W_V.shape[1]
-    check_array("W_V", params.W_V, shape=(H, Vd, D))
-    check_array("P", params.P, shape=(H, D, Vd))
+    if len({a.dtype for a in params}) > 1:
+        check_same_dtype(**params._asdict())
+    check_all_finite(params._fields, params)
     return D
 
 
 def check_layer_inputs(E, params, causal, clip):
-    check_array("E", E, ndim=3)
+    """Raise unless :func:`lsa_forward` can run on tokens E (B, T, D) with ``params``."""
+    check_data("E", E, dims=("B", "T", "D"))
     D = _check_params(params)
     if E.shape[2] != D:
         raise ValueError(f"E must have token width D={D} to match params, got shape {tuple(E.shape)}")
-    if not causal and E.shape[1] < 2:
-        raise ValueError(f"E needs at least 2 tokens (context + query) in context-only mode, got T={E.shape[1]}")
+    check_tokens(E.shape[1], causal)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
     if clip is not None:
@@ -248,6 +257,12 @@ def check_layer_inputs(E, params, causal, clip):
     dts = {np.dtype(a.dtype) for a in (E, *params)}
     if len(dts) > 1:
         raise TypeError(f"E and params must share one dtype, got {sorted(str(t) for t in dts)}")
+
+
+def check_tokens(T, causal):
+    """Context-only layers need a context token and the query (T >= 2)."""
+    if not causal and T < 2:
+        raise ValueError(f"E needs at least 2 tokens (context + query) in context-only mode, got T={T}")
 
 
 class LSA(LayerType):
@@ -303,6 +318,9 @@ class LSA(LayerType):
         Vd = D if (merged or value_size is None) else value_size
         S = T if causal else T - 1
         return H * (T * Kd + S * Kd + S * Vd + T * S + T * Vd) + T * D * (2 if clip is not None else 1)
+
+    def check_tokens(self, T, *, causal=False, **_):
+        check_tokens(T, causal)
 
     def check_params(self, params, D_in, **_):
         D = _check_params(params)
