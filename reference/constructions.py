@@ -19,7 +19,7 @@ Sec. 4 / App. A.5 (GD++). Token layout (x, y) of width D = d + d_y.
 
 import numpy as np
 
-from ._checks import check_array, check_dtype, check_float, check_int
+from ._checks import check_dtype, check_float, check_int, check_W_0
 from .layers.lsa import LSAParams
 from .model import lsa_stack
 from .xp import to_numpy
@@ -37,9 +37,8 @@ def _blocks(d, d_y, dtype, xp):
 def _W0(W_0, d, d_y):
     if W_0 is None:
         return np.zeros((d_y, d))
-    W_0 = np.asarray(to_numpy(W_0), dtype=np.float64)
-    check_array("W_0", W_0, shape=(d_y, d), allow_complex=False)
-    return W_0
+    check_W_0(W_0, ((d_y, d),), allow_complex=False)
+    return np.asarray(to_numpy(W_0), dtype=np.float64)
 
 
 def gd_layer(d, d_y, N, eta, W_0=None, *, dtype=np.float64, xp=np):

@@ -16,26 +16,23 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._checks import check_array, check_float, check_int
+from ._checks import check_data, check_float, check_int, check_same_dtype, check_W_0
 from .constructions import gdpp_model
 from .errors import TrainingDiverged
 from .model import loss_and_grads
 from .optim import AdamHP, adam_init, adam_update
 from .tasks import STREAM_GDPP, stream_rng
-from .tokens import TokenLayout, build_tokens
+from .tokens import TokenLayout, build_tokens, check_task_data
 from .xp import get_xp
 
 ETA_GRID = np.arange(0.001, 25, 0.1)
 
 
 def _check_data(X, Y, x_q):
-    check_array("X", X, ndim=3)
-    B, N, d = X.shape
-    check_array("Y", Y, ndim=3)
-    if Y.shape[:2] != (B, N):
-        raise ValueError(f"Y must have shape ({B}, {N}, d_y) to match X, got {tuple(Y.shape)}")
-    check_array("x_q", x_q, shape=(B, d))
-    return B, N, d, Y.shape[2]
+    """X (B, N, d), Y (B, N, d_y), x_q (B, d): task data of one float dtype, every size
+    >= 1 (the 1/N of the GD loss and the mean over tasks need both), within the data
+    limit. Returns (B, N, d, d_y)."""
+    return check_task_data(X, Y, x_q)
 
 
 def gd_predict(X, Y, x_q, eta, n_steps=1, W_0=None):
@@ -47,6 +44,7 @@ def gd_predict(X, Y, x_q, eta, n_steps=1, W_0=None):
     B, N, d, d_y = _check_data(X, Y, x_q)
     n_steps = check_int("n_steps", n_steps, 0)
     etas = _per_step("eta", eta, n_steps)
+    check_W_0(W_0, ((d_y, d), (B, d_y, d)), X.dtype)
     xp = get_xp(X, Y, x_q)
     W = xp.zeros((B, d_y, d), dtype=X.dtype) if W_0 is None else xp.broadcast_to(xp.asarray(W_0, dtype=X.dtype), (B, d_y, d)).copy()
     for k in range(n_steps):
@@ -67,16 +65,17 @@ def gdpp_predict(X, Y, x_q, etas, gammas, W_0=None):
     Prediction y_hat = -r_q. With every gamma_k = 0 this is GD-K.
     """
     B, N, d, d_y = _check_data(X, Y, x_q)
-    etas, gammas = list(etas), list(gammas)
+    etas, gammas = _as_list("etas", etas), _as_list("gammas", gammas)
     if len(etas) != len(gammas):
         raise ValueError(f"etas and gammas must have equal length, got {len(etas)} and {len(gammas)}")
+    etas = [check_float(f"etas[{k}]", e) for k, e in enumerate(etas)]
+    gammas = [check_float(f"gammas[{k}]", g) for k, g in enumerate(gammas)]
+    check_W_0(W_0, ((d_y, d),), X.dtype)
     xp = get_xp(X, Y, x_q)
     W0 = xp.zeros((d_y, d), dtype=X.dtype) if W_0 is None else xp.asarray(W_0, dtype=X.dtype)
     Xk, r, xq = X, Y, x_q
     rq = -xp.einsum("ij,bj->bi", W0, x_q)                              # (B, d_y)
     for eta, gamma in zip(etas, gammas):
-        eta = check_float("eta", eta)
-        gamma = check_float("gamma", gamma)
         C = xp.matmul(xp.swapaxes(Xk, 1, 2), Xk)                       # (B, d, d)
         U = xp.matmul(Xk, W0.T) - r                                    # (B, N, d_y)
         XU = xp.matmul(xp.swapaxes(Xk, 1, 2), U)                       # (B, d, d_y)
@@ -98,28 +97,44 @@ def least_squares_predict(X, Y, x_q, ridge=0.0):
     xp = get_xp(X, Y, x_q)
     C = xp.matmul(xp.swapaxes(X, 1, 2), X)                             # (B, d, d)
     XtY = xp.matmul(xp.swapaxes(X, 1, 2), Y)                           # (B, d, d_y)
-    if ridge > 0:
-        Wt = xp.linalg.solve(C + ridge * xp.eye(d, dtype=X.dtype), XtY)  # (B, d, d_y)
-    else:
-        Wt = xp.matmul(xp.linalg.pinv(C), XtY)
+    try:
+        if ridge > 0:
+            Wt = xp.linalg.solve(C + ridge * xp.eye(d, dtype=X.dtype), XtY)  # (B, d, d_y)
+        else:
+            Wt = xp.matmul(xp.linalg.pinv(C), XtY)
+    except xp.linalg.LinAlgError as exc:   # finite data within the limit: not expected
+        raise ValueError(f"least squares on X of shape {tuple(X.shape)} failed ({exc}); check X's conditioning "
+                         "or pass ridge > 0") from exc
     return xp.einsum("bij,bi->bj", Wt, x_q)
 
 
 def line_search_eta(X, Y, x_q, y_q, n_steps=1, grid=None):
     """The eta of the grid (default the paper's arange(0.001, 25, 0.1)) minimising the
-    mean GD-K loss 0.5 * mean ||y_hat - y_q||^2 on the given tasks.
-    Returns (eta, losses (len(grid),))."""
-    _check_data(X, Y, x_q)
-    check_array("y_q", y_q, shape=(X.shape[0], Y.shape[2]))
-    grid = ETA_GRID if grid is None else np.asarray(grid, dtype=np.float64)
+    mean GD-K loss 0.5 * mean ||y_hat - y_q||^2 on the given tasks; etas whose GD
+    iterates overflow (a non-finite loss) are passed over, and ValueError is raised when
+    every eta of the grid does. Returns (eta, losses (len(grid),), non-finite entries kept)."""
+    B, N, d, d_y = _check_data(X, Y, x_q)
+    check_data("y_q", y_q, shape=(B, d_y))
+    check_same_dtype(X=X, y_q=y_q)
+    n_steps = check_int("n_steps", n_steps, 0)
+    try:
+        grid = ETA_GRID if grid is None else np.asarray(grid, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"grid must be a 1-d array of step sizes, got {grid!r}") from exc
     if grid.ndim != 1 or grid.size == 0:
         raise ValueError(f"grid must be a non-empty 1-d array, got shape {grid.shape}")
+    etas = [check_float(f"grid[{n}]", eta) for n, eta in enumerate(grid)]
     losses = np.empty(grid.size)
-    for n, eta in enumerate(grid):
-        pred, _ = gd_predict(X, Y, x_q, float(eta), n_steps)
+    for n, eta in enumerate(etas):
+        pred, _ = gd_predict(X, Y, x_q, eta, n_steps)
         err = pred - y_q
         losses[n] = float(0.5 * (err * err).sum(axis=1).mean())
-    return float(grid[int(np.argmin(losses))]), losses
+    finite = np.isfinite(losses)
+    if not finite.any():
+        raise ValueError(f"line_search_eta: every eta of the grid ({grid.min():g} .. {grid.max():g}) gives a "
+                         f"non-finite loss after n_steps={n_steps} GD steps on these tasks (the iterates overflow "
+                         f"{np.dtype(X.dtype)}); use a grid of smaller step sizes or fewer steps")
+    return float(grid[int(np.argmin(np.where(finite, losses, np.inf)))]), losses
 
 
 def _one_step_coeffs(d, N, m2, m4, w_scale, d_y, noise_std):
@@ -167,6 +182,12 @@ def optimal_one_step_eta(d, N, m2, m4, w_scale=1.0, d_y=1, noise_std=0.0):
     """
     a, b, c, d_y = _one_step_coeffs(d, N, m2, m4, w_scale, d_y, noise_std)
     return b / a, 0.5 * d_y * (c - b * b / a)
+
+
+def _as_list(name, values):
+    if np.ndim(values) != 1:
+        raise TypeError(f"{name} must be a sequence of numbers (one per layer), got {type(values).__name__}")
+    return list(values)
 
 
 def _per_step(name, eta, n_steps):
