@@ -3,17 +3,24 @@
     tasks  = sample_tasks(rng, B, d, N, d_y, ...)           (or given)
     E      = build_tokens(X, Y, x_q)                        (B, N+1, D)
     L, g   = loss_and_grads(E, y_q, params, arch, layout)   (forward, loss, backward)
-    params = adam_update(params, g, state, hp)              (global-norm clip + Adam)
+    params = adam_apply(params, g, state, hp)               (global-norm clip + Adam)
 
 Fast backends (``reference.backends``) implement :func:`train_step` with the same
-signature and are tested against this function on the same tasks.
+signature and are tested against this function on the same tasks. What a step refuses
+is decided here once: :func:`check_step_inputs` (and :func:`check_step_state` for a
+stepper that draws its own tasks) runs before any work in this function and in every
+backend's ``train_step``, ``stepper.step_on`` and ``stepper.step``.
 """
 
 from typing import NamedTuple
 
-from .model import loss_and_grads
-from .optim import adam_update
-from .tokens import TokenLayout
+import numpy as np
+
+from ._checks import FLOAT_DTYPES, check_data, check_same_dtype
+from .model import Arch, check_model_params, loss_and_grads
+from .optim import adam_apply, check_adam_state, check_hp
+from .tasks import Tasks
+from .tokens import TokenLayout, check_task_data
 
 
 class StepResult(NamedTuple):
@@ -23,10 +30,58 @@ class StepResult(NamedTuple):
     grad_norm: float
 
 
+# ---- the checks every backend's training step shares (one validator, not copies) -------
+
+def check_tasks(tasks):
+    """Raise unless ``tasks`` is a :class:`reference.tasks.Tasks` whose X (B, N, d),
+    Y (B, N, d_y), x_q (B, d) and y_q (B, d_y) are task data (finite, within the data
+    limit, every size >= 1) of one float dtype. ``W`` is not read. Returns (the tasks'
+    :class:`TokenLayout`, their dtype)."""
+    if not isinstance(tasks, Tasks):
+        raise TypeError(f"tasks must be a reference.tasks.Tasks, got {type(tasks).__name__}")
+    B, N, d, d_y = check_task_data(tasks.X, tasks.Y, tasks.x_q, names=("tasks.X", "tasks.Y", "tasks.x_q"))
+    check_data("tasks.y_q", tasks.y_q, shape=(B, d_y), allow_complex=False)
+    dt = check_same_dtype(**{"tasks.X": tasks.X, "tasks.y_q": tasks.y_q})
+    if dt not in FLOAT_DTYPES:
+        raise TypeError(f"tasks.X must have dtype float32 or float64 for training, got {dt}")
+    return TokenLayout(d, d_y), dt
+
+
+def check_step_state(params, state, arch, hp, layout):
+    """Raise unless one training step can update ``params`` (one finite parameter set per
+    distinct layer of ``arch`` for tokens of ``layout``'s width, float32 or float64, one
+    dtype) with ``state`` (:func:`reference.optim.check_adam_state`) and ``hp`` (an
+    AdamHP). What a step that draws its own tasks checks. Returns the params' dtype."""
+    if not isinstance(arch, Arch):
+        raise TypeError(f"arch must be an Arch, got {type(arch).__name__}")
+    check_hp(hp)
+    check_model_params(params, arch, layout.D)
+    dts = {np.dtype(a.dtype) for p in params for a in p if a is not None}
+    if len(dts) != 1 or not dts <= set(FLOAT_DTYPES):
+        raise TypeError(f"params must share one dtype, float32 or float64, for training, got {sorted(map(str, dts))}")
+    check_adam_state(params, state)
+    return dts.pop()
+
+
+def check_step_inputs(params, state, tasks, arch, hp):
+    """Everything :func:`train_step` refuses before any work: :func:`check_step_state`
+    and :func:`check_tasks` in the params' dtype. Every backend's ``train_step`` and
+    ``stepper.step_on`` call this. Returns (the tasks' TokenLayout, the dtype)."""
+    layout, task_dtype = check_tasks(tasks)
+    dtype = check_step_state(params, state, arch, hp, layout)
+    if task_dtype != dtype:
+        raise TypeError(f"tasks.X, tasks.Y, tasks.x_q and tasks.y_q must have the params' dtype {dtype}, "
+                        f"got {task_dtype}")
+    return layout, dtype
+
+
 def train_step(params, state, tasks, arch, hp):
-    """Forward, backward and one clipped Adam update on ``tasks``. Returns :class:`StepResult`."""
-    layout = TokenLayout(tasks.X.shape[2], tasks.Y.shape[2])
+    """Forward, backward and one clipped Adam update on ``tasks``. Returns :class:`StepResult`.
+    Bad input is refused first (:func:`check_step_inputs`); a gradient norm that
+    overflows the dtype comes back as inf (``grad_norm``), which the training loop
+    reports as divergence."""
+    layout, _ = check_step_inputs(params, state, tasks, arch, hp)
     E = layout.build(tasks.X, tasks.Y, tasks.x_q)                       # (B, T, D)
     L, grads, _ = loss_and_grads(E, tasks.y_q, params, arch, layout)
-    params, state, norm = adam_update(params, grads, state, hp)
+    params, state, norm = adam_apply(params, grads, state, hp)
     return StepResult(params, state, float(L), norm)
