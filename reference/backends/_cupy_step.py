@@ -25,7 +25,8 @@ from ..model import loss_and_grads as reference_loss_and_grads
 from ._lsa_stack import lsa_stack_of
 from ..optim import AdamState
 from ..tasks import Tasks
-from ..train_step import StepResult
+from ..tokens import TokenLayout
+from ..train_step import StepResult, check_step_inputs, check_step_state
 from . import _cupy_lsa
 
 
@@ -107,9 +108,22 @@ class FusedEngine:
             return L, grads, aux["pred"], aux["dE"] if need_dE else None
         return _cupy_lsa.loss_and_grads(E, y_q, layers, self.stack, d, self.xp, self.k.half_mean_sumsq, need_dE)
 
+    def check_dtype(self, dtype):
+        if np.dtype(dtype) != self.dtype:
+            raise TypeError(f"params must have dtype {self.dtype} (the stepper's dtype), got {np.dtype(dtype)}")
+
+    def step_on(self, params, state, tasks):
+        """One step on given tasks (host or device arrays), after the reference's checks
+        (``train_step.check_step_inputs``) and the stepper's dtype."""
+        layout, dtype = check_step_inputs(params, state, tasks, self.arch, self.hp)
+        self.check_dtype(dtype)
+        E, y_q = tokens_of(tasks, self.xp, self.dtype)
+        return self.update(params, state, E, y_q, layout.d)
+
     def update(self, params, state, E, y_q, d):
-        """One step on tokens E (B, T, D) with targets y_q (B, d_y). Returns StepResult
-        whose loss and grad_norm are 0-d arrays (float() them to read; that syncs)."""
+        """One step on tokens E (B, T, D) with targets y_q (B, d_y), unchecked (the entry
+        points check first). Returns StepResult whose loss and grad_norm are 0-d arrays
+        (float() them to read; that syncs)."""
         xp, hp = self.xp, self.hp
         if not isinstance(state, AdamState):
             raise TypeError(f"state must be an AdamState (reference.optim.adam_init), got {type(state).__name__}")
@@ -217,6 +231,7 @@ class FusedStepper:
         self.hp = hp.validate()
         self.dtype = np.dtype(dtype)
         self.xp, self._draw = xp, draw
+        self.layout = TokenLayout(spec.d, spec.d_y)
         self.engine = FusedEngine(arch, self.hp, self.dtype, xp, kernels)
 
     def sample(self, step):
@@ -228,9 +243,9 @@ class FusedStepper:
         return device_tokens(self._draw, self.spec, self.spec.B, self.dtype, self.xp)
 
     def step(self, params, state, step):
+        self.engine.check_dtype(check_step_state(params, state, self.arch, self.hp, self.layout))
         E, y_q, _ = self._tokens(step)
         return self.engine.update(params, state, E, y_q, self.spec.d)
 
     def step_on(self, params, state, tasks):
-        E, y_q = tokens_of(tasks, self.xp, self.dtype)
-        return self.engine.update(params, state, E, y_q, tasks.X.shape[2])
+        return self.engine.step_on(params, state, tasks)

@@ -31,11 +31,9 @@ by NumPy and the kernels' NumPy twins); the device run itself is in the tests ma
 
 import numpy as np
 
-from .._checks import check_array
-from ..layers.lsa import check_layer_inputs
-from ..model import check_model_params, model_forward as reference_model_forward
-from ..tokens import as_layout
+from ..model import check_loss_inputs, check_model_inputs, model_forward as reference_model_forward
 from ..tasks import TaskSpec, sample_tasks as reference_sample_tasks
+from ..train_step import check_step_inputs
 from . import _cupy_lsa
 from ._lsa_stack import lsa_stack_of, lsa_stack_reason
 from ._cupy_step import DeviceDraw, FusedEngine, FusedStepper, device_tokens, seed_for, tokens_of
@@ -129,12 +127,10 @@ def sample_tasks(rng, B, d, N, d_y=1, *, x_range=(-0.5, 0.5), w_scale=1.0, noise
 
 
 def _check_inputs(E, params, arch):
-    """The reference's checks (same exceptions and messages), on host or device arrays."""
+    """The reference's checks (``model.check_model_inputs``: same exceptions and
+    messages), on host or device arrays."""
     stack = lsa_stack_of(arch, NAME)
-    check_array("E", E, ndim=3)
-    check_model_params(params, arch, E.shape[2])
-    for p in params:
-        check_layer_inputs(E, p, stack.causal, stack.clip)
+    check_model_inputs(E, params, arch)
     return stack
 
 
@@ -155,9 +151,8 @@ def loss_and_grads(E, y_q, params, arch, layout):
     """Loss and gradients, like ``reference.model.loss_and_grads``: (L 0-d device array,
     dparams, aux dict(pred, dE)), all on the device."""
     cupy = require_cupy()
-    _check_inputs(E, params, arch)
-    d = as_layout(layout, E.shape[2]).d
-    check_array("y_q", y_q, shape=(E.shape[0], E.shape[2] - d))
+    lsa_stack_of(arch, NAME)
+    d = check_loss_inputs(E, y_q, params, arch, layout).d
     E, y_q = _to_device(cupy, E, y_q)
     params = _params_to_device(cupy, params)
     engine = FusedEngine(arch, _hp_default(), np.dtype(E.dtype), cupy, _kernels(cupy))
@@ -176,15 +171,17 @@ _ENGINES = {}
 
 def train_step(params, state, tasks, arch, hp):
     """One clipped Adam step on ``tasks`` (host or device arrays), like
-    ``reference.train_step.train_step``. Loss and grad_norm are 0-d device arrays."""
+    ``reference.train_step.train_step`` (its checks first). Loss and grad_norm are 0-d
+    device arrays."""
     cupy = require_cupy()
-    dtype = np.dtype(params[0][0].dtype)
+    lsa_stack_of(arch, NAME)
+    layout, dtype = check_step_inputs(params, state, tasks, arch, hp)
     key = (arch, hp, dtype)
     if key not in _ENGINES:
         _ENGINES.clear()   # one engine at a time: it caches the last flat vectors
         _ENGINES[key] = FusedEngine(arch, hp, dtype, cupy, _kernels(cupy))
     E, y_q = tokens_of(tasks, cupy, dtype)
-    return _ENGINES[key].update(params, state, E, y_q, tasks.X.shape[2])
+    return _ENGINES[key].update(params, state, E, y_q, layout.d)
 
 
 def make_stepper(arch, hp, spec, seed, dtype=np.float32):

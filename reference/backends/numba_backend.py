@@ -38,13 +38,13 @@ JIT flags (parallel, fastmath, cache, lanes) come from ``config.py``. Complex in
 
 import numpy as np
 
-from .._checks import check_array, check_dtype, check_int
-from ..layers.lsa import LSAParams, MergedParams, check_layer_inputs
-from ..model import check_model_params
-from ..optim import AdamHP, AdamState
+from .._checks import check_dtype, check_int
+from ..layers.lsa import LSAParams, MergedParams
+from ..model import check_loss_inputs, check_model_inputs
+from ..optim import AdamHP, AdamState, check_adam_inputs, check_grad_norm, grad_norm_in_dtype
 from ..tasks import Tasks, TaskSpec, sample_tasks as reference_sample_tasks
-from ..tokens import as_layout, build_tokens
-from ..train_step import StepResult
+from ..tokens import TokenLayout, build_tokens
+from ..train_step import StepResult, check_step_inputs, check_step_state
 from ..tree import from_vector, to_vector
 from . import config
 from ._lsa_stack import lsa_stack_of, lsa_stack_reason
@@ -122,15 +122,12 @@ def _lanes(T, D, dtype):
     return choose_lanes(T, D, np.dtype(dtype).itemsize, config.LANES)
 
 
-def _real_dtype(arrays, what):
-    dts = {np.dtype(a.dtype) for a in arrays}
-    if len(dts) > 1:
-        raise TypeError(f"{what} must share one dtype, got {sorted(str(t) for t in dts)}")
-    dt = dts.pop()
-    if dt.kind == "c":
-        raise TypeError(f"the numba backend computes in float32 or float64, got {dt}; complex-step "
+def _refuse_complex(E):
+    """What this backend refuses beyond the reference: complex tokens (checked first, so
+    the message says why)."""
+    if hasattr(E, "dtype") and np.dtype(E.dtype).kind == "c":
+        raise TypeError(f"the numba backend computes in float32 or float64, got {E.dtype}; complex-step "
                         "checks run on the reference (backend 'numpy')")
-    return dt
 
 
 def _layer_D_H(p):
@@ -180,13 +177,12 @@ def factored_grads(params, dA, dB, dtype):
 
 
 def _check_inputs(E, params, arch):
-    """The reference's checks (same messages), then the dtype this backend computes in."""
-    st = lsa_stack_of(arch, NAME)
-    check_model_params(params, arch)
-    check_array("E", E, ndim=3)
-    for p in params:
-        check_layer_inputs(E, p, st.causal, st.clip)
-    return _real_dtype([E] + [a for p in params for a in p], "E and params")
+    """The reference's checks (``model.check_model_inputs``: same exceptions and
+    messages), then the dtype this backend computes in."""
+    lsa_stack_of(arch, NAME)
+    _refuse_complex(E)
+    check_model_inputs(E, params, arch)
+    return np.dtype(E.dtype)
 
 
 class BatchRun:
@@ -289,10 +285,11 @@ def loss_and_grads(E, y_q, params, arch, layout, *, path=None, need_dE=True):
     ``reference.model.loss_and_grads``: (L, dparams, aux dict(pred, dE, path,
     fallback_tasks)). ``path`` forces the computation (None = config, 'tokens',
     'dspace'; 'dspace' applies only without dE); aux has dE only if ``need_dE``."""
-    dt = _check_inputs(E, params, arch)
+    lsa_stack_of(arch, NAME)
+    _refuse_complex(E)
+    d = check_loss_inputs(E, y_q, params, arch, layout).d
+    dt = np.dtype(E.dtype)
     B, T, D = E.shape
-    d = as_layout(layout, D).d
-    check_array("y_q", y_q, shape=(B, D - d))
     run = BatchRun(arch, params, B, T - 1, d, D - d, dt, path=path)
     res = run(E=E, y_q=y_q, need_dE=need_dE, need_pred=True)
     grads = factored_grads(params, res["dA"], res["dB"], dt)
@@ -302,34 +299,35 @@ def loss_and_grads(E, y_q, params, arch, layout, *, path=None, need_dE=True):
     return dt.type(res["loss"]), grads, aux
 
 
-def adam_update(params, grads, state, hp, dtype):
-    """reference.optim.adam_update on flat vectors (one kernel pass): returns
-    (params, state, norm)."""
-    if not isinstance(state, AdamState):
-        raise TypeError(f"state must be an AdamState (reference.optim.adam_init), got {type(state).__name__}")
+def _adam_flat_step(params, grads, state, hp, dtype):
+    """reference.optim.adam_apply on flat vectors (one kernel pass), unchecked: returns
+    (params, state, norm), the norm inf when its square overflows ``dtype`` (as the
+    reference's sum in ``dtype`` does; the kernel sums in float64)."""
     t = state.t + 1
     c = dtype.type
     p, m, v, g = (to_vector(t, dtype) for t in (params, state.m, state.v, grads))
-    if not (p.size == m.size == v.size == g.size):
-        raise ValueError("the Adam state's shapes do not match the parameters")
     norm = adam_flat(p, g, m, v, t, c(hp.lr), c(hp.b1), c(hp.b2), c(hp.eps), c(1 - hp.b1), c(1 - hp.b2),
                      c(1 - hp.b1 ** t), c(1 - hp.b2 ** t),
                      float(hp.clip_norm) if hp.clip_norm is not None else 0.0, hp.clip_norm is not None)
-    return from_vector(p, params), AdamState(from_vector(m, params), from_vector(v, params), t), float(norm)
+    new_state = AdamState(from_vector(m, params), from_vector(v, params), t)
+    return from_vector(p, params), new_state, grad_norm_in_dtype(float(norm), dtype)
 
 
-def _check_step_params(params, arch, dtype, D=None):
-    lsa_stack_of(arch, NAME)
-    check_model_params(params, arch)
-    dt = _real_dtype([a for p in params for a in p], "params")
-    if dt != dtype:
-        raise TypeError(f"params have dtype {dt} but this stepper computes in dtype {dtype}; "
-                        f"cast them (or make the stepper with dtype={dt})")
-    for p in params:
-        for name, a in zip(p._fields, p):
-            check_array(name, a, ndim=3)
-        if D is not None and _layer_D_H(p)[0] != D:
-            raise ValueError(f"params have token width D={_layer_D_H(p)[0]}, the tasks have D={D}")
+def adam_update(params, grads, state, hp, dtype):
+    """reference.optim.adam_update on flat vectors (one kernel pass): the same checks
+    (``optim.check_adam_inputs``; a gradient norm overflowing ``dtype`` refused, nothing
+    of the caller's changed), then (params, state, norm)."""
+    check_adam_inputs(params, grads, state, hp)
+    dtype = check_dtype("dtype", dtype)
+    new, st, norm = _adam_flat_step(params, grads, state, hp, dtype)
+    check_grad_norm(norm, dtype)
+    return new, st, norm
+
+
+def _check_stepper_dtype(dtype, want):
+    if dtype != want:
+        raise TypeError(f"params have dtype {dtype} but this stepper computes in dtype {want}; "
+                        f"cast them (or make the stepper with dtype={dtype})")
 
 
 def _step_on_tokens(params, state, E, y_q, arch, hp, dtype, d):
@@ -337,18 +335,17 @@ def _step_on_tokens(params, state, E, y_q, arch, hp, dtype, d):
     run = BatchRun(arch, params, B, T - 1, d, D - d, dtype)
     res = run(E=E, y_q=y_q)
     grads = factored_grads(params, res["dA"], res["dB"], dtype)
-    new, st, norm = adam_update(params, grads, state, hp, dtype)
+    new, st, norm = _adam_flat_step(params, grads, state, hp, dtype)
     return StepResult(new, st, res["loss"], norm)
 
 
 def train_step(params, state, tasks, arch, hp):
-    """One clipped Adam step on ``tasks``, like ``reference.train_step.train_step``."""
-    hp = hp.validate()
-    dtype = _real_dtype([a for p in params for a in p], "params")
-    _check_step_params(params, arch, dtype)
-    E = build_tokens(tasks.X, tasks.Y, tasks.x_q).astype(dtype, copy=False)
-    _check_inputs(E, params, arch)
-    return _step_on_tokens(params, state, E, tasks.y_q, arch, hp, dtype, tasks.X.shape[2])
+    """One clipped Adam step on ``tasks``, like ``reference.train_step.train_step``
+    (its checks, ``check_step_inputs``, before any kernel runs)."""
+    lsa_stack_of(arch, NAME)
+    layout, dtype = check_step_inputs(params, state, tasks, arch, hp)
+    E = build_tokens(tasks.X, tasks.Y, tasks.x_q)
+    return _step_on_tokens(params, state, E, tasks.y_q, arch, hp, dtype, layout.d)
 
 
 class Stepper:
@@ -366,6 +363,7 @@ class Stepper:
         self.arch, self.hp, self.spec = arch, hp.validate(), spec
         self.seed = check_int("seed", seed, 0)
         self.dtype = check_dtype("dtype", dtype)
+        self.layout = TokenLayout(spec.d, spec.d_y)
         self._run = None
 
     def sample(self, step):
@@ -383,18 +381,19 @@ class Stepper:
         return r
 
     def step(self, params, state, step):
-        _check_step_params(params, self.arch, self.dtype, self.spec.D)
+        _check_stepper_dtype(check_step_state(params, state, self.arch, self.hp, self.layout), self.dtype)
+        step = check_int("step", step, 0)
         run = self._runner(params, self.spec.B)
-        res = run(key=run_key(self.seed, check_int("step", step, 0)), spec=self.spec)
+        res = run(key=run_key(self.seed, step), spec=self.spec)
         grads = factored_grads(params, res["dA"], res["dB"], self.dtype)
-        new, st, norm = adam_update(params, grads, state, self.hp, self.dtype)
+        new, st, norm = _adam_flat_step(params, grads, state, self.hp, self.dtype)
         return StepResult(new, st, res["loss"], norm)
 
     def step_on(self, params, state, tasks):
-        _check_step_params(params, self.arch, self.dtype)
-        E = build_tokens(tasks.X, tasks.Y, tasks.x_q).astype(self.dtype, copy=False)
-        _check_inputs(E, params, self.arch)
-        return _step_on_tokens(params, state, E, tasks.y_q, self.arch, self.hp, self.dtype, tasks.X.shape[2])
+        layout, dtype = check_step_inputs(params, state, tasks, self.arch, self.hp)
+        _check_stepper_dtype(dtype, self.dtype)
+        E = build_tokens(tasks.X, tasks.Y, tasks.x_q)
+        return _step_on_tokens(params, state, E, tasks.y_q, self.arch, self.hp, self.dtype, layout.d)
 
 
 def rng_kernels():
