@@ -324,7 +324,7 @@ def test_line_search_skips_non_finite_losses_and_refuses_an_all_non_finite_curve
 def test_least_squares_refuses_overflow_scale_data(rng):
     t = R.sample_tasks(rng, 2, 3, 4, 1)
     for ridge in (0.0, 0.1):
-        with pytest.raises(ValueError, match=r"X has entries of magnitude up to 1e\+200"):
+        with pytest.raises(ValueError, match=r"X has entries of magnitude up to [0-9.]+e\+199, beyond the float64 data limit"):
             R.least_squares_predict(t.X * 1e200, t.Y, t.x_q, ridge=ridge)
 
 
@@ -369,6 +369,7 @@ def test_adam_refuses_a_float32_gradient_whose_square_overflows(rng):
 
 
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_steps_report_a_float32_gradient_overflow_as_an_infinite_norm(backend):
     from reference.backends import get_backend
     from reference.optim import AdamHP

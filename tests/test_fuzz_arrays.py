@@ -62,14 +62,16 @@ def _params(rng, arch, D, dtype):
     return arch.init(rng, D, InitSettings(scale=0.3, n_layers=1, dtype=dtype))
 
 
-def _leaf_args(tree, prefix, names):
-    """An ArrayArg for every leaf of a parameter tree; every axis is fixed (by the other
-    leaves of its layer or by the token width)."""
+def _leaf_args(tree, path, names=None, **flags):
+    """An ArrayArg for every leaf of the parameter tree at ``path`` in the call's
+    arguments; every axis is fixed (by the other leaves of its layer or by the token
+    width). An error must name ``names`` (params: the leaf's field or "params")."""
     out = []
     for i, layer in enumerate(tree):
         for f, a in zip(layer._fields, layer):
-            own = (f, "params") if prefix == "params" else names
-            out.append(ArrayArg((prefix, i, f), own, tuple(range(a.ndim)), tuple(layer._fields) + ("params", "E")))
+            own = (f, "params") if names is None else names
+            tied = own + tuple(layer._fields) + ("E",) if names is None else own
+            out.append(ArrayArg(path + (i, f), own, tuple(range(a.ndim)), tied, **flags))
     return out
 
 
@@ -80,26 +82,17 @@ def _state(rng, params):
     return AdamState(m, v, 3)
 
 
-def _task_args(tied_all=True):
+def _task_args():
     tn = ("X", "Y", "x_q", "y_q")
     return [ArrayArg(("tasks", "X"), ("X",), (0, 1, 2), tn, data=True),
-            ArrayArg(("tasks", "Y"), ("Y",), (0, 1, 2) if tied_all else (0, 1), tn, data=True),
+            ArrayArg(("tasks", "Y"), ("Y",), (0, 1, 2), tn, data=True),
             ArrayArg(("tasks", "x_q"), ("x_q",), (0, 1), tn, data=True),
             ArrayArg(("tasks", "y_q"), ("y_q",), (0, 1), tn, data=True)]
 
 
 def _state_args(state):
-    return _leaf_args(state.m, "state", ("state.m",)) + [
-        a._replace(nonneg=True) for a in _leaf_args(state.v, "state", ("state.v",))]
-
-
-def _fix_state_paths(args):
-    """_leaf_args(state.m, "state", ...) yields ("state", i, f): put m / v in the path."""
-    out = []
-    for a in args:
-        which = "m" if "state.m" in a.names else "v"
-        out.append(a._replace(path=("state", which) + a.path[1:]))
-    return out
+    return (_leaf_args(state.m, ("state", "m"), ("state.m",))
+            + _leaf_args(state.v, ("state", "v"), ("state.v",), nonneg=True))
 
 
 def step_call(kind):
@@ -110,7 +103,7 @@ def step_call(kind):
         t = S.small_tasks(rng, dims, dtype)
         params = _params(rng, arch, dims["d"] + dims["d_y"], dtype)
         state = _state(rng, params)
-        arrays = _task_args() + _leaf_args(params, "params", ()) + _fix_state_paths(_state_args(state))
+        arrays = _task_args() + _leaf_args(params, ("params",)) + _state_args(state)
         return ValidCall({"params": params, "state": state, "tasks": t, "dims": dims, "dtype": dtype}, tuple(arrays),
                          {"B": "X", "N": "X"})
     return arch, build
@@ -123,14 +116,14 @@ def drawn_step_call(kind):
     def build(rng, dims, dtype):
         params = _params(rng, arch, dims["d"] + dims["d_y"], dtype)
         state = _state(rng, params)
-        arrays = _leaf_args(params, "params", ()) + _fix_state_paths(_state_args(state))
+        arrays = _leaf_args(params, ("params",)) + _state_args(state)
         return ValidCall({"params": params, "state": state, "dims": dims, "dtype": dtype}, tuple(arrays))
     return arch, build
 
 
-def model_call(kind, with_targets):
-    """E (and y_q) and params of a model call."""
-    arch = _arch(kind)
+def model_call(kind, with_targets, n_layers=2):
+    """E (and y_q) and params of a model call (``n_layers`` separate layers of ``kind``)."""
+    arch = _arch(kind) if n_layers == 2 else Arch((LayerSpec(kind),))
 
     def build(rng, dims, dtype):
         t = S.small_tasks(rng, dims, dtype)
@@ -140,7 +133,7 @@ def model_call(kind, with_targets):
         if with_targets:
             args["y_q"] = t.y_q
             arrays.append(ArrayArg(("y_q",), ("y_q",), (0, 1), ("E", "y_q"), data=True))
-        arrays += _leaf_args(params, "params", ())
+        arrays += _leaf_args(params, ("params",))
         return ValidCall({**args, "layout": R.TokenLayout(dims["d"], dims["d_y"])}, tuple(arrays),
                          {"B": "E", "N": "E"})
     return arch, build
@@ -160,8 +153,9 @@ def backward_call(kind, layer):
     return build
 
 
-def data_call(with_W_0=False, W_0_batched=False, with_y_q=False, free_d_y=True):
-    """X, Y, x_q (W_0, y_q) of a task-data function."""
+def data_call(with_W_0=False, W_0_batched=False, W_0_either=False, with_y_q=False, free_d_y=True):
+    """X, Y, x_q (W_0, y_q) of a task-data function. ``W_0_either``: the function takes
+    W_0 of shape (d_y, d) or (B, d_y, d), so adding or dropping an axis may be valid."""
     def build(rng, dims, dtype):
         t = S.small_tasks(rng, dims, dtype)
         tn = ("X", "Y", "x_q", "y_q", "W_0")
@@ -176,7 +170,8 @@ def data_call(with_W_0=False, W_0_batched=False, with_y_q=False, free_d_y=True):
         if with_W_0:
             shape = (max(dims["B"], 1), dims["d_y"], dims["d"]) if W_0_batched else (dims["d_y"], dims["d"])
             args["W_0"] = (0.3 * rng.standard_normal(shape)).astype(dtype)
-            arrays.append(ArrayArg(("W_0",), ("W_0",), tuple(range(len(shape))), tn, shared_dtype=False, optional=True))
+            arrays.append(ArrayArg(("W_0",), ("W_0",), tuple(range(len(shape))), tn, shared_dtype=False, optional=True,
+                                   fixed_ndim=not W_0_either))
         return ValidCall(args, tuple(arrays), {"B": "X", "N": "X"})
     return build
 
@@ -189,12 +184,11 @@ def adam_call(kind, with_state=True):
         params = _params(rng, arch, dims["d"] + dims["d_y"], dtype)
         grads = tree_map(lambda p: (0.1 * rng.standard_normal(p.shape)).astype(p.dtype), params)
         if not with_state:
-            arrays = [a._replace(names=("grads",), tied=(), fixed_ndim=False, shared_dtype=False)
-                      for a in _leaf_args(grads, "grads", ("grads",))]
+            arrays = _leaf_args(grads, ("grads",), ("grads",), fixed_ndim=False, shared_dtype=False, optional=True)
+            arrays = [a._replace(tied=()) for a in arrays]
             return ValidCall({"grads": grads}, tuple(arrays))
         state = _state(rng, params)
-        arrays = (_leaf_args(params, "params", ()) + _leaf_args(grads, "grads", ("grads",))
-                  + _fix_state_paths(_state_args(state)))
+        arrays = _leaf_args(params, ("params",)) + _leaf_args(grads, ("grads",), ("grads",)) + _state_args(state)
         return ValidCall({"params": params, "grads": grads, "state": state}, tuple(arrays))
     return build
 
@@ -209,9 +203,9 @@ class Entry(NamedTuple):
 
 def _reference_entries():
     out = [
-        Entry("build_tokens", data_call(with_W_0=True), lambda X, Y, x_q, W_0: R.build_tokens(X, Y, x_q, W_0)),
-        Entry("TokenLayout.build", data_call(), lambda X, Y, x_q: R.TokenLayout(X.shape[2], Y.shape[2]).build(X, Y, x_q)),
-        Entry("gd_predict", data_call(with_W_0=True, W_0_batched=True),
+        Entry("build_tokens", data_call(with_W_0=True, W_0_either=True), lambda X, Y, x_q, W_0: R.build_tokens(X, Y, x_q, W_0)),
+        Entry("TokenLayout.build", _with_layout(data_call()), lambda X, Y, x_q, layout: layout.build(X, Y, x_q)),
+        Entry("gd_predict", data_call(with_W_0=True, W_0_batched=True, W_0_either=True),
               lambda X, Y, x_q, W_0: R.gd_predict(X, Y, x_q, [0.5, 0.2], 2, W_0=W_0)),
         Entry("gdpp_predict", data_call(with_W_0=True),
               lambda X, Y, x_q, W_0: R.gdpp_predict(X, Y, x_q, [0.5, 0.3], [0.1, 0.0], W_0=W_0)),
@@ -219,8 +213,8 @@ def _reference_entries():
         Entry("ridge_predict", data_call(), lambda X, Y, x_q: R.least_squares_predict(X, Y, x_q, ridge=0.1)),
         Entry("line_search_eta", data_call(with_y_q=True),
               lambda X, Y, x_q, y_q: R.line_search_eta(X, Y, x_q, y_q, n_steps=2, grid=[0.1, 0.5, 1.0])),
-        Entry("gd_layer", _W_0_only, lambda W_0: R.gd_layer(W_0.shape[1], W_0.shape[0], 4, 0.5, W_0)),
-        Entry("gdpp_layer", _W_0_only, lambda W_0: R.gdpp_layer(W_0.shape[1], W_0.shape[0], 4, 0.5, 0.1, W_0)),
+        Entry("gd_layer", _W_0_only, lambda W_0, d, d_y: R.gd_layer(d, d_y, 4, 0.5, W_0)),
+        Entry("gdpp_layer", _W_0_only, lambda W_0, d, d_y: R.gdpp_layer(d, d_y, 4, 0.5, 0.1, W_0)),
         Entry("loss_forward", _loss_call, lambda pred, y_q: R.loss_forward(pred, y_q)),
         Entry("readout", _readout_call, lambda E: R.readout(E, 1)),
         Entry("to_merged", _lsa_params_call, lambda params: R.to_merged(params[0])),
@@ -234,7 +228,8 @@ def _reference_entries():
             Entry(f"predict-{kind}", model, lambda E, params, layout, arch=arch: R.predict(E, params, arch, layout)),
             Entry(f"loss_and_grads-{kind}", loss,
                   lambda E, y_q, params, layout, arch=arch: R.loss_and_grads(E, y_q, params, arch, layout)),
-            Entry(f"layer_forward-{kind}", model, lambda E, params, layout, arch=arch: arch.layers[0].forward(E, params[0])),
+            Entry(f"layer_forward-{kind}", model_call(kind, False, n_layers=1)[1],
+                  lambda E, params, layout, arch=arch: arch.layers[0].forward(E, params[0])),
             Entry(f"model_backward-{kind}", backward_call(kind, False), lambda dout, cache: model_backward(dout, cache)),
             Entry(f"layer_backward-{kind}", backward_call(kind, True),
                   lambda dout, cache, arch=arch: arch.layers[0].backward(dout, cache)),
@@ -250,7 +245,15 @@ def _reference_entries():
 
 def _W_0_only(rng, dims, dtype):
     W_0 = rng.standard_normal((dims["d_y"], dims["d"]))
-    return ValidCall({"W_0": W_0}, (ArrayArg(("W_0",), ("W_0",), shared_dtype=False, optional=True),))
+    return ValidCall({"W_0": W_0, "d": dims["d"], "d_y": dims["d_y"]},
+                     (ArrayArg(("W_0",), ("W_0",), (0, 1), shared_dtype=False, optional=True),))
+
+
+def _with_layout(build):
+    def with_layout(rng, dims, dtype):
+        valid = build(rng, dims, dtype)
+        return valid._replace(args={**valid.args, "layout": R.TokenLayout(dims["d"], dims["d_y"])})
+    return with_layout
 
 
 def _loss_call(rng, dims, dtype):
@@ -269,8 +272,7 @@ def _readout_call(rng, dims, dtype):
 def _lsa_params_call(rng, dims, dtype):
     arch = R.lsa_stack(1)
     params = _params(rng, arch, dims["d"] + dims["d_y"], dtype)
-    return ValidCall({"params": params}, tuple(a._replace(tied_names=a.tied_names[:-1])
-                                               for a in _leaf_args(params, "params", ())))
+    return ValidCall({"params": params}, tuple(_leaf_args(params, ("params",))))
 
 
 REFERENCE_ENTRIES = _reference_entries()
