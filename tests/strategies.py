@@ -214,3 +214,58 @@ def bad_calls(draw, build):
     path = ".".join(str(k) for k in spec.path)
     return BadCall(f"{path}: {kind} ({dtype})", names, exc, replace_at(valid.args, spec.path, value))
 
+
+# ---- corrupted golden-vector folders (tests/test_vectors_fuzz.py) ----------------------
+# A corruption is a plain description of one thing to break in a copy of verify/vectors/;
+# the test applies it. Which case and which key are drawn as large integers taken modulo
+# the number of cases / keys the folder has, so these strategies need not read the files.
+
+class VectorCorruption(NamedTuple):
+    """``op`` on case number ``case`` (modulo the cases), key number ``key`` (modulo the
+    candidate keys of ``op``), with ``value`` (a JSON value, a dtype name, a size, a
+    path template, bytes; what ``op`` needs)."""
+
+    op: str
+    case: int = 0
+    key: int = 0
+    value: object = None
+
+
+json_junk = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70), st.floats(allow_nan=True),
+                      st.text(max_size=12), st.lists(st.integers(-3, 3), max_size=3),
+                      st.dictionaries(st.text(max_size=4), st.integers(-3, 3), max_size=2))
+VECTOR_ENTRY_FIELDS = ("name", "kind", "file", "sha256", "inputs", "outputs")
+# values a configuration input never takes (out of range for every kind) or that change
+# the case's meaning (another seed, step or Adam step count); a bool input is flipped
+BAD_CONFIG_VALUES = {"int64": (10 ** 9, 2 ** 40, -5), "float64": (float("nan"), float("-inf"), -1e300)}
+_which = st.integers(0, 10 ** 6)
+
+
+def _corruption(ops, value=st.none(), key=_which):
+    """VectorCorruptions of the ops ``ops`` (every field given: builds would otherwise
+    infer the defaulted ones from their annotations)."""
+    return st.builds(VectorCorruption, op=st.sampled_from(ops), case=_which, key=key, value=value)
+
+
+# the whole manifest: drop or replace "cases" (key 0) or "format_version" (key 1)
+manifest_corruptions = _corruption(["manifest_drop", "manifest_set"], json_junk, st.integers(0, 1))
+
+# one case: its manifest entry, its place in the list, its arrays (the manifest forged to
+# agree, so only the kind's own rules can catch it), its file's path
+vector_case_corruptions = st.one_of(
+    _corruption(["entry_drop", "entry_set"], json_junk, st.integers(0, len(VECTOR_ENTRY_FIELDS) - 1)),
+    _corruption(["list_drop", "list_duplicate", "list_junk"], json_junk),
+    _corruption(["drop_output", "drop_all_outputs", "drop_input", "truncate", "member_twice"]),
+    _corruption(["dtype"], st.sampled_from(["int64", "float32", "complex128", "bool", "int32", "float64", ">f8"])),
+    _corruption(["config_value"], st.integers(0, 2)),                 # which of BAD_CONFIG_VALUES[dtype]
+    _corruption(["data_shape"], st.sampled_from([(33,), (2, 40, 4), (5000,), (1, 1, 1, 1, 1), ()])),
+    _corruption(["claimed_shape"], st.sampled_from([[10 ** 12], [2 ** 31, 2 ** 31], [], [0]])),
+    _corruption(["extra_key"], st.sampled_from(["extra", "layer9.W_Q", "W_KQ", "step99.X", "dW_Q", "E"]),
+                st.integers(0, 1)),
+    _corruption(["garbage"], st.binary(max_size=64)),
+    _corruption(["path"], st.sampled_from(["../{name}.npz", "{outside}", "sub/../../{name}.npz", "./{name}.npz",
+                                           "{name}", "sub/{name}.npz", "symlink"])),
+)
+
+# several cases broken at once, each its own way (distinct cases: the test drops repeats)
+vector_corruption_sets = st.lists(vector_case_corruptions, min_size=1, max_size=3)

@@ -21,6 +21,7 @@ the checker can fail.
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -574,3 +575,15 @@ def test_manifest_of_the_wrong_shape_fails(tmp_path, text):
     ok, results = golden.check_vectors(d)
     assert not ok and results
     assert icgd_main(["vectors", "check", str(d)]) == 1
+
+
+def test_odd_names_print_on_an_ascii_terminal(tmp_path):
+    d = _copy(tmp_path)
+    man = _manifest(d)
+    _entry(man, "gd-1step-W0")["name"] = "gd-1step-W0\u00e9"
+    _entry(man, "baselines")["inputs"]["\u00e9t\u00e9"] = {"shape": [], "dtype": "float64"}
+    _write_manifest(d, man)
+    r = subprocess.run([sys.executable, "-m", "verify.golden", "check", str(d)], cwd=ROOT, capture_output=True,
+                       text=True, env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "FAIL  cases[" in r.stdout and "FAIL  baselines" in r.stdout and "FAIL  gd-1step-W0 " in r.stdout

@@ -829,8 +829,8 @@ _SHA256 = re.compile("[0-9a-f]{64}")
 
 
 def _what(x):
-    """A short description of a JSON value for a message."""
-    text = repr(x)
+    """A short description of a JSON value for a message (ASCII: any terminal prints it)."""
+    text = ascii(x)
     return f"{type(x).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
 
 
@@ -1010,7 +1010,7 @@ def _entry_name(i, entry):
     name = entry.get("name")
     if not isinstance(name, str):
         return f"cases[{i}]", f"manifest entry has {_field(entry, 'name')}, not a string"
-    if not (name.isprintable() and 0 < len(name) <= 80):
+    if not (name.isascii() and name.isprintable() and 0 < len(name) <= 80):
         return f"cases[{i}]", f"manifest entry has the unprintable or overlong name {_what(name)}"
     return name, None
 
@@ -1052,7 +1052,8 @@ def check_vectors(directory=DEFAULT_DIR):
 def _verdict(r):
     tol = tolerance(np.float64, TOL_KIND)
     mark = "PASS" if r.ok else "FAIL"
-    return f"{mark}  {r.name:<44} rel err {r.rel_err:9.2e} (rtol {tol.rtol:g})  {r.message}"
+    line = f"{mark}  {r.name:<44} rel err {r.rel_err:9.2e} (rtol {tol.rtol:g})  {r.message}"
+    return line.encode("ascii", "backslashreplace").decode("ascii")     # keys and values quoted from a file
 
 
 # --------------------------------------------------------------------------------
