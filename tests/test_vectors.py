@@ -587,3 +587,17 @@ def test_odd_names_print_on_an_ascii_terminal(tmp_path):
                        text=True, env={**os.environ, "PYTHONIOENCODING": "ascii"})
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert "FAIL  cases[" in r.stdout and "FAIL  baselines" in r.stdout and "FAIL  gd-1step-W0 " in r.stdout
+
+
+def test_spec_manifest_example_runs():
+    """SPEC.md section 13's sketch of a port driven by the manifest: it reaches every case,
+    runs the kinds it names and reports the others."""
+    text = (ROOT / "SPEC.md").read_text()
+    m = re.search(r"<!-- manifest-example -->\s*```python\n(.*?)```", text, re.S)
+    assert m, "SPEC.md lost its manifest example"
+    r = subprocess.run([sys.executable, "-c", m.group(1), str(golden.DEFAULT_DIR)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == len(golden.CASES)
+    assert sum(line.startswith("RUN ") for line in lines) == sum(c.kind in ("layer", "loss", "adam") for c in golden.CASES)
+    assert any("config {'causal'" in line for line in lines)
