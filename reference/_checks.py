@@ -12,6 +12,11 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 ARRAY_DTYPES = FLOAT_DTYPES + (np.dtype(np.complex64), np.dtype(np.complex128))
 
 
+class NonFiniteError(ValueError):
+    """An array holds NaN or infinite values, or values beyond its dtype's data limit.
+    A ValueError; training loops read it (raised inside a step) as divergence."""
+
+
 def check_int(name, value, minimum=None, maximum=None):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
@@ -107,7 +112,7 @@ def check_array(name, a, ndim=None, shape=None, allow_complex=True, dims=None, f
     _check_kind(name, a, ARRAY_DTYPES if allow_complex else FLOAT_DTYPES, allow_complex)
     _check_shape(name, a, ndim, shape, dims)
     if finite and not _finite(a):
-        raise ValueError(f"{name} contains NaN or infinite values")
+        raise NonFiniteError(f"{name} contains NaN or infinite values")
     return a
 
 
@@ -138,7 +143,7 @@ def check_all_finite(names, arrays, nonneg_from=None):
     for k, a in enumerate(arrays):
         name = names(k) if callable(names) else names[k]
         if not _finite(a):
-            raise ValueError(f"{name} contains NaN or infinite values")
+            raise NonFiniteError(f"{name} contains NaN or infinite values")
         if nonneg_from is not None and k >= nonneg_from and a.size and not float(a.min()) >= 0:
             raise ValueError(f"{name} must be >= 0 (Adam's second moments), got entries down to {float(a.min()):.3g}")
 
@@ -159,8 +164,8 @@ def check_data(name, a, ndim=None, shape=None, allow_complex=True, dims=None):
         big = max(-float(lo), float(hi)) if lo == lo and hi == hi else float("nan")
     if not big <= limit:                                               # NaN, inf or overflow-scale
         if not _finite(a):
-            raise ValueError(f"{name} contains NaN or infinite values")
-        raise ValueError(f"{name} has entries of magnitude up to {big:.3g}, beyond the {a.dtype} data limit "
+            raise NonFiniteError(f"{name} contains NaN or infinite values")
+        raise NonFiniteError(f"{name} has entries of magnitude up to {big:.3g}, beyond the {a.dtype} data limit "
                          f"{limit:.3g} (sqrt of the largest {a.dtype} / 1e3, so that sums of squares of the data "
                          "stay finite); rescale the data or compute in float64")
     return a
@@ -182,7 +187,7 @@ def check_dout(dout, out_shape, out_dtype, name="dout"):
         raise TypeError(f"{name} must have the forward's dtype {out_dtype}, got {dout.dtype}")
     _check_shape(name, dout, None, tuple(out_shape), None)
     if not _finite(dout):
-        raise ValueError(f"{name} contains NaN or infinite values")
+        raise NonFiniteError(f"{name} contains NaN or infinite values")
     return dout
 
 
@@ -207,5 +212,5 @@ def check_W_0(W_0, shapes, data_dtype=None, allow_complex=True):
     if tuple(W_0.shape) not in [tuple(s) for s in shapes]:
         raise ValueError(f"W_0 must have shape {' or '.join(str(tuple(s)) for s in shapes)}, got {tuple(W_0.shape)}")
     if not _finite(W_0):
-        raise ValueError("W_0 contains NaN or infinite values")
+        raise NonFiniteError("W_0 contains NaN or infinite values")
     return W_0

@@ -35,6 +35,7 @@ import numpy as np
 
 from . import analysis as A
 from .backends import get_backend, host_loss_and_grads, require_support
+from ._checks import NonFiniteError
 from .errors import TrainingDiverged
 from .layers import InitSettings
 from .optim import AdamState, adam_init
@@ -218,8 +219,11 @@ def train_loop(cfg, state, es, observer=None, stepper=None):
         observer.after_eval(state, row, None, None)
     losses, norms = [], []
     while state.step < cfg.steps:
-        res = stepper.step(state.params, state.adam, state.step)
         step = state.step + 1
+        try:
+            res = stepper.step(state.params, state.adam, state.step)
+        except NonFiniteError as exc:     # an intermediate token or gradient overflowed inside the step
+            raise TrainingDiverged(f"training diverged at step {step} of {cfg.steps}: {exc}", step) from None
         loss, gnorm = float(res.loss), float(res.grad_norm)
         finite = all_finite(res.params)
         if not (np.isfinite(loss) and np.isfinite(gnorm) and finite):
@@ -237,7 +241,11 @@ def train_loop(cfg, state, es, observer=None, stepper=None):
 
 def _evaluated(cfg, state, es):
     """Evaluate, apply the divergence rule; (new state, eval row) or TrainingDiverged."""
-    row = {"step": state.step, **evaluate(to_host(state.params), cfg, es)}
+    try:
+        row = {"step": state.step, **evaluate(to_host(state.params), cfg, es)}
+    except NonFiniteError as exc:
+        raise TrainingDiverged(f"training diverged at step {state.step} of {cfg.steps}: the evaluation overflowed "
+                               f"({exc})", state.step) from None
     if not np.isfinite(row["loss"]):
         raise _diverged(cfg, state.step, row["loss"], None, True)
     e = cfg.eval

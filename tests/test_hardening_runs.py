@@ -300,3 +300,12 @@ def test_a_truncated_last_line_is_rewritten_on_resume(finished, tmp_path):
     for line in path.read_text().splitlines():
         json.loads(line)
     assert [r["step"] for r in metrics_of(str(run)) if r.get("kind") == "eval"] == [0, 10, 20, 30]
+
+
+def test_an_overflow_inside_a_step_is_divergence_not_a_traceback(tmp_path):
+    """A deep NumPy-backend run whose intermediate tokens overflow inside a step (the
+    layer checks raise NonFiniteError there) stops as a divergence, naming the step."""
+    cfg = tiny(n_layers=3, lr=5.0, grad_clip=None, steps=300, eval_every=10, checkpoint_every=10)
+    with pytest.raises(TrainingDiverged, match=r"training diverged at step \d+ of 300: .*NaN or infinite"):
+        with np.errstate(over="ignore", invalid="ignore"):
+            train(cfg, tmp_path / "o")
