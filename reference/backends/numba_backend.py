@@ -122,11 +122,11 @@ def _lanes(T, D, dtype):
     return choose_lanes(T, D, np.dtype(dtype).itemsize, config.LANES)
 
 
-def _refuse_complex(E):
+def _check_real(E):
     """What this backend refuses beyond the reference: complex tokens (checked first, so
     the message says why)."""
     if hasattr(E, "dtype") and np.dtype(E.dtype).kind == "c":
-        raise TypeError(f"the numba backend computes in float32 or float64, got {E.dtype}; complex-step "
+        raise TypeError(f"E has dtype {E.dtype}: the numba backend computes in float32 or float64; complex-step "
                         "checks run on the reference (backend 'numpy')")
 
 
@@ -180,7 +180,7 @@ def _check_inputs(E, params, arch):
     """The reference's checks (``model.check_model_inputs``: same exceptions and
     messages), then the dtype this backend computes in."""
     lsa_stack_of(arch, NAME)
-    _refuse_complex(E)
+    _check_real(E)
     check_model_inputs(E, params, arch)
     return np.dtype(E.dtype)
 
@@ -286,7 +286,7 @@ def loss_and_grads(E, y_q, params, arch, layout, *, path=None, need_dE=True):
     fallback_tasks)). ``path`` forces the computation (None = config, 'tokens',
     'dspace'; 'dspace' applies only without dE); aux has dE only if ``need_dE``."""
     lsa_stack_of(arch, NAME)
-    _refuse_complex(E)
+    _check_real(E)
     d = check_loss_inputs(E, y_q, params, arch, layout).d
     dt = np.dtype(E.dtype)
     B, T, D = E.shape
