@@ -39,6 +39,7 @@ SUBCOMMANDS = {
     "prove": ("symbolic.cli", "establish the symbolic proofs with SymPy"),
     "train": ("verify.train_cli", "train an LSA transformer from scratch"),
     "vectors": ("verify.golden", "write or check the golden test vectors (under verify/vectors/)"),
+    "conformance": ("verify.conformance", "check a port's adapter against the golden vectors (SPEC.md section 14)"),
 }
 
 

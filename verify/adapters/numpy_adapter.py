@@ -1,0 +1,141 @@
+"""The NumPy reference behind the adapter protocol (SPEC.md section 14).
+
+``icgd conformance verify.adapters.numpy_adapter`` runs every vector case through this
+file; it passes them all. Each function is one kind of the manifest, named after it,
+and takes the case's inputs as keyword arguments the way the kit hands them:
+
+* data as float64 NumPy arrays (``E``, ``dout``, ``X``, ...);
+* configuration as Python values (``causal`` a bool, ``K`` an int, ``clip`` a float,
+  ``+inf`` meaning no clipping) or, when 1-d, a float64 array (``etas``, ``eta_grid``);
+* one layer's parameters as separate keyword arguments (``W_Q``, ``W_K``, ``W_V``,
+  ``P``, or merged ``W_KQ``, ``W_PV``); the ``layer<k>.`` keys of a stack as the list
+  ``layer`` of dicts (``layer[1]["P"]`` is the stored ``layer1.P``), dotted prefixes
+  as nested dicts (``m["layer"][0]["W_Q"]`` is ``m.layer0.W_Q``).
+
+It returns a dict of the outputs in the same structure. A port's adapter looks the
+same with its own functions in place of ``reference``'s.
+"""
+
+import numpy as np
+
+import reference as R
+from reference.optim import AdamHP, AdamState, adam_init, adam_update
+from reference.train_step import train_step
+
+NAME = "the NumPy reference"
+
+
+def _params(arrays, grad=False):
+    """One layer's parameter NamedTuple from ``{"W_Q": ..., ...}`` (gradients: ``{"dW_Q": ...}``)."""
+    g = "d" if grad else ""
+    kind = R.MergedParams if g + "W_KQ" in arrays else R.LSAParams
+    return kind(*(arrays[g + field] for field in kind._fields))
+
+
+def _arrays(p, grad=False):
+    """``{"W_Q": ..., ...}`` (gradients: ``{"dW_Q": ...}``) from a parameter NamedTuple."""
+    return {("d" if grad else "") + field: a for field, a in zip(p._fields, p)}
+
+
+def _clip(c):
+    return None if c == float("inf") else c
+
+
+def _arch(K, recurrent, causal, clip):
+    return R.lsa_stack(K, recurrent=recurrent, causal=causal, clip=_clip(clip))
+
+
+def layer(E, dout, causal, clip, **params):
+    out, cache = R.lsa_forward(E, _params(params), causal=causal, clip=_clip(clip))
+    dE, dp = R.lsa_backward(dout, cache)
+    return {"out": out, "dE": dE, **_arrays(dp, grad=True)}
+
+
+def stack(E, layer, dout, K, recurrent, causal, clip):
+    out, cache = R.model_forward(E, tuple(_params(p) for p in layer), _arch(K, recurrent, causal, clip))
+    dE, grads = R.model_backward(dout, cache)
+    return {"out": out, "dE": dE, "layer": [_arrays(g, grad=True) for g in grads]}
+
+
+def loss(E, y_q, layer, d, K, recurrent, causal, clip):
+    L, grads, aux = R.loss_and_grads(E, y_q, tuple(_params(p) for p in layer), _arch(K, recurrent, causal, clip),
+                                     R.TokenLayout(d, y_q.shape[1]))
+    return {"pred": aux["pred"], "L": L, "dE": aux["dE"], "layer": [_arrays(g, grad=True) for g in grads]}
+
+
+def _construction(X, Y, x_q, W_0, params, arch):
+    layout = R.TokenLayout(X.shape[2], Y.shape[2])
+    E = layout.build(X, Y, x_q, W_0=W_0)                               # query slot -W_0 x_q
+    out, _ = R.model_forward(E, params, arch)
+    return {"E": E, "layer": [_arrays(p) for p in params], "out": out, "pred": layout.readout(out)}
+
+
+def gd(X, Y, x_q, W_0, eta, K, recurrent):
+    params, arch = R.gd_stack(K, X.shape[2], Y.shape[2], X.shape[1], eta, W_0, recurrent=recurrent)
+    pred_gd, W_gd = R.gd_predict(X, Y, x_q, eta, K, W_0=W_0)
+    return {**_construction(X, Y, x_q, W_0, params, arch), "pred_gd": pred_gd, "W_gd": W_gd}
+
+
+def gdpp(X, Y, x_q, W_0, etas, gammas):
+    etas, gammas = [float(e) for e in etas], [float(g) for g in gammas]
+    params, arch = R.gdpp_stack(X.shape[2], Y.shape[2], X.shape[1], etas, gammas, W_0)
+    return {**_construction(X, Y, x_q, W_0, params, arch), "pred_gdpp": R.gdpp_predict(X, Y, x_q, etas, gammas, W_0=W_0)}
+
+
+def adam(layer, m, v, t, lr, b1, b2, eps, clip_norm):
+    """``layer[k]`` holds the parameters (``W_Q`` ...) and their gradients (``dW_Q`` ...)."""
+    params = tuple(_params(p) for p in layer)
+    grads = tuple(_params(p, grad=True) for p in layer)
+    state = AdamState(tuple(_params(p) for p in m["layer"]), tuple(_params(p) for p in v["layer"]), t)
+    new, st, norm = adam_update(params, grads, state, AdamHP(lr, b1, b2, eps, _clip(clip_norm)))
+    return {"new": {"layer": [_arrays(p) for p in new]}, "new_m": {"layer": [_arrays(p) for p in st.m]},
+            "new_v": {"layer": [_arrays(p) for p in st.v]}, "new_t": st.t, "grad_norm": norm}
+
+
+def _spec(d, N, d_y, B, x_range, w_scale, noise_std, n_distractors):
+    return R.TaskSpec(d, N, d_y, B, tuple(float(x) for x in x_range), w_scale, noise_std, n_distractors)
+
+
+def train(layer, seed, n_steps, d, N, d_y, B, x_range, w_scale, noise_std, n_distractors, K, recurrent, causal, clip,
+          lr, b1, b2, eps, clip_norm):
+    """Steps s = 0 .. n_steps-1: tasks from default_rng([seed, s]), the loss before the update, Adam t = s + 1."""
+    spec = _spec(d, N, d_y, B, x_range, w_scale, noise_std, n_distractors)
+    arch, hp = _arch(K, recurrent, causal, clip), AdamHP(lr, b1, b2, eps, _clip(clip_norm))
+    params = tuple(_params(p) for p in layer)
+    state = adam_init(params)
+    steps, losses, norms = [], [], []
+    for s in range(n_steps):
+        tasks = spec.sample(R.step_rng(seed, s))
+        steps.append({"X": tasks.X, "Y": tasks.Y, "x_q": tasks.x_q, "y_q": tasks.y_q})
+        res = train_step(params, state, tasks, arch, hp)
+        params, state = res.params, res.state
+        losses.append(res.loss)
+        norms.append(res.grad_norm)
+    return {"losses": losses, "grad_norms": norms, "step": steps, "final": {"layer": [_arrays(p) for p in params]}}
+
+
+def tasks(seed, step, d, N, d_y, B, x_range, w_scale, noise_std, n_distractors):
+    t = _spec(d, N, d_y, B, x_range, w_scale, noise_std, n_distractors).sample(R.step_rng(seed, step))
+    return dict(zip(t._fields, t))
+
+
+def init(seed, D, H, K, scale, key_size=None, value_size=None, merged=False):
+    p = R.init_lsa_params(np.random.default_rng(seed), D, H=H, key_size=key_size, value_size=value_size,
+                          n_layers_for_scale=K, scale=scale, dtype=np.float64, merged=merged)
+    return _arrays(p)
+
+
+def baselines(X, Y, x_q, y_q, eta, n_steps, ridge, eta_grid):
+    """``eta`` is one float, or an array of one per step."""
+    eta = eta if isinstance(eta, float) else [float(e) for e in eta]
+    pred_gd, W_gd = R.gd_predict(X, Y, x_q, eta, n_steps)
+    eta_ls, losses_ls = R.line_search_eta(X, Y, x_q, y_q, n_steps=n_steps, grid=eta_grid)
+    return {"pred_gd": pred_gd, "W_gd": W_gd, "pred_ls": R.least_squares_predict(X, Y, x_q),
+            "pred_ridge": R.least_squares_predict(X, Y, x_q, ridge=ridge), "eta_ls": eta_ls, "losses_ls": losses_ls}
+
+
+def eta(d, N, d_y, x_range, w_scale, noise_std, eta):
+    m2, m4 = R.uniform_moments(tuple(float(x) for x in x_range))
+    eta_star, L_star = R.optimal_one_step_eta(d, N, m2, m4, w_scale, d_y, noise_std)
+    L_eta = R.expected_one_step_loss(eta, d, N, m2, m4, w_scale, d_y, noise_std)
+    return {"m2": m2, "m4": m4, "eta_star": eta_star, "L_star": L_star, "L_eta": L_eta}
