@@ -81,3 +81,165 @@ def oracle_loss(pred, y_q):
         for a in range(pred.shape[1]):
             total = total + 0.5 * (pred[b, a] - y_q[b, a]) ** 2
     return total / pred.shape[0]
+
+
+# ---- the layer types after LSA (reference/layers/softmax.py, mlp.py, embed.py, posenc.py,
+# pre_ln.py with layernorm.py): one token, one head, one feature at a time ---------------
+
+def oracle_softmax_layer(E, params, causal=False, clip=None):
+    """e_j <- e_j + sum_h P_h sum_{i in ctx(j)} a_h[j, i] (W_V,h e_i), with
+    a_h[j, :] = softmax over i in ctx(j) of <W_Q,h e_j, W_K,h e_i> / sqrt(Kd); the
+    largest real part of the row's logits subtracted before exp; then clip."""
+    E = np.asarray(E)
+    B, T, D = E.shape
+    H, Kd, _ = params.W_Q.shape
+    dt = np.result_type(E, *params)
+    out = E.astype(dt)
+    for b in range(B):
+        for j in range(T):
+            ctx = list(range(j + 1)) if causal else list(range(T - 1))
+            for h in range(H):
+                q = params.W_Q[h] @ E[b, j]
+                logits = []
+                for i in ctx:
+                    k = params.W_K[h] @ E[b, i]
+                    score = 0.0
+                    for a in range(Kd):
+                        score = score + q[a] * k[a]
+                    logits.append(score / np.sqrt(Kd))
+                top = max(z.real for z in logits)
+                weights = [np.exp(z - top) for z in logits]
+                total = sum(weights)
+                acc = np.zeros(params.W_V.shape[1], dtype=dt)
+                for w, i in zip(weights, ctx):
+                    acc = acc + (w / total) * (params.W_V[h] @ E[b, i])
+                out[b, j] = out[b, j] + params.P[h] @ acc
+            out[b, j] = _oracle_clip(out[b, j], clip)
+    return out
+
+
+def _oracle_clip(e, clip):
+    """clip(e, -c, c) entry by entry, decided on real parts."""
+    e = e.copy()
+    if clip is not None:
+        for a in range(e.shape[0]):
+            if e[a].real > clip:
+                e[a] = clip
+            elif e[a].real < -clip:
+                e[a] = -clip
+    return e
+
+
+def oracle_erf(z):
+    """erf of one (real or complex) number: (2/sqrt(pi)) exp(-z^2) sum_n 2^n z^(2n+1) /
+    (1 * 3 * ... * (2n+1)), terms added until they stop changing the sum; +-1 for
+    |Re z| > 6."""
+    if abs(z.real) > 6.0:
+        return 1.0 if z.real > 0 else -1.0
+    term, total, n = z, z, 0
+    while True:
+        term = term * 2 * z * z / (2 * n + 3)
+        n += 1
+        if total + term == total:
+            return 2 / np.sqrt(np.pi) * np.exp(-z * z) * total
+        total = total + term
+
+
+def oracle_gelu(x, form="tanh"):
+    """GELU of one number: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) or
+    0.5 x (1 + erf(x / sqrt 2)); x above 10 (real part) stays, below -10 gives 0."""
+    if x.real > 10.0:
+        return x
+    if x.real < -10.0:
+        return 0.0 * x
+    if form == "tanh":
+        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x * x * x)))
+    return 0.5 * x * (1 + oracle_erf(x / np.sqrt(2)))
+
+
+def oracle_mlp_layer(E, params, gelu="tanh", clip=None):
+    """e <- clip(e + W_2 gelu(W_1 e + b_1) + b_2), every token; no biases for
+    params without b_1, b_2."""
+    E = np.asarray(E)
+    B, T, D = E.shape
+    w = params.W_1.shape[0]
+    bias = hasattr(params, "b_1")
+    dt = np.result_type(E, *params)
+    out = E.astype(dt)
+    for b in range(B):
+        for j in range(T):
+            hidden = []
+            for u in range(w):
+                s = params.b_1[u] if bias else 0.0
+                for a in range(D):
+                    s = s + params.W_1[u, a] * E[b, j, a]
+                hidden.append(oracle_gelu(np.asarray(s, dtype=dt)[()], gelu))
+            for a in range(D):
+                s = params.b_2[a] if bias else 0.0
+                for u in range(w):
+                    s = s + params.W_2[a, u] * hidden[u]
+                out[b, j, a] = out[b, j, a] + s
+            out[b, j] = _oracle_clip(out[b, j], clip)
+    return out
+
+
+def oracle_embed_layer(E, params):
+    """out_j = W e_j (+ b), every token."""
+    E = np.asarray(E)
+    B, T, D = E.shape
+    D_out = params.W.shape[0]
+    out = np.zeros((B, T, D_out), dtype=np.result_type(E, *params))
+    for b in range(B):
+        for j in range(T):
+            for o in range(D_out):
+                s = params.b[o] if hasattr(params, "b") else 0.0
+                for a in range(D):
+                    s = s + params.W[o, a] * E[b, j, a]
+                out[b, j, o] = s
+    return out
+
+
+def oracle_posenc_layer(E, mode="add", width=None):
+    """Tokens plus (or followed by) pe[t, c] = sin or cos (c even or odd) of
+    t / 10000^(2 floor(c/2) / P), token position t = 0 .. T-1."""
+    E = np.asarray(E)
+    B, T, D = E.shape
+    P = D if (mode == "add" or width is None) else width
+    pe = np.zeros((T, P))
+    for t in range(T):
+        for c in range(P):
+            angle = t / 10000.0 ** (2 * (c // 2) / P)
+            pe[t, c] = np.sin(angle) if c % 2 == 0 else np.cos(angle)
+    if mode == "add":
+        return E + pe.astype(E.dtype)
+    out = np.zeros((B, T, D + P), dtype=E.dtype)
+    for b in range(B):
+        for t in range(T):
+            out[b, t, :D] = E[b, t]
+            out[b, t, D:] = pe[t]
+    return out
+
+
+def oracle_layernorm(E, scale, offset, eps=1e-5):
+    """Per token: scale * (e - mean) / sqrt(mean((e - mean)^2) + eps) + offset."""
+    E = np.asarray(E)
+    B, T, D = E.shape
+    out = np.zeros(E.shape, dtype=np.result_type(E, scale, offset))
+    for b in range(B):
+        for t in range(T):
+            mu = sum(E[b, t, a] for a in range(D)) / D
+            var = sum((E[b, t, a] - mu) * (E[b, t, a] - mu) for a in range(D)) / D
+            for a in range(D):
+                out[b, t, a] = scale[a] * (E[b, t, a] - mu) / np.sqrt(var + eps) + offset[a]
+    return out
+
+
+def oracle_pre_ln_residual(E, n, y, clip=None):
+    """The pre-LN residual: e + (y - n), then clip, token by token (n = LN(e) and
+    y = the block's oracle output on n)."""
+    E = np.asarray(E)
+    out = np.zeros(y.shape, dtype=np.result_type(E, n, y))
+    for b in range(E.shape[0]):
+        for t in range(E.shape[1]):
+            out[b, t] = _oracle_clip(E[b, t] + (y[b, t] - n[b, t]), clip)
+    return out

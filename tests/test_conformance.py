@@ -98,7 +98,50 @@ LAYER_CASES = {
         layer_case("causal-clip-heads2", tiny=True, scale=0.5, causal=True, clip=0.3, heads=2),
         layer_case("causal-tight-clip", scale=0.5, causal=True, clip=0.05),
     ),
+    # scale 3: logits of order one, so the softmax weights are far from uniform
+    "softmax": (
+        layer_case("default", tiny=True, scale=3.0),
+        layer_case("key3-value2", scale=3.0, key_size=3, value_size=2),
+        layer_case("causal-clip-heads2", scale=3.0, causal=True, clip=0.3, heads=2),
+    ),
+    # scale 3: hidden pre-activations of order one (GELU's curved part)
+    "mlp": (
+        layer_case("default", tiny=True, scale=3.0),
+        layer_case("erf-nobias-width6", scale=3.0, gelu="erf", bias=False, width=6),
+        layer_case("clip", scale=1.0, clip=0.4),
+    ),
+    "embed": (
+        layer_case("width4", tiny=True, scale=1.0, width=4),
+        layer_case("bias-width6", scale=1.0, bias=True, width=6),
+    ),
+    "posenc": (
+        layer_case("add", tiny=True),
+        layer_case("concat-width3", mode="concat", width=3),
+    ),
+    "pre_ln": (
+        layer_case("lsa", tiny=True),
+        layer_case("softmax-heads2-clip", scale=1.0, block="softmax", block_options=(("heads", 2),), clip=0.5),
+        layer_case("mlp-width6-eps", scale=3.0, block="mlp", block_options=(("width", 6),), eps=1e-3),
+    ),
 }
+
+# What a case's layer is put into a model with: an embedding back to the layouts' width
+# D = 4 after a layer that changes the width (the loss reads tokens of width D), and an
+# LSA layer after one without parameters (a model needs parameters to train).
+RESTORE_WIDTH = LayerSpec("embed", (("width", LAYOUTS[0].D),))
+PARTNER = LayerSpec("lsa")
+MIXED_SCALE = {"softmax": 3.0, "mlp": 3.0, "pre_ln": 3.0, "embed": 1.0}   # init scale of mixed stacks (else 0.3)
+
+
+def case_unit(spec):
+    """The layers one case contributes to a model: ``spec``, then RESTORE_WIDTH when it
+    changes the width, else PARTNER when it has no parameters."""
+    D = LAYOUTS[0].D
+    if spec.out_width(D) != D:
+        return (spec, RESTORE_WIDTH)
+    if spec.param_floats(D) == 0:
+        return (spec, PARTNER)
+    return (spec,)
 
 
 @dataclass(frozen=True)
@@ -114,26 +157,32 @@ def model_cases(kind, cases):
     and three weight-tied layers; one separate stack of the cases that only shape the
     parameters (different head counts, factored and merged, ...), and one of one case
     per distinct set of call options (options that change the function, mixed in one
-    model)."""
+    model). A case's layer enters each model as its :func:`case_unit` (the layer alone,
+    or followed by a width-restoring embedding or a parametrised partner; tied stacks
+    then repeat the unit with its parameter sets)."""
     layer = get_layer(kind)
     out = []
     for c in cases:
-        spec = LayerSpec(kind, c.options)
+        unit = case_unit(LayerSpec(kind, c.options))
+        n = len(unit)
         name = f"{kind}-{c.id}"
         small = f"{kind}-tiny-{c.id}" if c.tiny else name     # tiny cases: their single layer and tied stack
-        out += [ModelCase(f"{small}-K1", Arch((spec,)), c.scale, c.tiny),
-                ModelCase(f"{name}-K2-separate", Arch((spec, spec)), c.scale),
-                ModelCase(f"{small}-K3-tied", Arch((spec,) * 3, (0, 0, 0)), c.scale, c.tiny)]
+        out += [ModelCase(f"{small}-K1", Arch(unit), c.scale, c.tiny),
+                ModelCase(f"{name}-K2-separate", Arch(unit * 2), c.scale),
+                ModelCase(f"{small}-K3-tied", Arch(unit * 3, tuple(range(n)) * 3), c.scale, c.tiny)]
     specs = [LayerSpec(kind, c.options) for c in cases]
     default_calls = layer.call_options(layer.check_options({}))
     same_calls = [s for s in specs if s.call_opts == default_calls]
+    scale = MIXED_SCALE.get(kind, 0.3)
     if len(same_calls) >= 2:
-        out.append(ModelCase(f"{kind}-mixed-params-K{len(same_calls)}", Arch(tuple(same_calls)), 0.3))
+        out.append(ModelCase(f"{kind}-mixed-params-K{len(same_calls)}",
+                             Arch(tuple(x for s in same_calls for x in case_unit(s))), scale))
     by_calls = {}
     for s in specs:
         by_calls.setdefault(tuple(sorted(s.call_opts.items())), s)
     if len(by_calls) >= 2:
-        out.append(ModelCase(f"{kind}-mixed-calls-K{len(by_calls)}", Arch(tuple(by_calls.values())), 0.3))
+        out.append(ModelCase(f"{kind}-mixed-calls-K{len(by_calls)}",
+                             Arch(tuple(x for s in by_calls.values() for x in case_unit(s))), scale))
     return out
 
 
@@ -223,7 +272,7 @@ class CupyHostTwin:
         return L, grads, {"pred": pred, "dE": dE}
 
     def train_step(self, params, state, tasks, arch, hp):
-        dtype = np.dtype(params[0][0].dtype)
+        dtype = np.dtype(tree_leaves(params)[0].dtype)
         E, y_q = tokens_of(tasks, np, dtype)
         return FusedEngine(arch, hp, dtype, np, HostKernels()).update(params, state, E, y_q, tasks.X.shape[2])
 
@@ -540,7 +589,7 @@ def _E_float32(E, y_q, p):
 
 
 def _params_mixed_dtypes(E, y_q, p):
-    return E, y_q, (p[0], tree_map(lambda a: a.astype(np.float32), p[1:])[0])
+    return E, y_q, (p[0], *tree_map(lambda a: a.astype(np.float32), p[1:]))
 
 
 def _params_too_few(E, y_q, p):
@@ -567,7 +616,7 @@ def _y_q_nan(E, y_q, p):
 
 class BadInput(NamedTuple):
     id: str
-    mutate: Callable        # (E, y_q, params) -> (E, y_q, params), for a K = 2 separate stack
+    mutate: Callable        # (E, y_q, params) -> (E, y_q, params), for a two-unit separate stack
     exc: type
     match: str              # what every backend's message must say
     entries: tuple = ("model_forward", "loss_and_grads")
@@ -580,8 +629,8 @@ BAD_INPUTS = [
     BadInput("E-inf", _E_inf, ValueError, r"E contains NaN or infinite"),
     BadInput("E-float32-params-float64", _E_float32, TypeError, r"share one dtype"),
     BadInput("params-mixed-dtypes", _params_mixed_dtypes, TypeError, r"share one dtype"),
-    BadInput("params-too-few", _params_too_few, ValueError, r"params must hold 2 layer\(s\)"),
-    BadInput("params-too-many", _params_too_many, ValueError, r"params must hold 2 layer\(s\)"),
+    BadInput("params-too-few", _params_too_few, ValueError, r"params must hold \d+ layer\(s\)"),
+    BadInput("params-too-many", _params_too_many, ValueError, r"params must hold \d+ layer\(s\)"),
     BadInput("params-plain-tuples", _params_plain_tuples, TypeError, r"params\[0\] must be a parameter NamedTuple"),
     BadInput("y_q-too-narrow", _y_q_narrow, ValueError, rf"y_q must have shape \({B_TASKS}, 1\)", ("loss_and_grads",)),
     BadInput("y_q-nan", _y_q_nan, ValueError, r"y_q contains NaN", ("loss_and_grads",)),

@@ -54,8 +54,21 @@ HP = AdamHP(lr=1e-2, clip_norm=1.0)
 # ------------------------------------------------------------------ valid calls ----
 
 def _arch(kind):
+    """Two layers of ``kind``; a kind without parameters (positional encodings) is
+    followed by an LSA layer instead, so that the model has parameters to train."""
     spec = LayerSpec(kind)
-    return Arch((spec, spec))
+    return Arch((spec, LayerSpec("lsa") if spec.param_floats(4) == 0 else spec))
+
+
+def _needs_context(arch):
+    """Whether some layer refuses a single token (N = 0 context pairs): per-token layers
+    (an MLP, an embedding) take any T >= 1, context-only attention needs T >= 2."""
+    for spec in arch.layers:
+        try:
+            spec.check_tokens(1)
+        except ValueError:
+            return True
+    return False
 
 
 def _params(rng, arch, D, dtype):
@@ -129,13 +142,16 @@ def model_call(kind, with_targets, n_layers=2):
         t = S.small_tasks(rng, dims, dtype)
         params = _params(rng, arch, dims["d"] + dims["d_y"], dtype)
         args = {"E": S.raw_tokens(t), "params": params}
-        arrays = [ArrayArg(("E",), ("E",), (0, 2) if with_targets else (2,), ("E", "y_q", "params"), data=True)]
+        free = not any(len(p) for p in params)    # no parameters (a positional encoding alone): any width and dtype
+        tied = ((0,) if with_targets else ()) if free else ((0, 2) if with_targets else (2,))
+        arrays = [ArrayArg(("E",), ("E",), tied, ("E", "y_q", "params"), data=True, shared_dtype=not free,
+                           complex_ok=free)]
         if with_targets:
             args["y_q"] = t.y_q
             arrays.append(ArrayArg(("y_q",), ("y_q",), (0, 1), ("E", "y_q"), data=True))
         arrays += _leaf_args(params, ("params",))
         return ValidCall({**args, "layout": R.TokenLayout(dims["d"], dims["d_y"])}, tuple(arrays),
-                         {"B": "E", "N": "E"})
+                         {"B": "E", **({"N": "E"} if _needs_context(arch) else {})})
     return arch, build
 
 

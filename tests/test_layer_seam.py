@@ -156,8 +156,8 @@ def test_tie_and_spec_validation():
         Arch((lsa, lsa), (1, 0))
     with pytest.raises(ValueError, match="share parameter set 0 but have different specs"):
         Arch((lsa, LayerSpec("lsa", {"clip": 2.0}.items())), (0, 0))
-    with pytest.raises(ValueError, match="unknown layer kind 'softmax'"):
-        LayerSpec("softmax")
+    with pytest.raises(ValueError, match="unknown layer kind 'no_such_kind'"):
+        LayerSpec("no_such_kind")
     with pytest.raises(ValueError, match=r"no option\(s\) \['cilp'\]"):
         LayerSpec("lsa", (("cilp", 1.0),))
     with pytest.raises(TypeError, match="causal must be a bool"):

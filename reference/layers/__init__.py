@@ -7,6 +7,13 @@ add a layer type, write one module in this folder with a :class:`LayerType` subc
 register it at the bottom of this file; the conformance tests pick it up from
 :func:`layer_types`.
 
+The kinds: ``"lsa"`` (``lsa.py``), ``"softmax"`` (``softmax.py``: multi-head softmax
+attention), ``"mlp"`` (``mlp.py``: the residual GELU MLP), ``"embed"`` (``embed.py``: a
+linear embedding that may change the width), ``"posenc"`` (``posenc.py``: sinusoidal
+positional encodings, added or concatenated) and ``"pre_ln"`` (``pre_ln.py``: LayerNorm
+on a residual block's input, inside its residual; LayerNorm itself is ``layernorm.py``).
+``initializers.py`` holds the official code's variance-scaling draw they share.
+
 What a layer type provides (all methods take the layer's options as keywords; the
 spec fills every option with its default, so a method sees them all):
 
@@ -205,7 +212,17 @@ class LayerSpec:
 
 # ---- the registered layer types ---------------------------------------------------------
 from .lsa import LSA  # noqa: E402
+from .softmax import Softmax  # noqa: E402
+from .mlp import MLP  # noqa: E402
+from .embed import Embed  # noqa: E402
+from .posenc import PosEnc  # noqa: E402
+from .pre_ln import PreLN  # noqa: E402
 
 register(LSA())
+register(Softmax())
+register(MLP())
+register(Embed())
+register(PosEnc())
+register(PreLN())
 
 __all__ = ["InitSettings", "LayerType", "LayerSpec", "register", "unregister", "get_layer", "layer_types"]
