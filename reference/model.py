@@ -286,3 +286,53 @@ def loss_and_grads(E, y_q, params, arch, layout):
     dout = lay.readout_backward(dpred, out.shape)
     dE, dparams = model_backward(dout, mcache)
     return L, dparams, {"pred": pred, "dE": dE}
+
+
+def transformer_stack(n_layers=1, recurrent=False, *, attention="lsa", first_softmax=False, layer_norm=False,
+                      ln_eps=1e-5, mlp=False, mlp_width=None, mlp_bias=True, gelu="tanh", causal=False, clip=None,
+                      front=(), **attention_options):
+    """The official code's transformer stack (``Transformer.trans_block``, no dropout,
+    no output map) as an :class:`Arch` of registered layers.
+
+    For layer l = 0 .. K-1: an attention block of kind ``attention`` ("lsa" or
+    "softmax"; "softmax" for layer 0 alone with ``first_softmax``, as the classic-token
+    experiment), then, with ``mlp``, a residual MLP block (``mlp_width`` (None: 4 D),
+    ``mlp_bias``, ``gelu``). Every block clips to [-clip, clip] after its residual
+    (``clip``) and attends with ``causal`` and ``attention_options`` (heads, key_size,
+    value_size; merged for LSA).
+
+    ``layer_norm`` (pre-LN, ``layers.pre_ln``, eps ``ln_eps``): in a non-recurrent stack
+    no LayerNorm before the attention of layer 0 and one before every later attention; a
+    recurrent stack normalises before every application of its one attention block; an
+    MLP block is always normalised. ``recurrent``: one attention (and one MLP) parameter
+    set applied K times (the official ``deq``). ``front``: layer specs run first, each
+    with its own parameters (the embedding, input MLP and positional encodings of the
+    official model, e.g. ``(LayerSpec("embed", (("width", 40),)), LayerSpec("mlp"))``).
+    """
+    K = check_int("n_layers", n_layers, 1)
+    if not isinstance(recurrent, bool):
+        raise TypeError(f"recurrent must be a bool, got {recurrent!r}")
+    if attention not in ("lsa", "softmax"):
+        raise ValueError(f"attention must be 'lsa' or 'softmax', got {attention!r}")
+    if recurrent and first_softmax:
+        raise ValueError("first_softmax needs separate layers (a recurrent stack applies one attention block)")
+    front = tuple(front)
+
+    def block(kind, options, normalised):
+        if not normalised:
+            return LayerSpec(kind, (*options.items(), ("clip", clip)))
+        return LayerSpec("pre_ln", (("block", kind), ("block_options", tuple(options.items())), ("eps", ln_eps),
+                                    ("clip", clip)))
+
+    layers = []
+    for nl in range(K):
+        kind = "softmax" if (attention == "softmax" or (first_softmax and nl == 0)) else "lsa"
+        layers.append(block(kind, {"causal": causal, **attention_options}, layer_norm and (recurrent or nl > 0)))
+        if mlp:
+            layers.append(block("mlp", {"width": mlp_width, "bias": mlp_bias, "gelu": gelu}, layer_norm))
+    per_layer = 2 if mlp else 1
+    if recurrent:
+        tie = tuple(range(len(front))) + tuple(len(front) + (k % per_layer) for k in range(len(layers)))
+    else:
+        tie = None
+    return Arch(front + tuple(layers), tie)

@@ -126,3 +126,50 @@ def as_layout(layout, D):
         return layout
     d = check_int("d", layout, 1, D - 1)
     return TokenLayout(d, D - d)
+
+
+@dataclass(frozen=True)
+class EmbeddedLayout(TokenLayout):
+    """The regression layout of a model that changes the token width (an embedding, or
+    concatenated positional encodings): tokens are built as :class:`TokenLayout`'s,
+    (x_i, y_i) and (x_q, -W_0 x_q) of width d + d_y (:attr:`D_in`), and the prediction
+    is minus the **last** d_y features of the query token after the last layer, whose
+    width is ``width`` (:attr:`D`, what the loss compares with the model's output width).
+    The official sine-task model (tokens (x, y), an embedding to width 40) reads minus
+    feature 39 of the query: ``EmbeddedLayout(1, 1, width=40)``. With width = d + d_y it
+    reads what :class:`TokenLayout` reads."""
+
+    width: int = None
+    kind: str = "embedded"
+
+    def __post_init__(self):
+        check_int("d", self.d, 1)
+        check_int("d_y", self.d_y, 1)
+        check_int("width", self.width, self.d_y + 1)
+        if self.kind != "embedded":
+            raise ValueError(f"EmbeddedLayout kind must be 'embedded', got {self.kind!r}")
+
+    @property
+    def D(self):
+        """The width of the tokens the readout reads (the model's output width)."""
+        return self.width
+
+    @property
+    def D_in(self):
+        """The width of the tokens :meth:`build` makes, d + d_y."""
+        return self.d + self.d_y
+
+    def readout(self, E):
+        """y_hat (B, d_y) = minus the last d_y features of the query token."""
+        check_array("E", E, ndim=3)
+        if E.shape[2] != self.width:
+            raise ValueError(f"E must have token width {self.width} for this layout, got shape {tuple(E.shape)}")
+        return -E[:, -1, self.width - self.d_y:]
+
+    def readout_backward(self, dpred, E_shape):
+        """Forward y_hat = -E[:, -1, width - d_y:], so that block of dE is -dy_hat, the
+        rest zero."""
+        xp = get_xp(dpred)
+        dE = xp.zeros(E_shape, dtype=dpred.dtype)                      # (B, T, width)
+        dE[:, -1, self.width - self.d_y:] = -dpred
+        return dE
