@@ -60,7 +60,13 @@ class ModelConfig:
     """A stack of n_layers LSA layers (weight-tied when recurrent). Every lsa option is a
     field: heads, key_size / value_size (None: D), merged parameterisation, causal
     attention, token_clip (clip tokens to [-c, c] after every layer; None = off; the
-    code uses 10 when K > 3). init_scale: variance scaling scale / K over fan-in."""
+    code uses 10 when K > 3). init_scale: variance scaling scale / K over fan-in.
+
+    layers (None: the LSA stack above): an explicit architecture as JSON text, a list of
+    layer dicts (``[{"kind": "pre_ln", "block": "softmax"}, {"kind": "mlp"}]``, separate
+    weights) or an ``Arch.to_dict()`` object ``{"layers": [...], "tie": [...]}``; the
+    layers must keep the token width. With it, the LSA fields above keep their defaults
+    and n_layers is still the K of the init scale / K and of the GD-K baseline."""
 
     n_layers: int = 1
     recurrent: bool = False
@@ -71,6 +77,7 @@ class ModelConfig:
     causal: bool = False
     token_clip: Optional[float] = None
     init_scale: float = 0.002
+    layers: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +171,8 @@ class TrainConfig:
 
     def arch(self):
         m = self.model
+        if m.layers is not None:
+            return arch_from_text(m.layers)
         spec = LayerSpec("lsa", (("causal", m.causal), ("clip", m.token_clip), ("heads", m.heads),
                                  ("key_size", m.key_size), ("value_size", m.value_size), ("merged", m.merged)))
         K = m.n_layers
@@ -365,6 +374,47 @@ def _config_errors(c):
     need(v["backend"] in backend_names(), f"backend: must be one of {backend_names()}, got {v['backend']!r}")
     need(v["checkpoint_every"] % v["eval_every"] == 0,
          f"checkpoint_every: must be a multiple of eval_every={v['eval_every']}, got {v['checkpoint_every']}")
+    if v["layers"] is not None:
+        errs += _layers_errors(c)
+    return errs
+
+
+def arch_from_text(text):
+    """The :class:`Arch` of a ``model.layers`` JSON text: a list of layer dicts
+    (separate weights) or ``{"layers": [...], "tie": [...]}``. Raises ValueError."""
+    d = json.loads(text)
+    if isinstance(d, list):
+        d = {"layers": d, "tie": list(range(len(d)))}
+    if not (isinstance(d, dict) and set(d) == {"layers", "tie"} and isinstance(d["layers"], list)
+            and all(isinstance(s, dict) and isinstance(s.get("kind"), str) for s in d["layers"])
+            and isinstance(d["tie"], list)):
+        raise ValueError('expected a list of layer objects {"kind": ..., option: value} or '
+                         '{"layers": [...], "tie": [...]}')
+    return Arch.from_dict(d)
+
+
+def _layers_errors(c):
+    """Problems with ``model.layers``: its JSON, its layers, and LSA fields set beside it."""
+    m = c.model
+    try:
+        arch = arch_from_text(m.layers)
+        D = c.data.d + c.data.d_y
+        widths = arch.widths(D)
+        for s in dict.fromkeys(arch.layers):
+            s.check_tokens(c.data.N + 1)
+    except (ValueError, TypeError, KeyError) as exc:
+        return [f"layers: {type(exc).__name__}: {exc}"]
+    errs = []
+    if widths[-1] != D:
+        errs.append(f"layers: the last layer's token width is {widths[-1]}, the readout needs D = d + d_y = {D}")
+    if arch.param_floats(D) == 0:
+        errs.append("layers: the model has no parameters to train")
+    lsa_fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)
+                  if f.name in ("recurrent", "heads", "key_size", "value_size", "merged", "causal", "token_clip")}
+    changed = [n for n, default in lsa_fields.items() if getattr(m, n) != default]
+    if changed:
+        errs.append(f"layers: the layer list is the whole architecture; leave {', '.join(changed)} at their defaults "
+                    "and give such options in the list")
     return errs
 
 

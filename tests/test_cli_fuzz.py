@@ -139,6 +139,9 @@ def out_of_range(name):
         return st.text(max_size=8).filter(lambda s: s.strip() not in backend_names())
     if name in ("recurrent", "merged", "causal"):
         return wrong_type(bool)
+    if name == "layers":
+        return st.sampled_from(["[", "[]", "{}", "[1]", '[{"kind": "no_such_kind"}]', '[{"kind": "lsa", "heads": 0}]',
+                                '[{"kind": "embed", "width": 3}]', '[{"kind": "posenc"}]'])
     raise AssertionError(f"no out-of-range values for field {name!r}: add them here")
 
 
