@@ -72,7 +72,7 @@ def masked_softmax(Z, mask=None):
         r = xp.where(mask > 0, r, -xp.inf)
     m = r.max(axis=-1, keepdims=True)                                  # (..., 1) the row's largest logit
     big = float(np.finfo(r.dtype).max)
-    floor = xp.where(m > 0, m - big, -big)                             # m - big does not overflow when m > 0
+    floor = xp.maximum(m, 0.0) - big                                   # m - big (-big if m < 0): no overflow
     Zs = xp.where(r < floor, floor.astype(Z.dtype), Z) - m             # (..., S) real part in [-big, 0]
     if mask is not None:
         Zs = xp.where(mask > 0, Zs, 0.0)
