@@ -112,7 +112,7 @@ def key_path(key, patterns):
         for pseg, kseg in zip(pattern.split("."), segments):
             m = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)<[a-z_]+>", pseg)
             index = kseg[len(m.group(1)):] if m and kseg.startswith(m.group(1)) else ""
-            if m and index.isdigit():
+            if m and re.fullmatch(r"[0-9]{1,4}", index):                        # an entry of a list, < 10**4
                 path.append((m.group(1), int(index)))
             else:
                 path.append((kseg, None))

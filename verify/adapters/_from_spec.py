@@ -3,7 +3,8 @@ shared by the JAX and PyTorch example adapters: the task sampler and the initial
 which must draw from NumPy's ``Generator(PCG64)`` in the documented order to give the
 same numbers (a framework's own random numbers are another stream; SPEC.md sections 2
 and 7), and the closed-form one-step step size, which is arithmetic (section 9).
-Nothing here imports the reference: a port has only the spec.
+``tasks``, ``init`` and ``eta`` are adapter functions of those kinds, re-exported by both
+examples. Nothing here imports the reference: a port has only the spec.
 """
 
 import math
@@ -42,9 +43,9 @@ def truncated_normal(rng, shape, std):
         z[bad] = rng.standard_normal(int(bad.sum()))
 
 
-def init_params(seed, D, H, K, scale, key_size=None, value_size=None, merged=False):
-    """One layer's parameters from default_rng(seed): W_Q, W_K, W_V, P (merged: W_KQ, W_PV),
-    variance scaling scale / K over each fan-in (D; H * Vd for P)."""
+def init(seed, D, H, K, scale, key_size=None, value_size=None, merged=False):
+    """The ``init`` kind: one layer's parameters from default_rng(seed), W_Q, W_K, W_V, P
+    (merged: W_KQ, W_PV), variance scaling scale / K over each fan-in (D; H * Vd for P)."""
     rng = np.random.default_rng(seed)
 
     def draw(shape, fan_in):
@@ -57,8 +58,15 @@ def init_params(seed, D, H, K, scale, key_size=None, value_size=None, merged=Fal
             "P": draw((H, D, Vd), H * Vd)}
 
 
-def one_step_eta(d, N, d_y, x_range, w_scale, noise_std, eta):
-    """Moments of U(-a, a), the optimal one-step eta, its expected loss and the loss at eta (SPEC.md section 9)."""
+def tasks(seed, step, d, N, d_y, B, x_range, w_scale, noise_std, n_distractors):
+    """The ``tasks`` kind: the tasks of step ``step`` of a run with ``seed``."""
+    return step_tasks(seed, step, B=B, d=d, N=N, d_y=d_y, x_range=x_range, w_scale=w_scale, noise_std=noise_std,
+                      n_distractors=n_distractors)
+
+
+def eta(d, N, d_y, x_range, w_scale, noise_std, eta):
+    """The ``eta`` kind: moments of U(-a, a), the optimal one-step eta, its expected loss
+    and the loss at eta (SPEC.md section 9)."""
     low, high = (float(x) for x in x_range)
     if low != -high:
         raise ValueError(f"the closed form needs a symmetric range, got ({low}, {high})")

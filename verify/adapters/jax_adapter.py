@@ -28,6 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from . import _from_spec  # noqa: E402
+from ._from_spec import eta, init, tasks  # noqa: E402,F401 -- kinds with no array work: NumPy's Generator, arithmetic
 
 NAME = f"JAX {jax.__version__} port (float64, autodiff gradients)"
 tree_map = jax.tree_util.tree_map
@@ -180,15 +181,6 @@ def train(layer, seed, n_steps, d, N, d_y, B, x_range, w_scale, noise_std, n_dis
                  "final": {"layer": params}})
 
 
-def tasks(seed, step, d, N, d_y, B, x_range, w_scale, noise_std, n_distractors):
-    return _from_spec.step_tasks(seed, step, B=B, d=d, N=N, d_y=d_y, x_range=x_range, w_scale=w_scale,
-                                 noise_std=noise_std, n_distractors=n_distractors)
-
-
-def init(seed, D, H, K, scale, key_size=None, value_size=None, merged=False):
-    return _from_spec.init_params(seed, D, H, K, scale, key_size, value_size, merged)
-
-
 def baselines(X, Y, x_q, y_q, eta, n_steps, ridge, eta_grid):
     etas = [eta] * n_steps if isinstance(eta, float) else list(eta)   # one eta, or one per step
     W_0 = jnp.zeros((Y.shape[2], X.shape[2]))
@@ -206,7 +198,3 @@ def baselines(X, Y, x_q, y_q, eta, n_steps, ridge, eta_grid):
     best = int(jnp.argmin(jnp.where(jnp.isfinite(losses), losses, jnp.inf)))   # the first of equal smallest
     return _out({"pred_gd": pred_gd, "W_gd": W_gd, "pred_ls": ls(0.0), "pred_ridge": ls(ridge),
                  "eta_ls": eta_grid[best], "losses_ls": losses})
-
-
-def eta(d, N, d_y, x_range, w_scale, noise_std, eta):
-    return _from_spec.one_step_eta(d, N, d_y, x_range, w_scale, noise_std, eta)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from . import _from_spec
+from ._from_spec import eta, init, tasks  # noqa: F401 -- kinds with no array work: NumPy's Generator, arithmetic
 
 torch.set_default_dtype(torch.float64)               # the vectors are float64
 NAME = f"PyTorch {torch.__version__} port (float64, autograd gradients)"
@@ -211,15 +212,6 @@ def train(layer, seed, n_steps, d, N, d_y, B, x_range, w_scale, noise_std, n_dis
                  "final": {"layer": params}})
 
 
-def tasks(seed, step, d, N, d_y, B, x_range, w_scale, noise_std, n_distractors):
-    return _from_spec.step_tasks(seed, step, B=B, d=d, N=N, d_y=d_y, x_range=x_range, w_scale=w_scale,
-                                 noise_std=noise_std, n_distractors=n_distractors)
-
-
-def init(seed, D, H, K, scale, key_size=None, value_size=None, merged=False):
-    return _from_spec.init_params(seed, D, H, K, scale, key_size, value_size, merged)
-
-
 def baselines(X, Y, x_q, y_q, eta, n_steps, ridge, eta_grid):
     X, Y, x_q, y_q = map(_t, (X, Y, x_q, y_q))
     etas = [eta] * n_steps if isinstance(eta, float) else [float(e) for e in eta]   # one eta, or one per step
@@ -236,7 +228,3 @@ def baselines(X, Y, x_q, y_q, eta, n_steps, ridge, eta_grid):
     best = int(torch.argmin(torch.where(torch.isfinite(losses), losses, torch.inf)))   # the first of equal smallest
     return _out({"pred_gd": pred_gd, "W_gd": W_gd, "pred_ls": ls(0.0), "pred_ridge": ls(ridge),
                  "eta_ls": float(eta_grid[best]), "losses_ls": losses})
-
-
-def eta(d, N, d_y, x_range, w_scale, noise_std, eta):
-    return _from_spec.one_step_eta(d, N, d_y, x_range, w_scale, noise_std, eta)
