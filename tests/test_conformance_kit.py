@@ -222,13 +222,13 @@ PLANTED = {
     "loss-mean-over-d_y": ("loss",),
     "causal-mask-without-diagonal": ("layer", "stack", "loss"),
     "query-used-as-key": ("layer", "stack", "loss", "train"),
-    "attention-divided-by-N": ("layer", "stack", "loss"),
+    "attention-divided-by-N": ("layer", "stack", "loss", "train"),
     "straight-through-clip-gradient": ("layer", "stack", "loss"),
     "clip-gradient-halved-at-the-level": ("layer",),
     "adam-without-bias-correction": ("adam", "train"),
     "steps-numbered-from-1": ("train",),
-    "readout-sign-flipped": ("loss", "gd", "gdpp"),
-    "W_KQ-transposed": ("layer", "stack", "loss"),
+    "readout-sign-flipped": ("loss", "gd", "gdpp", "train"),
+    "W_KQ-transposed": ("layer", "stack", "loss", "train"),
     "upstream-gradient-ones": ("layer", "stack"),
 }
 
