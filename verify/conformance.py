@@ -852,8 +852,14 @@ def run_case(adapter, directory, entry, kind_entry, tol, diagnoses=True):
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # noqa: BLE001 -- an adapter's exception (SystemExit too) fails its case only
+        tb = "".join(traceback.format_exception(exc))
+        if isinstance(exc, TypeError) and len(traceback.extract_tb(exc.__traceback__)) == 1:   # the call itself
+            return CaseReport(name, kind, FAILED, ascii_line(
+                f"the adapter's {function_name(kind)}() does not take this case's arguments "
+                f"({', '.join(args)}; `icgd conformance --protocol` lists them): {exc}"),
+                seconds=time.perf_counter() - t0, traceback=tb)
         return CaseReport(name, kind, FAILED, f"the adapter raised {_exception_text(exc, adapter.file)}",
-                          seconds=time.perf_counter() - t0, traceback="".join(traceback.format_exception(exc)))
+                          seconds=time.perf_counter() - t0, traceback=tb)
     seconds = time.perf_counter() - t0
     try:
         actual = flatten(result, set(expected))

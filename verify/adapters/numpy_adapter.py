@@ -19,7 +19,10 @@ same with its own functions in place of ``reference``'s.
 import numpy as np
 
 import reference as R
+from reference.layers.layernorm import layernorm_backward, layernorm_forward
+from reference.layers.posenc import positional_encoding
 from reference.optim import AdamHP, AdamState, adam_init, adam_update
+from reference.tokens import EmbeddedLayout
 from reference.train_step import train_step
 
 NAME = "the NumPy reference"
@@ -139,3 +142,62 @@ def eta(d, N, d_y, x_range, w_scale, noise_std, eta):
     eta_star, L_star = R.optimal_one_step_eta(d, N, m2, m4, w_scale, d_y, noise_std)
     L_eta = R.expected_one_step_loss(eta, d, N, m2, m4, w_scale, d_y, noise_std)
     return {"m2": m2, "m4": m4, "eta_star": eta_star, "L_star": L_star, "L_eta": L_eta}
+
+
+# ---- the layer types after LSA (reference/layers/; SPEC.md section 5a) ---------------------
+
+def _one_layer(kind, options, E, dout, params):
+    """A layer spec's forward and its backward for ``dout``: out, dE, d<field>."""
+    spec = R.LayerSpec(kind, options)
+    out, cache = spec.forward(E, spec.param_type()(**params))
+    dE, dp = spec.backward(dout, cache)
+    return {"out": out, "dE": dE, **_arrays(dp, grad=True)}
+
+
+def _gelu(gelu_erf):
+    return "erf" if gelu_erf else "tanh"
+
+
+def softmax_layer(E, dout, causal, clip, **params):
+    return _one_layer("softmax", {"causal": causal, "clip": _clip(clip)}, E, dout, params)
+
+
+def mlp_layer(E, dout, gelu_erf, clip, **params):
+    return _one_layer("mlp", {"gelu": _gelu(gelu_erf), "clip": _clip(clip)}, E, dout, params)
+
+
+def layernorm(E, ln_scale, ln_offset, dout, eps):
+    out, cache = layernorm_forward(E, ln_scale, ln_offset, eps)
+    dE, dln_scale, dln_offset = layernorm_backward(dout, cache)
+    return {"out": out, "dE": dE, "dln_scale": dln_scale, "dln_offset": dln_offset}
+
+
+def pre_ln_attention(E, dout, softmax, causal, eps, clip, **params):
+    options = {"block": "softmax" if softmax else "lsa", "block_options": (("causal", causal),), "eps": eps,
+               "clip": _clip(clip)}
+    return _one_layer("pre_ln", options, E, dout, params)
+
+
+def pre_ln_mlp(E, dout, gelu_erf, eps, clip, **params):
+    options = {"block": "mlp", "block_options": (("gelu", _gelu(gelu_erf)),), "eps": eps, "clip": _clip(clip)}
+    return _one_layer("pre_ln", options, E, dout, params)
+
+
+def posenc(E, dout, concat, width):
+    """pe (T, width) added to the tokens (width = D) or concatenated to them."""
+    spec = R.LayerSpec("posenc", {"mode": "concat", "width": width} if concat else {})
+    out, cache = spec.forward(E, spec.param_type()())
+    dE, _ = spec.backward(dout, cache)
+    return {"pe": positional_encoding(E.shape[1], width), "out": out, "dE": dE}
+
+
+def embedded_loss(E, y_q, layer0, layer1, layer2, gelu_erf):
+    """layer0 an embedding (W, b) to the model width, layer1 a residual MLP, layer2 LSA (the
+    kind writes these keys literally, so they arrive as three arguments); the prediction is
+    minus the last d_y features of the query token."""
+    width, d_y = layer0["W"].shape[0], y_q.shape[1]
+    arch = R.Arch((R.LayerSpec("embed", {"width": width, "bias": True}),
+                   R.LayerSpec("mlp", {"width": layer1["W_1"].shape[0], "gelu": _gelu(gelu_erf)}), R.LayerSpec("lsa")))
+    params = tuple(spec.param_type()(**p) for spec, p in zip(arch.layers, (layer0, layer1, layer2)))
+    L, grads, aux = R.loss_and_grads(E, y_q, params, arch, EmbeddedLayout(E.shape[2] - d_y, d_y, width=width))
+    return {"pred": aux["pred"], "L": L, "dE": aux["dE"], **{f"layer{k}": _arrays(g, grad=True) for k, g in enumerate(grads)}}
