@@ -460,3 +460,23 @@ def test_numerical_gradient_of_posenc_passes_only_the_token_columns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         np.testing.assert_array_equal(dE, G[..., :4])
+
+
+# ---- the golden vectors of these layers exercise what they are for -------------------------
+
+def test_layer_vectors_exercise_their_edge():
+    """softmax-H2-ctx-large-logits has logits beyond exp's float64 range (only a
+    max-subtracted softmax computes it); layernorm-variance-near-eps has variances of the
+    order of eps; mlp-tanh-nobias is the bias-free MLP (zero biases)."""
+    from verify import claims_vectors as cv
+
+    cases = {e["name"]: (i, o) for e, i, o in cv.load_committed()}
+    a, _ = cases["softmax-H2-ctx-large-logits"]
+    q = np.einsum("hkd,btd->bhtk", a["W_Q"], a["E"])
+    k = np.einsum("hkd,bsd->bhsk", a["W_K"], a["E"][:, :-1])
+    Z = np.einsum("bhtk,bhsk->bhts", q, k) / np.sqrt(a["W_Q"].shape[1])
+    assert np.abs(Z).max() > math.log(np.finfo(np.float64).max)
+    a, _ = cases["layernorm-variance-near-eps"]
+    assert 0.1 < np.median(a["E"].var(axis=-1)) / 1e-5 < 10
+    a, _ = cases["mlp-tanh-nobias"]
+    assert not a["b_1"].any() and not a["b_2"].any()

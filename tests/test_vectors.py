@@ -86,6 +86,14 @@ PINNED = {1: {
     "layer-H2-causal-clipedge-factored": "4d4cbf8813cad365", "init-H2-Vd3-redraw": "129a24f93bb59fad",
     "init-H2-merged-redraw": "015aeb631cef3164", "train-4steps-K2-H2-clipnorm": "6e90ff221903c523",
     "baselines-eta-per-step": "e58647947ec689ae", "baselines-line-search-tie": "97579b8ea992b3e4",
+    # added in format version 1 with the layer types after LSA
+    "softmax-H1-ctx-noclip": "c3e0c00ca4aa21f6", "softmax-H2-causal-clip": "5c40631884077353",
+    "softmax-H2-ctx-large-logits": "8f84cd8d186e2c4f", "mlp-tanh-noclip": "93cbdecd26e2a66f",
+    "mlp-erf-clip": "1ff647d55a252954", "mlp-tanh-nobias": "ac5d0e63f3a655f1", "layernorm": "3f2e18cbe7eee64c",
+    "layernorm-variance-near-eps": "07dc5733b4732f5f", "pre_ln-lsa-ctx-noclip": "1b59ca089d2d4020",
+    "pre_ln-softmax-H2-causal-clip": "ad7029730f2ffd14", "pre_ln-mlp-tanh": "1a9647dcd82c5fff",
+    "posenc-add": "984df68425d59c4c", "posenc-concat-width3": "456e972244113d4d",
+    "embedded-loss-tanh": "ccdb8592fc4b3b10",
 }}
 
 

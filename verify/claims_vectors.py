@@ -15,18 +15,25 @@ none of the vectorised reference code whose results the vectors record:
   in C order, the fan-in H * Vd of P);
 * baselines: explicit GD loops (one eta or one per step), numpy.linalg.lstsq (ridge as
   an augmented least-squares problem), the line search by loops over the stored grid
-  (the first of equal smallest losses); the closed-form eta from SPEC.md's formula.
+  (the first of equal smallest losses); the closed-form eta from SPEC.md's formula;
+* the layer types after LSA (softmax attention, MLP, LayerNorm, pre-LN blocks,
+  positional encodings, the width-changing embedded model): their loop oracles composed
+  by hand (no Arch, no layer registry), the encoding table by loops over its formula,
+  gradients by complex step of the oracles.
 """
 
 import json
 import math
+from collections import namedtuple
 from pathlib import Path
 
 import numpy as np
 
 import reference as R
 from reference.gradcheck import numerical_gradient
-from reference.oracle import oracle_gd, oracle_loss, oracle_lsa_layer, oracle_model
+from reference.oracle import (oracle_embed_layer, oracle_gd, oracle_layernorm, oracle_loss, oracle_lsa_layer,
+                              oracle_mlp_layer, oracle_model, oracle_posenc_layer, oracle_pre_ln_residual,
+                              oracle_softmax_layer)
 from reference.tolerances import allclose_report, tolerance
 from reference.tree import tree_leaves, tree_unflatten
 
@@ -369,10 +376,99 @@ def _ind_eta(a):
             ("L_eta", np.asarray(_one_step_loss(float(a["eta"]), *args)), "algebra")]
 
 
+# ---- the layer types after LSA: loop oracles composed by hand ----------------------------
+
+_Attn = namedtuple("_Attn", "W_Q W_K W_V P")
+_MLPp = namedtuple("_MLPp", "W_1 b_1 W_2 b_2")
+_Embed = namedtuple("_Embed", "W b")
+
+
+def _gelu_form(a):
+    return "erf" if bool(a["gelu_erf"]) else "tanh"
+
+
+def _one_layer_rows(a, keys, forward):
+    """("out", forward(E, *a[keys])) and the complex-step gradients of sum(dout * out)
+    with respect to E and every key (``d`` + key)."""
+    dout = a["dout"]
+    args = [a["E"], *(a[k] for k in keys)]
+    rows = [("out", forward(args), "algebra")]
+    return rows + _grad_rows(lambda z: np.sum(dout * forward(z)), args, ["dE"] + [f"d{k}" for k in keys])
+
+
+def _ind_softmax_layer(a):
+    causal, clip = bool(a["causal"]), _clip(a)
+    return _one_layer_rows(a, _Attn._fields, lambda z: oracle_softmax_layer(z[0], _Attn(*z[1:]), causal, clip))
+
+
+def _ind_mlp_layer(a):
+    form, clip = _gelu_form(a), _clip(a)
+    return _one_layer_rows(a, _MLPp._fields, lambda z: oracle_mlp_layer(z[0], _MLPp(*z[1:]), form, clip))
+
+
+def _ind_layernorm(a):
+    eps = float(a["eps"])
+    return _one_layer_rows(a, ("ln_scale", "ln_offset"), lambda z: oracle_layernorm(z[0], z[1], z[2], eps))
+
+
+def _pre_ln(z, eps, clip, block):
+    """e + (block(n) - n), n = LN(e), by the oracles; z = [E, ln_scale, ln_offset, *block params]."""
+    n = oracle_layernorm(z[0], z[1], z[2], eps)
+    return oracle_pre_ln_residual(z[0], n, block(n, z[3:]), clip)
+
+
+def _ind_pre_ln_attention(a):
+    causal, eps, clip = bool(a["causal"]), float(a["eps"]), _clip(a)
+    attend = oracle_softmax_layer if bool(a["softmax"]) else oracle_lsa_layer
+    return _one_layer_rows(a, ("ln_scale", "ln_offset", *_Attn._fields),
+                           lambda z: _pre_ln(z, eps, clip, lambda n, p: attend(n, _Attn(*p), causal)))
+
+
+def _ind_pre_ln_mlp(a):
+    form, eps, clip = _gelu_form(a), float(a["eps"]), _clip(a)
+    return _one_layer_rows(a, ("ln_scale", "ln_offset", *_MLPp._fields),
+                           lambda z: _pre_ln(z, eps, clip, lambda n, p: oracle_mlp_layer(n, _MLPp(*p), form)))
+
+
+def _ind_posenc(a):
+    E, P, concat = a["E"], int(a["width"]), bool(a["concat"])
+    T = E.shape[1]
+    pe = np.zeros((T, P))
+    for t in range(T):
+        for c in range(P):
+            angle = t * math.exp(-(2 * (c // 2)) * math.log(10000.0) / P)
+            pe[t, c] = math.sin(angle) if c % 2 == 0 else math.cos(angle)
+    mode = "concat" if concat else "add"
+    rows = [("pe", pe, "algebra"), ("out", oracle_posenc_layer(E, mode, P if concat else None), "algebra")]
+    dout = a["dout"]
+    f = lambda z: np.sum(dout * oracle_posenc_layer(z[0], mode, P if concat else None))  # noqa: E731
+    return rows + _grad_rows(f, [E], ["dE"])
+
+
+def _ind_embedded_loss(a):
+    keys = list(golden._EMBEDDED)
+    form, y_q = _gelu_form(a), a["y_q"]
+    d_y = y_q.shape[1]
+
+    def loss(z):
+        h = oracle_embed_layer(z[0], _Embed(z[1], z[2]))
+        h = oracle_mlp_layer(h, _MLPp(*z[3:7]), form)
+        h = oracle_lsa_layer(h, _Attn(*z[7:11]))
+        pred = -h[:, -1, h.shape[2] - d_y:]
+        return pred, oracle_loss(pred, y_q)
+
+    args = [a["E"], *(a[k] for k in keys)]
+    pred, L = loss(args)
+    rows = [("pred", pred, "algebra"), ("L", np.asarray(L), "algebra")]
+    return rows + _grad_rows(lambda z: loss(z)[1], args, ["dE"] + [k.replace(".", ".d", 1) for k in keys])
+
+
 INDEPENDENT = {"layer": _ind_layer, "stack": _ind_stack, "loss": _ind_loss,
                "gd": lambda a: _ind_construction(a, gdpp=False), "gdpp": lambda a: _ind_construction(a, gdpp=True),
                "adam": _ind_adam, "train": _ind_train, "tasks": _ind_tasks, "init": _ind_init,
-               "baselines": _ind_baselines, "eta": _ind_eta}
+               "baselines": _ind_baselines, "eta": _ind_eta, "softmax_layer": _ind_softmax_layer,
+               "mlp_layer": _ind_mlp_layer, "layernorm": _ind_layernorm, "pre_ln_attention": _ind_pre_ln_attention,
+               "pre_ln_mlp": _ind_pre_ln_mlp, "posenc": _ind_posenc, "embedded_loss": _ind_embedded_loss}
 
 
 def load_committed(directory=golden.DEFAULT_DIR):

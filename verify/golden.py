@@ -49,7 +49,13 @@ import numpy as np
 
 import reference as R
 from reference.backends.numpy_backend import make_stepper
+from reference.layers.embed import EmbedParams
+from reference.layers.layernorm import layernorm_backward, layernorm_forward
+from reference.layers.mlp import MLPParams, mlp_forward
+from reference.layers.posenc import PosEncParams, positional_encoding
+from reference.layers.softmax import SoftmaxParams, softmax_forward
 from reference.optim import AdamHP, AdamState, adam_init, adam_update, global_norm
+from reference.tokens import EmbeddedLayout
 from reference.tolerances import allclose_report, tolerance
 from reference.tree import tree_leaves, tree_map, tree_paths, tree_unflatten
 
@@ -276,9 +282,95 @@ def compute_eta(a):
             "L_star": np.asarray(L_star), "L_eta": np.asarray(L_eta)}
 
 
+# The layer types after LSA (reference/layers/: softmax, mlp, pre_ln with layernorm,
+# embed, posenc), added in format version 1. One layer and its backward for ``dout``;
+# keys are the parameters' field names (``W_1``, ``ln_scale``), gradients with a ``d``.
+
+def _layer_case(spec, params, a):
+    """Forward of one layer spec and its backward for a["dout"]: out, dE, d<field>."""
+    out, cache = spec.forward(a["E"], params)
+    dE, dp = spec.backward(a["dout"], cache)
+    return {"out": out, "dE": dE, **layer_arrays(dp, grad=True)}
+
+
+def _fields(a, tp, prefix=""):
+    return tp(*(a[prefix + f] for f in tp._fields))
+
+
+def compute_softmax_layer(a):
+    """One softmax attention layer (causal, clip) and its backward."""
+    spec = R.LayerSpec("softmax", (("causal", bool(a["causal"])), ("clip", _clip_arg(a["clip"]))))
+    return _layer_case(spec, _fields(a, SoftmaxParams), a)
+
+
+def compute_mlp_layer(a):
+    """The residual MLP (tanh or erf GELU, clip) with biases (zero biases: no bias) and its backward."""
+    spec = R.LayerSpec("mlp", (("gelu", "erf" if bool(a["gelu_erf"]) else "tanh"), ("clip", _clip_arg(a["clip"]))))
+    return _layer_case(spec, _fields(a, MLPParams), a)
+
+
+def compute_layernorm(a):
+    """LayerNorm of every token (eps) and its backward."""
+    out, cache = layernorm_forward(a["E"], a["ln_scale"], a["ln_offset"], float(a["eps"]))
+    dE, dscale, doffset = layernorm_backward(a["dout"], cache)
+    return {"out": out, "dE": dE, "dln_scale": dscale, "dln_offset": doffset}
+
+
+def _pre_ln_spec(block, block_options, a):
+    return R.LayerSpec("pre_ln", (("block", block), ("block_options", block_options), ("eps", float(a["eps"])),
+                                  ("clip", _clip_arg(a["clip"]))))
+
+
+def compute_pre_ln_attention(a):
+    """A pre-LN attention block e + f(LN(e)), softmax or linear (LSA), and its backward."""
+    block = "softmax" if bool(a["softmax"]) else "lsa"
+    spec = _pre_ln_spec(block, (("causal", bool(a["causal"])),), a)
+    return _layer_case(spec, _fields(a, spec.param_type()), a)
+
+
+def compute_pre_ln_mlp(a):
+    """A pre-LN MLP block e + MLP(LN(e)) and its backward."""
+    spec = _pre_ln_spec("mlp", (("gelu", "erf" if bool(a["gelu_erf"]) else "tanh"),), a)
+    return _layer_case(spec, _fields(a, spec.param_type()), a)
+
+
+def compute_posenc(a):
+    """The encoding table pe (T, width), tokens with it added or concatenated, and dE."""
+    E, P, concat = a["E"], int(a["width"]), bool(a["concat"])
+    if not concat and P != E.shape[2]:
+        raise ValueError(f"width {P} must be the token width {E.shape[2]} when concat is false")
+    spec = R.LayerSpec("posenc", (("mode", "concat"), ("width", P)) if concat else ())
+    out, cache = spec.forward(E, PosEncParams())
+    dE, _ = spec.backward(a["dout"], cache)
+    return {"pe": positional_encoding(E.shape[1], P), "out": out, "dE": dE}
+
+
+EMBEDDED_TYPES = (EmbedParams, MLPParams, R.LSAParams)
+
+
+def _embedded_arch(a):
+    gelu = "erf" if bool(a["gelu_erf"]) else "tanh"
+    D_model, w = a["layer0.W"].shape[0], a["layer1.W_1"].shape[0]
+    return R.Arch((R.LayerSpec("embed", (("width", int(D_model)), ("bias", True))),
+                   R.LayerSpec("mlp", (("width", int(w)), ("gelu", gelu))), R.LayerSpec("lsa")))
+
+
+def compute_embedded_loss(a):
+    """The sine-task model shape: embed (W, b) to width D_model, residual MLP, one LSA
+    layer; pred = minus the last d_y features of the query; loss and every gradient."""
+    layers = read_tree(a, EMBEDDED_TYPES)
+    d_y = a["y_q"].shape[1]
+    layout = EmbeddedLayout(a["E"].shape[2] - d_y, d_y, width=int(a["layer0.W"].shape[0]))
+    L, grads, aux = R.loss_and_grads(a["E"], a["y_q"], layers, _embedded_arch(a), layout)
+    return {"pred": aux["pred"], "L": np.asarray(L, dtype=np.float64), "dE": aux["dE"], **stack_arrays(grads, grad=True)}
+
+
 COMPUTE = {"layer": compute_layer, "stack": compute_stack, "loss": compute_loss, "gd": compute_gd,
            "gdpp": compute_gdpp, "adam": compute_adam, "train": compute_train, "tasks": compute_tasks,
-           "init": compute_init, "baselines": compute_baselines, "eta": compute_eta}
+           "init": compute_init, "baselines": compute_baselines, "eta": compute_eta,
+           "softmax_layer": compute_softmax_layer, "mlp_layer": compute_mlp_layer, "layernorm": compute_layernorm,
+           "pre_ln_attention": compute_pre_ln_attention, "pre_ln_mlp": compute_pre_ln_mlp, "posenc": compute_posenc,
+           "embedded_loss": compute_embedded_loss}
 
 
 # --------------------------------------------------------------------------------
@@ -374,6 +466,17 @@ _TASK_SPEC = {"d": _SIZE, "N": _SIZE, "d_y": Config("int64", lo=1, hi=8), "B": _
 _UNIT = Config("float64", lo=0.0, hi=1.0)
 _ADAM_HP = {"lr": Config("float64", lo=0.0, hi=1.0, strict=True), "b1": _UNIT, "b2": _UNIT, "eps": _UNIT, "clip_norm": _CLIP}
 _STACK = {"K": _LAYERS, "recurrent": _BOOL, "causal": _BOOL, "clip": _CLIP}
+_EPS = Config("float64", lo=0.0, hi=1.0, strict=True)
+_ATTN = ("W_Q", "W_K", "W_V", "P")
+_MLP = ("W_1", "b_1", "W_2", "b_2")
+_LN = ("ln_scale", "ln_offset")
+_EMBEDDED = ("layer0.W", "layer0.b", "layer1.W_1", "layer1.b_1", "layer1.W_2", "layer1.b_2", "layer2.W_Q",
+             "layer2.W_K", "layer2.W_V", "layer2.P")
+
+
+def _d(keys):
+    return tuple(f"d{k}" for k in keys)
+
 
 KINDS = {
     "layer": Kind("one LSA layer out = clip(E + sum_h P_h (A_h v_h)) and its backward for the upstream gradient dout "
@@ -425,6 +528,34 @@ KINDS = {
                  "d_y": Config("int64", lo=1, hi=10 ** 6), "x_range": Config("float64", "(2,)", -1e6, 1e6),
                  "w_scale": _NONNEG, "noise_std": _NONNEG, "eta": _REAL},
                 ("m2", "m4", "eta_star", "L_star", "L_eta")),
+    # the layer types after LSA (added in format version 1)
+    "softmax_layer": Kind("one softmax attention layer out = clip(E + sum_h P_h (softmax(q k^T / sqrt(Kd)) v)_h), "
+                          "the softmax over the context keys (causal: keys i <= j), and its backward for dout "
+                          "(SPEC.md section 5a)", ("E",) + _ATTN + ("dout",), {"causal": _BOOL, "clip": _CLIP},
+                          ("out", "dE") + _d(_ATTN)),
+    "mlp_layer": Kind("the residual MLP out = clip(E + W_2 gelu(W_1 E + b_1) + b_2), gelu tanh (jax.nn.gelu's "
+                      "default) or erf, and its backward for dout; a bias-free MLP is b_1 = b_2 = 0 "
+                      "(SPEC.md section 5a)", ("E",) + _MLP + ("dout",), {"gelu_erf": _BOOL, "clip": _CLIP},
+                      ("out", "dE") + _d(_MLP)),
+    "layernorm": Kind("LayerNorm of every token, ln_scale (E - mean) / sqrt(var + eps) + ln_offset (biased "
+                      "variance), and its backward for dout (SPEC.md section 5a)", ("E",) + _LN + ("dout",),
+                      {"eps": _EPS}, ("out", "dE") + _d(_LN)),
+    "pre_ln_attention": Kind("a pre-LN attention block out = clip(E + f(LN(E))), f the softmax (softmax true) or "
+                             "linear (LSA) attention's output on the normalised tokens, and its backward for dout "
+                             "(SPEC.md section 5a)", ("E",) + _LN + _ATTN + ("dout",),
+                             {"softmax": _BOOL, "causal": _BOOL, "eps": _EPS, "clip": _CLIP},
+                             ("out", "dE") + _d(_LN + _ATTN)),
+    "pre_ln_mlp": Kind("a pre-LN MLP block out = clip(E + MLP(LN(E))) and its backward for dout (SPEC.md section 5a)",
+                       ("E",) + _LN + _MLP + ("dout",), {"gelu_erf": _BOOL, "eps": _EPS, "clip": _CLIP},
+                       ("out", "dE") + _d(_LN + _MLP)),
+    "posenc": Kind("the sinusoidal encoding pe (T, width), out = E + pe (concat false: width = D) or [E, pe] "
+                   "(concat true), and dE for dout (SPEC.md section 5a)", ("E", "dout"),
+                   {"concat": _BOOL, "width": _SIZE}, ("pe", "out", "dE")),
+    "embedded_loss": Kind("a width-changing mixed model: layer0 embed (W, b) to width D_model, layer1 residual MLP "
+                          "(gelu_erf), layer2 LSA; pred = minus the last d_y features of the query token, "
+                          "L = 0.5 mean_b |pred - y_q|^2, dL/dE and dL/dparams (SPEC.md sections 5a, 6)",
+                          ("E", "y_q") + _EMBEDDED, {"gelu_erf": _BOOL},
+                          ("pred", "L", "dE") + tuple(k.replace(".", ".d", 1) for k in _EMBEDDED)),
 }
 assert set(KINDS) == set(COMPUTE)
 
@@ -664,6 +795,93 @@ def build_eta(rng, d, N, d_y, x_range, w_scale, noise_std, eta):
             "noise_std": _f(noise_std), "eta": _f(eta)}
 
 
+# ---- builders of the layer types after LSA (added in format version 1) -----------------
+
+def _softmax_params(rng, D, H, Kd, Vd, scale):
+    return SoftmaxParams(*_random_layer(rng, D, H, False, Kd=Kd, Vd=Vd, scale=scale))
+
+
+def _mlp_params(rng, D, w, bias=True):
+    W_1, b_1 = 1.5 * rng.standard_normal((w, D)), 0.3 * rng.standard_normal(w)
+    W_2, b_2 = 0.5 * rng.standard_normal((D, w)), 0.1 * rng.standard_normal(D)
+    if not bias:
+        b_1, b_2 = np.zeros(w), np.zeros(D)
+    return MLPParams(W_1, b_1, W_2, b_2)
+
+
+def _ln_params(rng, D):
+    return 1.0 + 0.3 * rng.standard_normal(D), 0.1 * rng.standard_normal(D)
+
+
+def build_softmax_layer(rng, H, causal, clip, max_logit=None):
+    """D = 4, Kd = 3, Vd = 5. ``max_logit``: W_Q rescaled so the largest |logit| is that
+    (900: exp of it overflows float64, so only a max-subtracted softmax computes it)."""
+    E, _ = _tokens(rng, 2, 3, 1, 4, query_slot=True)                   # (B, T, D)
+    p = _softmax_params(rng, 4, H, 3, 5, scale=1.0)
+    if max_logit is not None:
+        _, cache = softmax_forward(E, p, causal=causal)
+        Z = np.matmul(cache.q, np.swapaxes(cache.k, -1, -2)) / np.sqrt(3)
+        p = p._replace(W_Q=p.W_Q * (max_logit / np.abs(Z).max()))
+    c = np.inf
+    if clip:
+        c = _pick_clip(lambda c: [softmax_forward(E, p, causal=causal, clip=c)[1].pre])
+    return {"E": E, **layer_arrays(p), "causal": np.asarray(causal), "clip": _f(c), "dout": rng.standard_normal(E.shape)}
+
+
+def build_mlp_layer(rng, gelu_erf, clip, bias=True):
+    """D = 4, width 6; pre-activations of order one (GELU's curved part)."""
+    E, _ = _tokens(rng, 2, 3, 1, 4, query_slot=True)
+    p = _mlp_params(rng, 4, 6, bias)
+    gelu = "erf" if gelu_erf else "tanh"
+    c = np.inf
+    if clip:
+        c = _pick_clip(lambda c: [mlp_forward(E, p, gelu_form=gelu, clip=c)[1].pre])
+    return {"E": E, **layer_arrays(p), "gelu_erf": np.asarray(gelu_erf), "clip": _f(c),
+            "dout": rng.standard_normal(E.shape)}
+
+
+def build_layernorm(rng, spread):
+    """Tokens 0.2 + spread * N(0, 1): spread 3e-3 puts the variance near eps = 1e-5."""
+    E = 0.2 + spread * rng.standard_normal((2, 5, 4))
+    scale, offset = _ln_params(rng, 4)
+    return {"E": E, "ln_scale": scale, "ln_offset": offset, "eps": _f(1e-5), "dout": rng.standard_normal(E.shape)}
+
+
+def build_pre_ln_attention(rng, softmax, causal, clip):
+    E, _ = _tokens(rng, 2, 3, 1, 4, query_slot=True)
+    scale, offset = _ln_params(rng, 4)
+    attn = _random_layer(rng, 4, 2 if softmax else 1, False, Kd=3, Vd=4, scale=0.6)
+    a = {"E": E, "ln_scale": scale, "ln_offset": offset, **layer_arrays(attn), "softmax": np.asarray(softmax),
+         "causal": np.asarray(causal), "eps": _f(1e-5), "clip": _f(np.inf)}
+    if clip:
+        options = (("block", "softmax" if softmax else "lsa"), ("block_options", (("causal", causal),)))
+        params = _fields(a, R.LayerSpec("pre_ln", options).param_type())
+        a["clip"] = _f(_pick_clip(lambda c: [R.LayerSpec("pre_ln", (*options, ("clip", c))).forward(E, params)[1].pre]))
+    return {**a, "dout": rng.standard_normal(E.shape)}
+
+
+def build_pre_ln_mlp(rng, gelu_erf):
+    E, _ = _tokens(rng, 2, 3, 1, 4, query_slot=True)
+    scale, offset = _ln_params(rng, 4)
+    return {"E": E, "ln_scale": scale, "ln_offset": offset, **layer_arrays(_mlp_params(rng, 4, 6)),
+            "gelu_erf": np.asarray(gelu_erf), "eps": _f(1e-5), "clip": _f(np.inf), "dout": rng.standard_normal(E.shape)}
+
+
+def build_posenc(rng, concat, width):
+    E, _ = _tokens(rng, 2, 3, 1, 4, query_slot=True)                   # (B, T = 5, D = 4)
+    out_width = E.shape[2] + (width if concat else 0)
+    return {"E": E, "concat": np.asarray(concat), "width": _i(width),
+            "dout": rng.standard_normal(E.shape[:2] + (out_width,))}
+
+
+def build_embedded_loss(rng, gelu_erf):
+    """Tokens (x, y) of width 2 (d = d_y = 1, N = 4), embedded to width 4, MLP width 6."""
+    E, t = _tokens(rng, 2, 1, 1, 4, query_slot=False)
+    layers = (EmbedParams(1.0 * rng.standard_normal((4, 2)), 0.2 * rng.standard_normal(4)), _mlp_params(rng, 4, 6),
+              _random_layer(rng, 4, 1, False, Kd=4, Vd=4, scale=0.5))
+    return {"E": E, "y_q": t.y_q, **stack_arrays(layers), "gelu_erf": np.asarray(gelu_erf)}
+
+
 class CaseSpec(NamedTuple):
     name: str
     kind: str
@@ -710,6 +928,24 @@ def _case_table():
                       lambda r: build_train(r, seed=3, n_steps=4, d=2, N=3, d_y=1, B=2, H=2, K=2, clip_norm=3.3e-6)))
     t.append(CaseSpec("baselines-eta-per-step", "baselines", lambda r: build_baselines(r, eta=[1.1, 0.3, 0.7])))
     t.append(CaseSpec("baselines-line-search-tie", "baselines", build_line_search_tie))
+    # Added with the layer types after LSA (format version 1, appended as well):
+    t.append(CaseSpec("softmax-H1-ctx-noclip", "softmax_layer", lambda r: build_softmax_layer(r, 1, False, False)))
+    t.append(CaseSpec("softmax-H2-causal-clip", "softmax_layer", lambda r: build_softmax_layer(r, 2, True, True)))
+    t.append(CaseSpec("softmax-H2-ctx-large-logits", "softmax_layer",
+                      lambda r: build_softmax_layer(r, 2, False, False, max_logit=900.0)))
+    t.append(CaseSpec("mlp-tanh-noclip", "mlp_layer", lambda r: build_mlp_layer(r, False, False)))
+    t.append(CaseSpec("mlp-erf-clip", "mlp_layer", lambda r: build_mlp_layer(r, True, True)))
+    t.append(CaseSpec("mlp-tanh-nobias", "mlp_layer", lambda r: build_mlp_layer(r, False, False, bias=False)))
+    t.append(CaseSpec("layernorm", "layernorm", lambda r: build_layernorm(r, 1.0)))
+    t.append(CaseSpec("layernorm-variance-near-eps", "layernorm", lambda r: build_layernorm(r, 3e-3)))
+    t.append(CaseSpec("pre_ln-lsa-ctx-noclip", "pre_ln_attention",
+                      lambda r: build_pre_ln_attention(r, False, False, False)))
+    t.append(CaseSpec("pre_ln-softmax-H2-causal-clip", "pre_ln_attention",
+                      lambda r: build_pre_ln_attention(r, True, True, True)))
+    t.append(CaseSpec("pre_ln-mlp-tanh", "pre_ln_mlp", lambda r: build_pre_ln_mlp(r, False)))
+    t.append(CaseSpec("posenc-add", "posenc", lambda r: build_posenc(r, False, 4)))
+    t.append(CaseSpec("posenc-concat-width3", "posenc", lambda r: build_posenc(r, True, 3)))
+    t.append(CaseSpec("embedded-loss-tanh", "embedded_loss", lambda r: build_embedded_loss(r, False)))
     return t
 
 
