@@ -38,9 +38,10 @@ class EmbedCache(NamedTuple):
     params: object
 
 
-def embed_forward(E, params):
-    """out = E W^T (+ b). Returns (out (B, T, D_out), cache)."""
-    check_embed_inputs(E, params)
+def embed_forward(E, params, *, width=None):
+    """out = E W^T (+ b). Returns (out (B, T, D_out), cache). ``width``: the D_out the
+    params must map to (None: the input width D_in, as the layer option)."""
+    check_embed_inputs(E, params, width)
     xp = get_xp(E, *params)
     out = xp.matmul(E, params.W.T)                                     # (B, T, D_out)
     if isinstance(params, EmbedParams):
@@ -77,21 +78,25 @@ def check_embed_params(params):
     return D_out, D_in
 
 
-def check_embed_inputs(E, params):
+def check_embed_inputs(E, params, width=None):
     check_data("E", E, dims=("B", "T", "D"))
-    _, D_in = check_embed_params(params)
+    D_out, D_in = check_embed_params(params)
     if E.shape[2] != D_in:
         raise ValueError(f"E must have token width D={D_in} to match the embed params, got shape {tuple(E.shape)}")
+    want = D_in if width is None else width
+    if D_out != want:
+        raise ValueError(f"embed params W map to width {D_out}, the layer's width is {want}")
     check_same_dtype(E=E, W=params.W)
 
 
 class Embed(LayerType):
-    """Layer kind ``"embed"``. Options ``width`` (D_out; None: D_in) and ``bias`` shape
-    the parameters; the forward reads them from the params."""
+    """Layer kind ``"embed"``. Options ``width`` (D_out; None: D_in; the forward checks
+    the params against it) and ``bias`` (shapes the parameters; the forward reads it from
+    their type)."""
 
     kind = "embed"
     OPTIONS = {"width": None, "bias": False}
-    PARAM_OPTIONS = ("width", "bias")
+    PARAM_OPTIONS = ("bias",)
 
     def check_options(self, options):
         o = super().check_options(options)
@@ -112,13 +117,13 @@ class Embed(LayerType):
     def out_width(self, D_in, *, width=None, **_):
         return D_in if width is None else width
 
-    def forward(self, E, params):
-        return embed_forward(E, params)
+    def forward(self, E, params, *, width=None):
+        return embed_forward(E, params, width=width)
 
     def backward(self, dout, cache):
         return embed_backward(dout, cache)
 
-    def oracle(self, E, params):
+    def oracle(self, E, params, *, width=None):
         from ..oracle import oracle_embed_layer
 
         return oracle_embed_layer(E, params)

@@ -77,6 +77,10 @@ def check_layernorm_params(scale, offset, D):
 
 def check_layernorm_inputs(E, scale, offset, eps):
     check_data("E", E, dims=("B", "T", "D"))
+    check_array("ln_scale", scale, ndim=1)
+    if E.shape[2] != scale.shape[0]:
+        raise ValueError(f"E must have token width D={scale.shape[0]} to match ln_scale and ln_offset, got shape "
+                         f"{tuple(E.shape)}")
     check_layernorm_params(scale, offset, E.shape[2])
     check_float("eps", eps, 0.0, allow_equal_min=False)
     check_same_dtype(E=E, ln_scale=scale, ln_offset=offset)
