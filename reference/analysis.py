@@ -284,6 +284,15 @@ def final_analyses(cfg, params, baselines, evals):
     ``{"skipped": reason}`` under its name; the others are still computed."""
     out = {}
     dtype, lay = cfg.np_dtype, cfg.layout()
+    if set(cfg.arch().kinds()) != {"lsa"}:
+        # the weight analyses read LSA products; OOD sweeps go through the model itself
+        why = {"skipped": f"the model has layer kinds {sorted(set(cfg.arch().kinds()))}: this analysis reads the "
+                          "products W_K^T W_Q and P W_V of lsa layers"}
+        out.update(construction=None, weights=why, interpolation=why, products=why,
+                   ood=_attempt("ood", ood_sweeps, cfg, params, baselines))
+        if cfg.model.n_layers == 1:
+            out["rollout"] = why
+        return out
     evals_m = cast_tasks(evals, dtype)
     E = lay.build(evals_m.X, evals_m.Y, evals_m.x_q)
     consts = construction_layers(cfg, baselines, np.float64)

@@ -364,6 +364,21 @@ def test_a_mixed_stack_trains_checkpoints_and_resumes_bit_identically(tmp_path):
                                                        "PreLNLSAParams"]
 
 
+def test_a_mixed_stack_run_with_analyses_writes_its_summary_and_plots(tmp_path):
+    """The LSA weight analyses are skipped with the reason for a mixed stack; the OOD
+    sweeps (through the model itself) are computed; the plots that apply are drawn."""
+    from test_training import tiny
+    from verify import plots, runs
+
+    res = runs.train_run(tiny(layers=json.dumps(MIXED_LAYERS), n_layers=2, steps=20), str(tmp_path / "m"))
+    s = res.summary
+    for name in ("weights", "interpolation", "products"):
+        assert "lsa layers" in s[name]["skipped"], name
+    assert len(s["ood"]["input"]["model"]) == len(s["ood"]["input"]["alpha"])
+    drawn = {os.path.basename(p) for p in plots.make_plots(str(tmp_path / "m"))}
+    assert {"loss.png", "alignment.png", "ood.png"} <= drawn and "weights.png" not in drawn
+
+
 def test_config_layers_are_checked_and_default_to_the_lsa_stack():
     assert TrainConfig().model.layers is None and TrainConfig().arch() == lsa_stack(1)
     tied = json.dumps({"layers": [{"kind": "mlp"}, {"kind": "lsa"}, {"kind": "mlp"}], "tie": [0, 1, 0]})

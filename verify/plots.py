@@ -39,7 +39,7 @@ def make_plots(run_dir):
         paths.append(plot_alignment(cfg, hist, os.path.join(out, "alignment.png")))
     if summary and "input" in summary.get("ood", {}):
         paths.append(plot_ood(cfg, summary["ood"], os.path.join(out, "ood.png")))
-    if params is not None and base:
+    if params is not None and base and set(cfg.arch().kinds()) == {"lsa"}:    # the weights of lsa layers
         paths.append(plot_weights(cfg, params, base, os.path.join(out, "weights.png")))
     if summary and "model" in summary.get("rollout", {}):
         paths.append(plot_rollout(cfg, summary["rollout"], os.path.join(out, "rollout.png")))
