@@ -149,15 +149,20 @@ def write_text_atomic(path, text):
     """Write ``text`` (UTF-8) to ``path``: atomically for a regular file, directly for a
     special file or a descriptor, following symlinks (see the module docstring). Folders
     that do not exist are created. OSError (e.g. IsADirectoryError) when it cannot."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path, data):
+    """:func:`write_text_atomic` for bytes (checkpoints use it)."""
     kind, p = _resolve(path)
     if kind == "directory":
         raise IsADirectoryError(errno.EISDIR, "is a directory", path)
     if kind == "descriptor":
-        _write_descriptor(p, text.encode("utf-8"))
+        _write_descriptor(p, data)
         return
     if kind == "special":
-        with open(p, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(p, "wb") as f:
+            f.write(data)
         return
     folder = os.path.dirname(p)
     os.makedirs(folder, exist_ok=True)
@@ -165,8 +170,8 @@ def write_text_atomic(path, text):
     tmp = os.path.join(folder, f".tmp-{os.path.basename(p)}-{secrets.token_hex(6)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             if old is not None:
                 _keep_owner(f.fileno(), old)

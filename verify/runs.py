@@ -15,9 +15,10 @@ bit, checked, and trusted later. The application around ``reference.trainer``.
 Checkpoint (plain .npz, readable without this code), format 2:
 ``format_version`` (2), ``config`` (JSON), ``step``, ``params.{i}.{field}``,
 ``adam.m.{i}.{field}``, ``adam.v.{i}.{field}``, ``adam.t``, ``extra`` (JSON: baselines,
-seconds, history), ``checksum`` (sha256 over every other entry's name, dtype, shape
-and bytes, in name order). It is written to a temporary file in the same folder,
-fsynced and renamed over the old one. Format 1 (no checksum, no history) is read.
+seconds, history, divergence), ``checksum`` (sha256 over every other entry's name, dtype, shape
+and bytes, in name order). It is written by ``reference.files.write_bytes_atomic``
+(a temporary file in the same folder, fsynced and renamed over the old one). Format 1
+(no checksum, no history) is read.
 
 Digest (``summary["digest"]``): sha256 of the config's canonical JSON, the final
 checkpoint's checksum, the hash of the ``reference`` package's sources
@@ -27,10 +28,10 @@ checkpoint's checksum, the hash of the ``reference`` package's sources
 
 import fcntl
 import hashlib
+import io
 import json
 import os
 import sys
-import tempfile
 import time
 import zipfile
 from typing import NamedTuple, Optional
@@ -40,7 +41,7 @@ import numpy as np
 import reference
 from reference import analysis as A
 from reference import trainer
-from reference.files import OutputPathError, check_output_dir, umask, write_text_atomic
+from reference.files import OutputPathError, check_output_dir, write_bytes_atomic, write_text_atomic
 from reference.config import ConfigError, TrainConfig, config_differences, config_from_dict
 from reference.errors import TrainingDiverged
 from reference.optim import AdamState
@@ -133,20 +134,9 @@ def save_checkpoint(path, cfg, step, params, state, extra):
     arrays.update(to_arrays(state.v, "adam.v"))
     checksum = arrays_checksum(arrays)
     arrays["checksum"] = np.array(checksum)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".ckpt-", suffix=".npz")
-    try:
-        os.fchmod(fd, 0o666 & ~umask())
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_bytes_atomic(path, buf.getvalue())
     return checksum
 
 
