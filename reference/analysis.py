@@ -284,10 +284,12 @@ def final_analyses(cfg, params, baselines, evals):
     ``{"skipped": reason}`` under its name; the others are still computed."""
     out = {}
     dtype, lay = cfg.np_dtype, cfg.layout()
-    if set(cfg.arch().kinds()) != {"lsa"}:
-        # the weight analyses read LSA products; OOD sweeps go through the model itself
-        why = {"skipped": f"the model has layer kinds {sorted(set(cfg.arch().kinds()))}: this analysis reads the "
-                          "products W_K^T W_Q and P W_V of lsa layers"}
+    if cfg.model.layers is not None:
+        # the weight analyses read LSA products of the stack the LSA fields describe; OOD
+        # sweeps go through the model itself
+        why = {"skipped": f"the model is an explicit layer list (layer kinds {sorted(set(cfg.arch().kinds()))}): "
+                          "this analysis reads the products W_K^T W_Q and P W_V of the lsa stack the model fields "
+                          "describe"}
         out.update(construction=None, weights=why, interpolation=why, products=why,
                    ood=_attempt("ood", ood_sweeps, cfg, params, baselines))
         if cfg.model.n_layers == 1:
@@ -300,6 +302,10 @@ def final_analyses(cfg, params, baselines, evals):
     if cfg.model.heads == 1:
         out["weights"] = _attempt("weights", _weights, params, consts, lay.d)
         out["interpolation"] = _attempt("interpolation", interpolation, cfg, params, baselines, evals, E)
+    else:
+        out["weights"] = out["interpolation"] = {
+            "skipped": f"the rescaling to the construction compares one-head layers; this model has "
+                       f"{cfg.model.heads} heads (see products and the readout map instead)"}
     out["products"] = [{"W_KQ": layer_products(p)[0].tolist(), "W_PV": layer_products(p)[1].tolist()}
                        for p in params]
     out["ood"] = _attempt("ood", ood_sweeps, cfg, params, baselines)
@@ -334,7 +340,9 @@ def rollout(cfg, params, baselines):
 
 
 def interpolation(cfg, params, baselines, evals, E):
-    """Loss of the model averaged (t = 0.5) with its construction, in the model's arch.
+    """Loss of the model averaged (t = 0.5) with its construction, evaluated in the model's
+    arch; the construction's own loss (``loss_construction``) is taken in a plain LSA stack
+    of the same depth and tying, without the model's clip.
 
     Only meaningful when the model's architecture can represent the construction: with
     token clipping the construction's tokens may exceed the clip (per-layer GD++ with

@@ -26,7 +26,7 @@ import numpy as np
 
 from .backends import DEFAULT_TRAIN_BACKEND, backend_names
 from .layers import LayerSpec
-from .model import Arch
+from .model import Arch, lsa_stack
 from .optim import AdamHP
 from .tasks import TaskSpec
 from .tokens import TokenLayout
@@ -173,10 +173,8 @@ class TrainConfig:
         m = self.model
         if m.layers is not None:
             return arch_from_text(m.layers)
-        spec = LayerSpec("lsa", (("causal", m.causal), ("clip", m.token_clip), ("heads", m.heads),
-                                 ("key_size", m.key_size), ("value_size", m.value_size), ("merged", m.merged)))
-        K = m.n_layers
-        return Arch((spec,) * K, (0,) * K if m.recurrent else None)
+        return lsa_stack(m.n_layers, m.recurrent, m.causal, m.token_clip, heads=m.heads, key_size=m.key_size,
+                         value_size=m.value_size, merged=m.merged)
 
     def task_spec(self, B=None):
         t = self.data
@@ -366,7 +364,7 @@ def _config_errors(c):
         need(v[name] > 0, f"{name}: must be > 0, got {v[name]}")
     for name in ("b1", "b2", "gdpp_b2"):
         need(0 <= v[name] < 1, f"{name}: must be in [0, 1), got {v[name]}")
-    need(v["eps"] >= 0, f"eps: must be >= 0, got {v['eps']}")
+    need(v["eps"] > 0, f"eps: must be > 0 (0 gives 0/0 on a zero gradient), got {v['eps']}")
     need(v["diverge_factor"] > 1, f"diverge_factor: must be > 1, got {v['diverge_factor']}")
     for name in ("token_clip", "grad_clip"):
         need(v[name] is None or v[name] > 0, f"{name}: must be > 0 or None (off), got {v[name]}")

@@ -40,9 +40,11 @@ class AdamHP(NamedTuple):
 
     def validate(self):
         check_float("lr", self.lr, 0.0, allow_equal_min=False)
-        check_float("b1", self.b1, 0.0, 1.0)
-        check_float("b2", self.b2, 0.0, 1.0)
-        check_float("eps", self.eps, 0.0)
+        for name in ("b1", "b2"):
+            v = check_float(name, getattr(self, name), 0.0, 1.0)
+            if v == 1.0:   # the bias correction 1 - b^t would be 0
+                raise ValueError(f"{name} must be in [0, 1), got {v}")
+        check_float("eps", self.eps, 0.0, allow_equal_min=False)   # eps = 0 gives 0/0 on a zero gradient
         if self.clip_norm is not None:
             check_float("clip_norm", self.clip_norm, 0.0, allow_equal_min=False)
         return self

@@ -243,8 +243,8 @@ def meta_train_gdpp(spec, n_layers, eta0, *, shared, steps, lr, b2, seed, loss_a
     itself as the coordinate 1000 steps at lr 1e-3 move eta by at most about 1, too
     little to leave the line-search value. Tasks of step s come from
     ``stream_rng(seed, STREAM_GDPP, s + 1)`` (``seed`` = the run's eval_seed, so the
-    baseline does not depend on the training seed). ``log(step, loss)`` is called ten
-    times. Returns (etas (K,), gammas (K,), last loss); raises TrainingDiverged on a
+    baseline does not depend on the training seed). ``log(step, loss)`` is called every
+    max(1, steps // 10) steps. Returns (etas (K,), gammas (K,), last loss); raises TrainingDiverged on a
     non-finite loss.
     """
     K, N = check_int("n_layers", n_layers, 1), spec.N

@@ -33,7 +33,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from . import analysis as A
+from . import analysis
 from .backends import get_backend, host_loss_and_grads, require_support
 from ._checks import NonFiniteError
 from .errors import TrainingDiverged
@@ -110,8 +110,8 @@ def compute_baselines(cfg, evals, log=None):
     K, b = cfg.model.n_layers, cfg.baselines
     ls = cfg.task_spec(b.line_search_tasks).sample(stream_rng(cfg.eval.eval_seed, STREAM_LINE_SEARCH))
     eta, _ = line_search_eta(ls.X, ls.Y, ls.x_q, ls.y_q, n_steps=K)
-    pred_gd, _ = A.gd_reference(evals, eta, K)
-    gd_loss = A.mean_loss(pred_gd, evals.y_q)
+    pred_gd, _ = analysis.gd_reference(evals, eta, K)
+    gd_loss = analysis.mean_loss(pred_gd, evals.y_q)
     if log:
         log(f"baselines: GD-{K} eta {eta:.3f} (line search on {b.line_search_tasks} tasks), eval loss {gd_loss:.5f}")
     gdpp_log = _GDPPLog(log, b.gdpp_steps) if (log and b.gdpp_steps >= 2000) else None
@@ -119,9 +119,9 @@ def compute_baselines(cfg, evals, log=None):
                                       steps=b.gdpp_steps, lr=b.gdpp_lr, b2=b.gdpp_b2, seed=cfg.eval.eval_seed,
                                       loss_and_grads_fn=host_loss_and_grads(cfg.backend), log=gdpp_log)
     with np.errstate(over="ignore", invalid="ignore"):
-        gdpp_loss = A.mean_loss(gdpp_predict(evals.X, evals.Y, evals.x_q, etas, gammas), evals.y_q)
-    ls_loss = A.mean_loss(least_squares_predict(evals.X, evals.Y, evals.x_q), evals.y_q)
-    zero_loss = A.mean_loss(np.zeros_like(evals.y_q), evals.y_q)
+        gdpp_loss = analysis.mean_loss(gdpp_predict(evals.X, evals.Y, evals.x_q, etas, gammas), evals.y_q)
+    ls_loss = analysis.mean_loss(least_squares_predict(evals.X, evals.Y, evals.x_q), evals.y_q)
+    zero_loss = analysis.mean_loss(np.zeros_like(evals.y_q), evals.y_q)
     if log:
         log(f"baselines: GD++ ({'shared' if cfg.gdpp_shared else 'per layer'}, {b.gdpp_steps} Adam steps on P) "
             f"eta {np.round(etas, 3).tolist()} gamma {np.round(gammas, 4).tolist()}, eval loss {gdpp_loss:.5f}; "
@@ -152,11 +152,11 @@ class _GDPPLog:
 
 def eval_set(cfg, evals, baselines):
     """:class:`EvalSet` of the run: tokens in the model dtype and the GD / GD++ references."""
-    evals_m = A.cast_tasks(evals, cfg.np_dtype)
+    evals_m = analysis.cast_tasks(evals, cfg.np_dtype)
     E = cfg.layout().build(evals_m.X, evals_m.Y, evals_m.x_q)                     # (B_eval, T, D)
-    refs = {"gd": _reference(A.gd_reference, evals, baselines["gd_eta"], cfg.model.n_layers),
-            "gdpp": _reference(A.gdpp_reference, evals, baselines["gdpp_etas"], baselines["gdpp_gammas"])}
-    return EvalSet(evals, E, refs, A.mean_loss(np.zeros_like(evals.y_q), evals.y_q))
+    refs = {"gd": _reference(analysis.gd_reference, evals, baselines["gd_eta"], cfg.model.n_layers),
+            "gdpp": _reference(analysis.gdpp_reference, evals, baselines["gdpp_etas"], baselines["gdpp_gammas"])}
+    return EvalSet(evals, E, refs, analysis.mean_loss(np.zeros_like(evals.y_q), evals.y_q))
 
 
 def _reference(fn, evals, *args):
@@ -174,10 +174,10 @@ def _reference(fn, evals, *args):
 def evaluate(params, cfg, es):
     """Eval loss and the alignment metrics against GD and GD++ (one forward+backward of
     the reference on host params). Returns dict(loss, preds_diff_gd, model_cos_gd, ...)."""
-    pred, g = A.sensitivity(es.E, params, cfg.arch(), cfg.layout())
-    row = {"loss": A.mean_loss(pred, es.tasks.y_q)}
+    pred, g = analysis.sensitivity(es.E, params, cfg.arch(), cfg.layout())
+    row = {"loss": analysis.mean_loss(pred, es.tasks.y_q)}
     for name, (p_ref, g_ref) in es.refs.items():
-        for k, v in A.alignment(pred, g, p_ref, g_ref).items():
+        for k, v in analysis.alignment(pred, g, p_ref, g_ref).items():
             row[f"{k}_{name}"] = v
     return row
 

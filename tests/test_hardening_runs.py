@@ -330,3 +330,50 @@ def test_an_overflow_inside_a_step_is_divergence_not_a_traceback(tmp_path):
     with pytest.raises(TrainingDiverged, match=r"training diverged at step \d+ of 300: .*NaN or infinite"):
         with np.errstate(over="ignore", invalid="ignore"):
             train(cfg, tmp_path / "o")
+
+
+# ---- found in review -----------------------------------------------------------------------
+
+def test_a_resume_that_is_already_finished_keeps_a_valid_digest(finished, tmp_path):
+    run = copy_run(finished, tmp_path)
+    runs.train_run(tiny(steps=20), str(run), resume=True)      # nothing left to train: no new checkpoint
+    assert runs.check_digest(str(run)) is None
+
+
+def test_edited_metrics_rows_are_replaced_by_the_checkpoints(finished, tmp_path):
+    run = copy_run(finished, tmp_path)
+    path = run / runs.METRICS_FILE
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[2]["loss"] = 123.0                                     # still valid JSON, wrong value
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rec = runs.recover_metrics(str(run))
+    assert "differ from the checkpoint" in rec["note"]
+    assert 123.0 not in [r.get("loss") for r in rec["rows"]]
+
+
+@pytest.mark.parametrize("bad", [dict(b1=1.0), dict(b2=1.0), dict(eps=0.0)])
+def test_adam_settings_that_divide_by_zero_are_refused(bad):
+    from reference.optim import AdamHP
+
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        AdamHP(**bad).validate()
+    if "eps" in bad:
+        with pytest.raises(ConfigError, match="eps"):
+            tiny(**bad)
+
+
+def test_the_pool_refuses_two_jobs_of_one_config(tmp_path):
+    from verify.pool import train_all
+
+    cfg = tiny(steps=10)
+    with pytest.raises(ValueError, match="same config"):
+        train_all([(cfg, str(tmp_path / "a")), (cfg, str(tmp_path / "b"))])
+
+
+def test_vectors_write_to_a_file_is_a_usage_error(tmp_path, capsys):
+    from verify import cli
+
+    f = tmp_path / "f"
+    f.write_text("x")
+    assert cli.main(["vectors", "write", str(f)]) == 2
+    assert "not a directory" in capsys.readouterr().err and f.read_text() == "x"

@@ -373,7 +373,7 @@ def test_a_mixed_stack_run_with_analyses_writes_its_summary_and_plots(tmp_path):
     res = runs.train_run(tiny(layers=json.dumps(MIXED_LAYERS), n_layers=2, steps=20), str(tmp_path / "m"))
     s = res.summary
     for name in ("weights", "interpolation", "products"):
-        assert "lsa layers" in s[name]["skipped"], name
+        assert "products W_K^T W_Q" in s[name]["skipped"], name
     assert len(s["ood"]["input"]["model"]) == len(s["ood"]["input"]["alpha"])
     drawn = {os.path.basename(p) for p in plots.make_plots(str(tmp_path / "m"))}
     assert {"loss.png", "alignment.png", "ood.png"} <= drawn and "weights.png" not in drawn

@@ -16,6 +16,7 @@ Independent runs train in parallel worker processes, one per core.
 
 import os
 import sys
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
@@ -102,6 +103,8 @@ def run_for(ctx, experiment, seed):
     if cfg not in _MEMO:
         r = _reusable(ctx, cfg)
         _MEMO[cfg] = r if r is not None else R.train_run(cfg, _run_dir(ctx, cfg), overwrite=True)
+    if isinstance(_MEMO[cfg], Exception):      # the run failed in a worker: every claim on it reports that
+        raise _MEMO[cfg]
     return _MEMO[cfg]
 
 
@@ -118,7 +121,8 @@ _PREFETCHED = set()
 def _prefetch(ctx):
     """Train every run the selected training claims need, in parallel worker processes
     (``verify.pool``); results come back from the run directories. A run that failed in
-    a worker is retrained in-process by :func:`run_for`, which reports its error."""
+    a worker keeps its error, which every claim on that run reports; a run whose worker
+    died is retrained in-process by :func:`run_for`."""
     key = (ctx.mode, ctx.seed, ctx.workdir)
     if key in _PREFETCHED:
         return
@@ -130,7 +134,9 @@ def _prefetch(ctx):
             _MEMO[c] = r
     jobs = [(c, _run_dir(ctx, c)) for c in cfgs if c not in _MEMO]
     for c, res in train_all(jobs).items():
-        if not isinstance(res, Exception):
+        # a run that failed in its worker keeps its error (retraining it in-process would
+        # only fail again); a broken pool (a worker killed) leaves it to run_for to retrain
+        if not isinstance(res, BrokenProcessPool):
             _MEMO[c] = res
 
 

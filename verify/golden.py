@@ -49,6 +49,7 @@ import numpy as np
 
 import reference as R
 from reference.backends.numpy_backend import make_stepper
+from reference.files import OutputPathError, check_output_dir, write_bytes_atomic, write_text_atomic
 from reference.layers.embed import EmbedParams
 from reference.layers.layernorm import layernorm_backward, layernorm_forward
 from reference.layers.mlp import MLPParams, mlp_forward
@@ -985,12 +986,13 @@ def _describe(a):
     return {"shape": list(a.shape), "dtype": np.dtype(a.dtype).name}
 
 
-def manifest_for(cases, files):
-    """The manifest dict: provenance plus, per case, kind, file, sha256, inputs and outputs."""
+def manifest_for(cases, files, seed=SEED):
+    """The manifest dict: provenance (with the seed the cases were built from) plus, per
+    case, kind, file, sha256, inputs and outputs."""
     tol = tolerance(np.float64, TOL_KIND)
     return {
         "format_version": FORMAT_VERSION,
-        "generator": {"module": "verify.golden", "function": "build_cases", "seed": SEED},
+        "generator": {"module": "verify.golden", "function": "build_cases", "seed": seed},
         "package_version": R.__version__,
         "numpy_version": np.__version__,
         "dtype": "float64",
@@ -1021,12 +1023,15 @@ def write_vectors(directory=DEFAULT_DIR, seed=SEED):
         except (ValueError, KeyError, TypeError):
             listed = set()
         stale = {f for f in listed if isinstance(f, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*\.npz", f)}
-        for f in stale - {f"{n}.npz" for n in files}:               # plain names in this folder only
-            (directory / f).unlink(missing_ok=True)
+    else:
+        stale = set()
+    # every file atomically, the manifest last, stale files only once the new manifest is in place
     for name, data in files.items():
-        (directory / f"{name}.npz").write_bytes(data)
-    man = manifest_for(cases, files)
-    (directory / MANIFEST).write_text(manifest_text(man))
+        write_bytes_atomic(str(directory / f"{name}.npz"), data)
+    man = manifest_for(cases, files, seed)
+    write_text_atomic(str(directory / MANIFEST), manifest_text(man))
+    for f in stale - {f"{n}.npz" for n in files}:                   # plain names in this folder only
+        (directory / f).unlink(missing_ok=True)
     return man
 
 
@@ -1306,6 +1311,11 @@ def add_arguments(p):
 
 def run(args):
     if args.action == "write":
+        try:
+            check_output_dir(str(args.dir), "DIR")
+        except OutputPathError as exc:
+            print(f"icgd vectors write: {exc}", file=sys.stderr)
+            return 2
         man = write_vectors(args.dir)
         size = sum(os.path.getsize(Path(args.dir) / e["file"]) for e in man["cases"])
         print(f"wrote {len(man['cases'])} cases ({size / 1024:.0f} KiB) and {MANIFEST} to {args.dir}")

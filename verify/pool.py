@@ -37,6 +37,9 @@ def train_all(jobs, max_workers=MAX_WORKERS):
     """Train every (cfg, run_dir) job; returns {cfg: RunResult or the exception it raised}.
     With fewer than two workers available nothing is started and {} is returned (the
     caller trains in-process)."""
+    configs = [cfg for cfg, _ in jobs]
+    if len(set(configs)) != len(configs):
+        raise ValueError("train_all: two jobs have the same config; results are keyed by config, so train each once")
     jobs = sorted(jobs, key=lambda j: -estimated_cost(j[0]))
     workers = workers_for(len(jobs), max_workers)
     out = {}

@@ -277,14 +277,12 @@ def merge_metrics(rows, problem, ck):
     rebuilt, complete = metrics_from_checkpoint(ck)
     upto = [r for r in rows if r.get("kind") == "baselines" or r["step"] <= ck.step]
     after = [r for r in rows if r.get("kind") == "eval" and r["step"] > ck.step]
-    have = {r["step"] for r in upto if r.get("kind") == "eval"}
-    want = {r["step"] for r in rebuilt if r.get("kind") == "eval"}
     has_base = any(r.get("kind") == "baselines" for r in upto)
-    if problem is None and has_base and (not complete or have == want):
+    if problem is None and (upto == rebuilt if complete else has_base):
         return rows, None
     if complete:
-        note = (f"metrics.jsonl: {problem or 'rows missing'}; rebuilt its {len(rebuilt)} rows up to step {ck.step} "
-                "from the checkpoint")
+        what = problem or ("rows missing" if len(upto) < len(rebuilt) else "rows differ from the checkpoint's")
+        note = f"metrics.jsonl: {what}; rebuilt its {len(rebuilt)} rows up to step {ck.step} from the checkpoint"
         lost = sorted({r["step"] for r in after})
         return rebuilt + after, note + (f"; kept the readable rows after it (steps {lost})" if lost else "")
     base = [] if has_base else rebuilt[:1]
@@ -545,14 +543,21 @@ def _train(cfg, out_dir, resume, progress, log, analyses, stepper):
     es = trainer.eval_set(cfg, evals, baselines)
     progress.start(state.step, baselines, cfg.model.n_layers)
     files = _RunFiles(cfg, paths, metrics, baselines, elapsed0, progress, state.step if resume else None)
+    if resume:
+        files.checksum = ck.checksum        # a resume that is already at `steps` writes no new checkpoint
     try:
         state = trainer.train_loop(cfg, state, es, files, stepper)
+        return _finish(cfg, state, metrics, baselines, evals, files, paths, analyses, out_dir)
     except TrainingDiverged as exc:
         raise _with_checkpoint(exc, paths, files.last_ckpt) from None
     except KeyboardInterrupt:
         raise RunInterrupted(files.last_step, _checkpoint_step(paths, files.last_ckpt), out_dir) from None
     finally:
         progress.close()
+
+
+def _finish(cfg, state, metrics, baselines, evals, files, paths, analyses, out_dir):
+    """The end of a run: the final analyses and summary.json (with its digest)."""
     params = to_host(state.params)
     history = metrics.history()
     summary = {"experiment": cfg.experiment, "steps": cfg.steps, "seed": cfg.seed, "baselines": baselines,
