@@ -1,0 +1,550 @@
+"""What each golden-vector kind is: the npz key format of parameter trees, the
+reference computation of every kind (``COMPUTE``), and the schema of its inputs and
+outputs (``KINDS``: data vs configuration, dtypes, ranges and limits) that the manifest
+publishes and ``verify.golden``'s checker and the conformance kit read. The generator
+of the cases and the checker live in ``verify.golden``."""
+
+import re
+from typing import NamedTuple
+
+import numpy as np
+
+import reference as R
+from reference.backends.numpy_backend import make_stepper
+from reference.layers.embed import EmbedParams
+from reference.layers.layernorm import layernorm_backward, layernorm_forward
+from reference.layers.mlp import MLPParams
+from reference.layers.posenc import PosEncParams, positional_encoding
+from reference.layers.softmax import SoftmaxParams
+from reference.optim import AdamHP, AdamState, adam_init, adam_update
+from reference.tokens import EmbeddedLayout
+from reference.tree import tree_leaves, tree_paths, tree_unflatten
+
+
+
+# --------------------------------------------------------------------------------
+# Parameter naming: parameter trees (reference.tree) <-> npz keys
+# --------------------------------------------------------------------------------
+# A tree's leaves are walked and named by reference.tree (tree_leaves, tree_paths
+# "<i>.<field>", tree_unflatten); the vector files spell the path of leaf <i>.<field>
+# with one of these formats (g = "d" for gradients, "" otherwise):
+
+STACK_KEY = "{prefix}layer{i}.{g}{field}"   # a stack's tree: layer0.W_Q, m.layer1.P, layer0.dW_Q
+LAYER_KEY = "{prefix}{g}{field}"            # a one-layer case: W_Q, dW_Q (the tree (p,))
+
+
+def tree_keys(tree, prefix="", grad=False, key=STACK_KEY):
+    """The npz key of each of ``tree_leaves(tree)``, from its path ``"<i>.<field>"``."""
+    keys = []
+    for path in tree_paths(tree):
+        i, field = path.split(".", 1)
+        keys.append(key.format(prefix=prefix, i=i, g="d" if grad else "", field=field))
+    return keys
+
+
+def tree_arrays(tree, prefix="", grad=False, key=STACK_KEY):
+    """``{npz key: leaf}`` for a parameter tree, in ``tree_leaves`` order."""
+    return dict(zip(tree_keys(tree, prefix, grad, key), tree_leaves(tree)))
+
+
+def read_tree(arrays, types, prefix="", grad=False, key=STACK_KEY):
+    """The tree with one layer of each NamedTuple class in ``types`` stored by
+    :func:`tree_arrays`. The skeleton's leaves are its field names (only its structure
+    is used: the keys and the order)."""
+    like = tuple(tp(*tp._fields) for tp in types)
+    return tree_unflatten(like, [np.asarray(arrays[k]) for k in tree_keys(like, prefix, grad, key)])
+
+
+def _stored_type(arrays, prefix, grad, key, i=0):
+    """MergedParams if layer ``i`` is stored merged (``W_KQ``), else LSAParams."""
+    merged = key.format(prefix=prefix, i=i, g="d" if grad else "", field="W_KQ") in arrays
+    return R.MergedParams if merged else R.LSAParams
+
+
+def layer_arrays(p, prefix="", grad=False):
+    """Keys ``<prefix>W_Q`` ... (``<prefix>dW_Q`` ... for gradients) for one layer."""
+    return tree_arrays((p,), prefix, grad, LAYER_KEY)
+
+
+def stack_arrays(layers, prefix="", grad=False):
+    """Keys ``<prefix>layer<k>.<name>`` (``.d<name>`` for gradients) for a tuple of layers."""
+    return tree_arrays(layers, prefix, grad, STACK_KEY)
+
+
+def read_layer(arrays, prefix="", grad=False):
+    """One layer from keys ``<prefix>W_Q`` ... (factored) or ``<prefix>W_KQ`` ... (merged)."""
+    return read_tree(arrays, [_stored_type(arrays, prefix, grad, LAYER_KEY)], prefix, grad, LAYER_KEY)[0]
+
+
+def read_stack(arrays, prefix="", grad=False):
+    """The tuple of layers stored under ``<prefix>layer0.``, ``<prefix>layer1.``, ..."""
+    pat = re.compile(re.escape(prefix) + r"layer(\d+)\.")
+    n = 1 + max(int(m.group(1)) for m in (pat.match(k) for k in arrays) if m)
+    types = [_stored_type(arrays, prefix, grad, STACK_KEY, i) for i in range(n)]
+    return read_tree(arrays, types, prefix, grad, STACK_KEY)
+
+
+def _scalar(x):
+    return np.asarray(x)[()]
+
+
+def _clip_arg(x):
+    """Stored clip (+inf = none) -> the reference's argument (None = none)."""
+    c = float(x)
+    return None if np.isinf(c) else c
+
+
+def _arch(a):
+    return R.lsa_stack(int(a["K"]), recurrent=bool(a["recurrent"]), causal=bool(a["causal"]), clip=_clip_arg(a["clip"]))
+
+
+# --------------------------------------------------------------------------------
+# The reference computation of each kind: stored inputs -> outputs
+# --------------------------------------------------------------------------------
+
+def compute_layer(a):
+    """One LSA layer and its backward for the upstream gradient ``dout``."""
+    p = read_layer(a)
+    out, cache = R.lsa_forward(a["E"], p, causal=bool(a["causal"]), clip=_clip_arg(a["clip"]))
+    dE, dp = R.lsa_backward(a["dout"], cache)
+    return {"out": out, "dE": dE, **layer_arrays(dp, grad=True)}
+
+
+def compute_stack(a):
+    """A K-layer stack and its backward for the upstream gradient ``dout`` on E_K."""
+    out, cache = R.model_forward(a["E"], read_stack(a), _arch(a))
+    dE, grads = R.model_backward(a["dout"], cache)
+    return {"out": out, "dE": dE, **stack_arrays(grads, grad=True)}
+
+
+def compute_loss(a):
+    """Readout, 0.5 * MSE loss and the loss gradient for E and every parameter."""
+    layout = R.TokenLayout(int(a["d"]), a["y_q"].shape[1])
+    L, grads, aux = R.loss_and_grads(a["E"], a["y_q"], read_stack(a), _arch(a), layout)
+    return {"pred": aux["pred"], "L": np.asarray(L, dtype=np.float64), "dE": aux["dE"], **stack_arrays(grads, grad=True)}
+
+
+def compute_gd(a):
+    """The Prop. 1 construction (K layers, recurrent or separate) against explicit GD-K."""
+    X, Y, x_q, W_0 = a["X"], a["Y"], a["x_q"], a["W_0"]
+    B, N, d = X.shape
+    d_y = Y.shape[2]
+    eta, K = float(a["eta"]), int(a["K"])
+    params, arch = R.gd_stack(K, d, d_y, N, eta, W_0, recurrent=bool(a["recurrent"]))
+    layout = R.TokenLayout(d, d_y)
+    E = layout.build(X, Y, x_q, W_0=W_0)                               # (B, T, D)
+    out, _ = R.model_forward(E, params, arch)
+    pred_gd, W_gd = R.gd_predict(X, Y, x_q, eta, K, W_0=W_0)
+    return {"E": E, **stack_arrays(params), "out": out, "pred": layout.readout(out), "pred_gd": pred_gd, "W_gd": W_gd}
+
+
+def compute_gdpp(a):
+    """The GD++ construction (separate layers, one (eta_k, gamma_k) each) against its recursion."""
+    X, Y, x_q, W_0 = a["X"], a["Y"], a["x_q"], a["W_0"]
+    B, N, d = X.shape
+    etas, gammas = [float(e) for e in a["etas"]], [float(g) for g in a["gammas"]]
+    params, arch = R.gdpp_stack(d, Y.shape[2], N, etas, gammas, W_0)
+    layout = R.TokenLayout(d, Y.shape[2])
+    E = layout.build(X, Y, x_q, W_0=W_0)                               # (B, T, D)
+    out, _ = R.model_forward(E, params, arch)
+    pred_gdpp = R.gdpp_predict(X, Y, x_q, etas, gammas, W_0=W_0)
+    return {"E": E, **stack_arrays(params), "out": out, "pred": layout.readout(out), "pred_gdpp": pred_gdpp}
+
+
+def _hp(a):
+    return AdamHP(lr=float(a["lr"]), b1=float(a["b1"]), b2=float(a["b2"]), eps=float(a["eps"]),
+                  clip_norm=_clip_arg(a["clip_norm"])).validate()
+
+
+def compute_adam(a):
+    """One global-norm-clipped Adam step from a given state."""
+    params, grads = read_stack(a), read_stack(a, grad=True)
+    state = AdamState(read_stack(a, "m."), read_stack(a, "v."), int(a["t"]))
+    new, st, norm = adam_update(params, grads, state, _hp(a))
+    return {**stack_arrays(new, "new."), **stack_arrays(st.m, "new_m."), **stack_arrays(st.v, "new_v."),
+            "new_t": np.asarray(st.t, dtype=np.int64), "grad_norm": np.asarray(norm, dtype=np.float64)}
+
+
+def compute_train(a):
+    """``n_steps`` steps of the numpy backend's stepper (float64), tasks of step s from
+    default_rng([seed, s]); records each step's tasks, loss and pre-clip gradient norm."""
+    spec = R.TaskSpec(d=int(a["d"]), N=int(a["N"]), d_y=int(a["d_y"]), B=int(a["B"]),
+                      x_range=tuple(float(v) for v in a["x_range"]), w_scale=float(a["w_scale"]),
+                      noise_std=float(a["noise_std"]), n_distractors=int(a["n_distractors"]))
+    stepper = make_stepper(_arch(a), _hp(a), spec, int(a["seed"]), dtype=np.float64)
+    params = read_stack(a)
+    state = adam_init(params)
+    out, losses, norms = {}, [], []
+    for s in range(int(a["n_steps"])):
+        t = stepper.sample(s)
+        out.update({f"step{s}.{f}": getattr(t, f) for f in ("X", "Y", "x_q", "y_q")})
+        res = stepper.step(params, state, s)
+        params, state = res.params, res.state
+        losses.append(res.loss)
+        norms.append(res.grad_norm)
+    return {"losses": np.array(losses), "grad_norms": np.array(norms), **out, **stack_arrays(params, "final.")}
+
+
+def compute_tasks(a):
+    """sample_tasks(step_rng(seed, step), ...): the sampler's draw order, bit for bit."""
+    t = R.sample_tasks(R.step_rng(int(a["seed"]), int(a["step"])), int(a["B"]), int(a["d"]), int(a["N"]), int(a["d_y"]),
+                       x_range=tuple(float(v) for v in a["x_range"]), w_scale=float(a["w_scale"]),
+                       noise_std=float(a["noise_std"]), n_distractors=int(a["n_distractors"]))
+    return dict(zip(t._fields, t))
+
+
+def compute_init(a):
+    """init_lsa_params(default_rng(seed), D, ...) in float64; ``merged`` (default false),
+    ``key_size`` and ``value_size`` (default D) may be absent."""
+    size = {k: int(a[k]) if k in a else None for k in ("key_size", "value_size")}
+    p = R.init_lsa_params(np.random.default_rng(int(a["seed"])), int(a["D"]), H=int(a["H"]), **size,
+                          n_layers_for_scale=int(a["K"]), scale=float(a["scale"]), dtype=np.float64,
+                          merged=bool(a["merged"]) if "merged" in a else False)
+    return layer_arrays(p)
+
+
+def compute_baselines(a):
+    """GD-K (eta scalar or one per step), least squares, ridge and the eta line search on the same tasks."""
+    X, Y, x_q, y_q = a["X"], a["Y"], a["x_q"], a["y_q"]
+    n = int(a["n_steps"])
+    eta = float(a["eta"]) if a["eta"].ndim == 0 else [float(e) for e in a["eta"]]   # one eta, or one per step
+    pred_gd, W_gd = R.gd_predict(X, Y, x_q, eta, n)
+    eta_ls, losses = R.line_search_eta(X, Y, x_q, y_q, n_steps=n, grid=a["eta_grid"])
+    return {"pred_gd": pred_gd, "W_gd": W_gd, "pred_ls": R.least_squares_predict(X, Y, x_q),
+            "pred_ridge": R.least_squares_predict(X, Y, x_q, ridge=float(a["ridge"])),
+            "eta_ls": np.asarray(eta_ls), "losses_ls": losses}
+
+
+def compute_eta(a):
+    """Moments of U(low, high), the closed-form optimal one-step eta and the expected loss."""
+    d, N, d_y = int(a["d"]), int(a["N"]), int(a["d_y"])
+    w_scale, noise = float(a["w_scale"]), float(a["noise_std"])
+    m2, m4 = R.uniform_moments(tuple(float(v) for v in a["x_range"]))
+    eta_star, L_star = R.optimal_one_step_eta(d, N, m2, m4, w_scale, d_y, noise)
+    L_eta = R.expected_one_step_loss(float(a["eta"]), d, N, m2, m4, w_scale, d_y, noise)
+    return {"m2": np.asarray(m2), "m4": np.asarray(m4), "eta_star": np.asarray(eta_star),
+            "L_star": np.asarray(L_star), "L_eta": np.asarray(L_eta)}
+
+
+# The layer types after LSA (reference/layers/: softmax, mlp, pre_ln with layernorm,
+# embed, posenc), added in format version 1. One layer and its backward for ``dout``;
+# keys are the parameters' field names (``W_1``, ``ln_scale``), gradients with a ``d``.
+
+def _layer_case(spec, params, a):
+    """Forward of one layer spec and its backward for a["dout"]: out, dE, d<field>."""
+    out, cache = spec.forward(a["E"], params)
+    dE, dp = spec.backward(a["dout"], cache)
+    return {"out": out, "dE": dE, **layer_arrays(dp, grad=True)}
+
+
+def _fields(a, tp, prefix=""):
+    return tp(*(a[prefix + f] for f in tp._fields))
+
+
+def compute_softmax_layer(a):
+    """One softmax attention layer (causal, clip) and its backward."""
+    spec = R.LayerSpec("softmax", (("causal", bool(a["causal"])), ("clip", _clip_arg(a["clip"]))))
+    return _layer_case(spec, _fields(a, SoftmaxParams), a)
+
+
+def compute_mlp_layer(a):
+    """The residual MLP (tanh or erf GELU, clip) with biases (zero biases: no bias) and its backward."""
+    spec = R.LayerSpec("mlp", (("gelu", "erf" if bool(a["gelu_erf"]) else "tanh"), ("clip", _clip_arg(a["clip"]))))
+    return _layer_case(spec, _fields(a, MLPParams), a)
+
+
+def compute_layernorm(a):
+    """LayerNorm of every token (eps) and its backward."""
+    out, cache = layernorm_forward(a["E"], a["ln_scale"], a["ln_offset"], float(a["eps"]))
+    dE, dscale, doffset = layernorm_backward(a["dout"], cache)
+    return {"out": out, "dE": dE, "dln_scale": dscale, "dln_offset": doffset}
+
+
+def _pre_ln_spec(block, block_options, a):
+    return R.LayerSpec("pre_ln", (("block", block), ("block_options", block_options), ("eps", float(a["eps"])),
+                                  ("clip", _clip_arg(a["clip"]))))
+
+
+def compute_pre_ln_attention(a):
+    """A pre-LN attention block e + f(LN(e)), softmax or linear (LSA), and its backward."""
+    block = "softmax" if bool(a["softmax"]) else "lsa"
+    spec = _pre_ln_spec(block, (("causal", bool(a["causal"])),), a)
+    return _layer_case(spec, _fields(a, spec.param_type()), a)
+
+
+def compute_pre_ln_mlp(a):
+    """A pre-LN MLP block e + MLP(LN(e)) and its backward."""
+    spec = _pre_ln_spec("mlp", (("gelu", "erf" if bool(a["gelu_erf"]) else "tanh"),), a)
+    return _layer_case(spec, _fields(a, spec.param_type()), a)
+
+
+def compute_posenc(a):
+    """The encoding table pe (T, width), tokens with it added or concatenated, and dE."""
+    E, P, concat = a["E"], int(a["width"]), bool(a["concat"])
+    if not concat and P != E.shape[2]:
+        raise ValueError(f"width {P} must be the token width {E.shape[2]} when concat is false")
+    spec = R.LayerSpec("posenc", (("mode", "concat"), ("width", P)) if concat else ())
+    out, cache = spec.forward(E, PosEncParams())
+    dE, _ = spec.backward(a["dout"], cache)
+    return {"pe": positional_encoding(E.shape[1], P), "out": out, "dE": dE}
+
+
+EMBEDDED_TYPES = (EmbedParams, MLPParams, R.LSAParams)
+
+
+def _embedded_arch(a):
+    gelu = "erf" if bool(a["gelu_erf"]) else "tanh"
+    D_model, w = a["layer0.W"].shape[0], a["layer1.W_1"].shape[0]
+    return R.Arch((R.LayerSpec("embed", (("width", int(D_model)), ("bias", True))),
+                   R.LayerSpec("mlp", (("width", int(w)), ("gelu", gelu))), R.LayerSpec("lsa")))
+
+
+def compute_embedded_loss(a):
+    """The sine-task model shape: embed (W, b) to width D_model, residual MLP, one LSA
+    layer; pred = minus the last d_y features of the query; loss and every gradient."""
+    layers = read_tree(a, EMBEDDED_TYPES)
+    d_y = a["y_q"].shape[1]
+    layout = EmbeddedLayout(a["E"].shape[2] - d_y, d_y, width=int(a["layer0.W"].shape[0]))
+    L, grads, aux = R.loss_and_grads(a["E"], a["y_q"], layers, _embedded_arch(a), layout)
+    return {"pred": aux["pred"], "L": np.asarray(L, dtype=np.float64), "dE": aux["dE"], **stack_arrays(grads, grad=True)}
+
+
+COMPUTE = {"layer": compute_layer, "stack": compute_stack, "loss": compute_loss, "gd": compute_gd,
+           "gdpp": compute_gdpp, "adam": compute_adam, "train": compute_train, "tasks": compute_tasks,
+           "init": compute_init, "baselines": compute_baselines, "eta": compute_eta,
+           "softmax_layer": compute_softmax_layer, "mlp_layer": compute_mlp_layer, "layernorm": compute_layernorm,
+           "pre_ln_attention": compute_pre_ln_attention, "pre_ln_mlp": compute_pre_ln_mlp, "posenc": compute_posenc,
+           "embedded_loss": compute_embedded_loss}
+
+
+# --------------------------------------------------------------------------------
+# Kinds: what each kind reads and writes (written into the manifest as "kinds")
+# --------------------------------------------------------------------------------
+# An input is *data* (float64 arrays, finite, small) or *configuration* (0-d or short
+# 1-d arrays of a fixed dtype within a range). The checker refuses any input that is
+# neither, and computes the outputs itself, so a stored output set that differs from
+# the computed one fails. The ranges bound the work a forged file can ask for.
+
+PLACEHOLDERS = {
+    "<param>": "a parameter of one LSA layer: W_Q, W_K, W_V, P (factored) or W_KQ, W_PV (merged)",
+    "<k>": "a parameter-set index 0, 1, ...: K sets for a separate stack, 1 for a recurrent one; "
+           "as many as the case stores for adam",
+    "<s>": "a training step 0 .. n_steps - 1",
+}
+_PLACEHOLDER_RE = {"<param>": "(?:W_Q|W_K|W_V|P|W_KQ|W_PV)", "<k>": "(?:0|[1-9][0-9]?)", "<s>": "(?:0|[1-9][0-9]{0,2})"}
+MAX_DIM = 32              # every dimension of a data input
+MAX_DATA = 4096           # entries of one data input
+MAX_LIST = 1024           # entries of a 1-d configuration input (eta_grid)
+MAX_FILE_BYTES = 1 << 22  # one npz on disk, and all its arrays unpacked
+MAX_MANIFEST_BYTES = 1 << 22
+LIMITS = (f"data inputs: float64, finite, every dimension <= {MAX_DIM}, <= {MAX_DATA} entries; 1-d configuration "
+          f"<= {MAX_LIST} entries; an npz <= {MAX_FILE_BYTES} bytes on disk and unpacked")
+
+
+class Config(NamedTuple):
+    """One configuration input: ``dtype`` bool, int64 or float64; ``shape`` "()",
+    "(2,)", "(n,)" (1-d, 1 .. MAX_LIST entries) or "() or (n_steps,)"; bounds ``lo``
+    (exclusive when ``strict``) and ``hi``; ``inf`` accepts +inf ("no clipping");
+    ``default``: the value when absent (None: required)."""
+    dtype: str
+    shape: str = "()"
+    lo: float = None
+    hi: float = None
+    strict: bool = False
+    inf: bool = False
+    default: object = None
+
+    def bounds(self):
+        low = "" if self.lo is None else f"{'>' if self.strict else '>='} {self.lo:g}"
+        high = "" if self.hi is None else f"<= {self.hi:g}" if isinstance(self.hi, float) else f"<= {self.hi}"
+        return ", ".join(t for t in (low, high) if t)
+
+    def describe(self):
+        return "; ".join(t for t in (f"{self.dtype} {self.shape}", self.bounds(), "+inf: no clipping" if self.inf else "",
+                                     "" if self.default is None else f"optional, default {self.default}") if t)
+
+    def problem(self, name, a, inputs):
+        """Why ``a`` is not a valid value of this input (None when it is)."""
+        if a.dtype.name != self.dtype:
+            return f"{name} has dtype {a.dtype.name}, configuration {self.dtype}"
+        if self.shape == "(n,)":
+            ok = a.ndim == 1 and 1 <= a.size <= MAX_LIST
+        elif self.shape == "() or (n_steps,)":
+            ok = a.shape in ((), (_int_or(inputs.get("n_steps"), -1),))
+        else:
+            ok = a.shape == {"()": (), "(2,)": (2,)}[self.shape]
+        if not ok:
+            return f"{name} has shape {a.shape}, configuration {self.shape}"
+        if self.dtype == "bool":
+            return None
+        v = a.astype(np.float64)
+        if np.any(np.isnan(v)) or np.any(v == -np.inf) or (not self.inf and np.any(v == np.inf)):
+            return f"{name} = {a.tolist()} is not {'finite or +inf' if self.inf else 'finite'}"
+        v = v[np.isfinite(v)]
+        low = self.lo is not None and np.any(v <= self.lo if self.strict else v < self.lo)
+        if low or (self.hi is not None and np.any(v > self.hi)):
+            return f"{name} = {a.tolist()} is outside {self.bounds()}"
+        return None
+
+
+def _int_or(a, default):
+    return int(a) if isinstance(a, np.ndarray) and a.shape == () and a.dtype.kind == "i" else default
+
+
+class Kind(NamedTuple):
+    computes: str     # one line, with the SPEC.md section
+    data: tuple       # data input keys, with placeholders
+    config: dict      # configuration input name -> Config
+    outputs: tuple    # output keys, with placeholders
+
+
+_BOOL, _CLIP = Config("bool"), Config("float64", lo=0.0, strict=True, inf=True)
+_SEED = Config("int64", lo=0, hi=2 ** 63 - 1)
+_SIZE = Config("int64", lo=1, hi=MAX_DIM)
+_LAYERS = Config("int64", lo=1, hi=8)
+_REAL = Config("float64", lo=-1e6, hi=1e6)
+_NONNEG = Config("float64", lo=0.0, hi=1e6)
+_TASK_SPEC = {"d": _SIZE, "N": _SIZE, "d_y": Config("int64", lo=1, hi=8), "B": _SIZE,
+              "x_range": Config("float64", "(2,)", -1e6, 1e6), "w_scale": _NONNEG, "noise_std": _NONNEG,
+              "n_distractors": Config("int64", lo=0, hi=MAX_DIM)}
+_UNIT = Config("float64", lo=0.0, hi=1.0)
+_ADAM_HP = {"lr": Config("float64", lo=0.0, hi=1.0, strict=True), "b1": _UNIT, "b2": _UNIT, "eps": _UNIT, "clip_norm": _CLIP}
+_STACK = {"K": _LAYERS, "recurrent": _BOOL, "causal": _BOOL, "clip": _CLIP}
+_EPS = Config("float64", lo=0.0, hi=1.0, strict=True)
+_ATTN = ("W_Q", "W_K", "W_V", "P")
+_MLP = ("W_1", "b_1", "W_2", "b_2")
+_LN = ("ln_scale", "ln_offset")
+_EMBEDDED = ("layer0.W", "layer0.b", "layer1.W_1", "layer1.b_1", "layer1.W_2", "layer1.b_2", "layer2.W_Q",
+             "layer2.W_K", "layer2.W_V", "layer2.P")
+
+
+def _d(keys):
+    return tuple(f"d{k}" for k in keys)
+
+
+KINDS = {
+    "layer": Kind("one LSA layer out = clip(E + sum_h P_h (A_h v_h)) and its backward for the upstream gradient dout "
+                  "(SPEC.md section 4)", ("E", "<param>", "dout"), {"causal": _BOOL, "clip": _CLIP},
+                  ("out", "dE", "d<param>")),
+    "stack": Kind("K LSA layers (recurrent: one parameter set applied K times) and the backward for dout on E_K "
+                  "(SPEC.md section 5)", ("E", "layer<k>.<param>", "dout"), _STACK,
+                  ("out", "dE", "layer<k>.d<param>")),
+    "loss": Kind("readout pred = -E_K[:, N, d:], L = 0.5 mean_b |pred - y_q|^2 and dL/dE, dL/dparams (SPEC.md sections 3, 5, 6)",
+                 ("E", "y_q", "layer<k>.<param>"), {"d": _SIZE, **_STACK},
+                 ("pred", "L", "dE", "layer<k>.d<param>")),
+    "gd": Kind("the Prop. 1 weights for K GD steps from W_0 (shared by the batch), the tokens with query slot -W_0 x_q, "
+               "the stack's output and readout, and explicit GD-K (SPEC.md section 8)",
+               ("X", "Y", "x_q", "W_0"), {"eta": _REAL, "K": _LAYERS, "recurrent": _BOOL},
+               ("E", "layer<k>.W_Q", "layer<k>.W_K", "layer<k>.W_V", "layer<k>.P", "out", "pred", "pred_gd", "W_gd")),
+    "gdpp": Kind("the GD++ weights (separate layers, (etas[k], gammas[k]) each, from W_0), the stack's output and "
+                 "readout, and the GD++ recursion (SPEC.md sections 8, 9)",
+                 ("X", "Y", "x_q", "W_0"), {"etas": Config("float64", "(n,)", -1e6, 1e6),
+                                             "gammas": Config("float64", "(n,)", -1e6, 1e6)},
+                 ("E", "layer<k>.W_Q", "layer<k>.W_K", "layer<k>.W_V", "layer<k>.P", "out", "pred", "pred_gdpp")),
+    "adam": Kind("one global-norm-clipped Adam step from the state (m, v, t) (SPEC.md section 10)",
+                 ("layer<k>.<param>", "layer<k>.d<param>", "m.layer<k>.<param>", "v.layer<k>.<param>"),
+                 {"t": Config("int64", lo=0, hi=10 ** 9), **_ADAM_HP},
+                 ("new.layer<k>.<param>", "new_m.layer<k>.<param>", "new_v.layer<k>.<param>", "new_t", "grad_norm")),
+    "train": Kind("n_steps training steps s = 0 .. n_steps-1 from the stored initial parameters and m = v = 0; step s "
+                  "draws its tasks from default_rng([seed, s]) and records the loss and the pre-clip gradient norm "
+                  "before its update (SPEC.md section 10)",
+                  ("layer<k>.<param>",), {"seed": _SEED, "n_steps": Config("int64", lo=1, hi=64), **_TASK_SPEC,
+                                          **_STACK, **_ADAM_HP},
+                  ("losses", "grad_norms", "step<s>.X", "step<s>.Y", "step<s>.x_q", "step<s>.y_q", "final.layer<k>.<param>")),
+    "tasks": Kind("sample_tasks(default_rng([seed, step]), ...): the sampler's draws in order (SPEC.md section 2)",
+                  (), {"seed": _SEED, "step": _SEED, **_TASK_SPEC}, ("X", "Y", "x_q", "y_q", "W")),
+    "init": Kind("init_lsa_params(default_rng(seed), D, ...): truncated-normal variance scaling, redraws in order "
+                 "(SPEC.md section 7)", (),
+                 {"seed": _SEED, "D": Config("int64", lo=2, hi=MAX_DIM), "H": _LAYERS,
+                  "key_size": Config("int64", lo=1, hi=MAX_DIM, default="D"),
+                  "value_size": Config("int64", lo=1, hi=MAX_DIM, default="D"), "K": _LAYERS,
+                  "scale": Config("float64", lo=0.0, hi=1e6, strict=True), "merged": Config("bool", default="false")},
+                 ("<param>",)),
+    "baselines": Kind("GD-n_steps from 0 (eta one value or one per step), least squares, ridge, and the line search "
+                      "over eta_grid (first minimum on ties) (SPEC.md section 9)",
+                      ("X", "Y", "x_q", "y_q"),
+                      {"eta": Config("float64", "() or (n_steps,)", -1e6, 1e6), "n_steps": Config("int64", lo=0, hi=64),
+                       "ridge": _NONNEG, "eta_grid": Config("float64", "(n,)", -1e6, 1e6)},
+                      ("pred_gd", "W_gd", "pred_ls", "pred_ridge", "eta_ls", "losses_ls")),
+    "eta": Kind("moments of U(low, high) (symmetric ranges only), the closed-form optimal one-step eta, its loss and "
+                "the loss at eta (SPEC.md section 9)", (),
+                {"d": Config("int64", lo=1, hi=10 ** 6), "N": Config("int64", lo=1, hi=10 ** 6),
+                 "d_y": Config("int64", lo=1, hi=10 ** 6), "x_range": Config("float64", "(2,)", -1e6, 1e6),
+                 "w_scale": _NONNEG, "noise_std": _NONNEG, "eta": _REAL},
+                ("m2", "m4", "eta_star", "L_star", "L_eta")),
+    # the layer types after LSA (added in format version 1)
+    "softmax_layer": Kind("one softmax attention layer out = clip(E + sum_h P_h (softmax(q k^T / sqrt(Kd)) v)_h), "
+                          "the softmax over the context keys (causal: keys i <= j), and its backward for dout "
+                          "(SPEC.md section 5a)", ("E",) + _ATTN + ("dout",), {"causal": _BOOL, "clip": _CLIP},
+                          ("out", "dE") + _d(_ATTN)),
+    "mlp_layer": Kind("the residual MLP out = clip(E + W_2 gelu(W_1 E + b_1) + b_2), gelu tanh (jax.nn.gelu's "
+                      "default) or erf, and its backward for dout; a bias-free MLP is b_1 = b_2 = 0 "
+                      "(SPEC.md section 5a)", ("E",) + _MLP + ("dout",), {"gelu_erf": _BOOL, "clip": _CLIP},
+                      ("out", "dE") + _d(_MLP)),
+    "layernorm": Kind("LayerNorm of every token, ln_scale (E - mean) / sqrt(var + eps) + ln_offset (biased "
+                      "variance), and its backward for dout (SPEC.md section 5a)", ("E",) + _LN + ("dout",),
+                      {"eps": _EPS}, ("out", "dE") + _d(_LN)),
+    "pre_ln_attention": Kind("a pre-LN attention block out = clip(E + f(LN(E))), f the softmax (softmax true) or "
+                             "linear (LSA) attention's output on the normalised tokens, and its backward for dout "
+                             "(SPEC.md section 5a)", ("E",) + _LN + _ATTN + ("dout",),
+                             {"softmax": _BOOL, "causal": _BOOL, "eps": _EPS, "clip": _CLIP},
+                             ("out", "dE") + _d(_LN + _ATTN)),
+    "pre_ln_mlp": Kind("a pre-LN MLP block out = clip(E + MLP(LN(E))) and its backward for dout (SPEC.md section 5a)",
+                       ("E",) + _LN + _MLP + ("dout",), {"gelu_erf": _BOOL, "eps": _EPS, "clip": _CLIP},
+                       ("out", "dE") + _d(_LN + _MLP)),
+    "posenc": Kind("the sinusoidal encoding pe (T, width), out = E + pe (concat false: width = D) or [E, pe] "
+                   "(concat true), and dE for dout (SPEC.md section 5a)", ("E", "dout"),
+                   {"concat": _BOOL, "width": _SIZE}, ("pe", "out", "dE")),
+    "embedded_loss": Kind("a width-changing mixed model: layer0 embed (W, b) to width D_model, layer1 residual MLP "
+                          "(gelu_erf), layer2 LSA; pred = minus the last d_y features of the query token, "
+                          "L = 0.5 mean_b |pred - y_q|^2, dL/dE and dL/dparams (SPEC.md sections 5a, 6)",
+                          ("E", "y_q") + _EMBEDDED, {"gelu_erf": _BOOL},
+                          ("pred", "L", "dE") + tuple(k.replace(".", ".d", 1) for k in _EMBEDDED)),
+}
+assert set(KINDS) == set(COMPUTE)
+
+
+def key_pattern(pattern):
+    """The regular expression of a key written with placeholders (``layer<k>.d<param>``)."""
+    return re.compile("".join(_PLACEHOLDER_RE.get(tok, re.escape(tok)) for tok in re.split(r"(<[a-z]+>)", pattern)))
+
+
+def input_problems(kind, inputs):
+    """Why ``inputs`` are not inputs of ``kind`` ([] when they are): every configuration
+    input present (unless optional) and valid, every other key a data key of the kind,
+    float64, finite, within the size limits."""
+    spec = KINDS[kind]
+    problems = []
+    for name, c in spec.config.items():
+        if name in inputs:
+            p = c.problem(name, inputs[name], inputs)
+            if p:
+                problems.append(p)
+        elif c.default is None:
+            problems.append(f"configuration input {name} is missing")
+    data = [key_pattern(p) for p in spec.data]
+    for key, a in inputs.items():
+        if key in spec.config:
+            continue
+        if not any(r.fullmatch(key) for r in data):
+            problems.append(f"{key} is not an input of kind {kind}")
+        elif a.dtype != np.float64:
+            problems.append(f"{key} has dtype {a.dtype.name}, data must be float64")
+        elif not 1 <= a.ndim <= 4 or max(a.shape) > MAX_DIM or a.size > MAX_DATA:
+            problems.append(f"{key} has shape {a.shape}, data must have 1 to 4 dimensions of at most {MAX_DIM}")
+        elif not np.all(np.isfinite(a)):
+            problems.append(f"{key} is not finite")
+    problems += [f"data input {k} is missing" for k in spec.data if "<" not in k and k not in inputs]
+    return problems
+
+
+def kinds_table():
+    """The manifest's description of every kind."""
+    return {kind: {"computes": k.computes, "data": list(k.data),
+                   "config": {n: c.describe() for n, c in k.config.items()}, "outputs": list(k.outputs)}
+            for kind, k in KINDS.items()}
+
+
+# --------------------------------------------------------------------------------
+# Builders: the seeded inputs of each case (write only)
+# --------------------------------------------------------------------------------
