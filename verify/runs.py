@@ -26,12 +26,15 @@ checkpoint's checksum, the hash of the ``reference`` package's sources
 :func:`check_digest` recomputes each and names the part that does not match.
 """
 
+import contextlib
 import fcntl
 import hashlib
 import io
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import zipfile
 from typing import NamedTuple, Optional
@@ -388,9 +391,44 @@ class _RunFiles(trainer.Observer):
     def save(self, state):
         extra = {"baselines": self.baselines, "seconds": self.seconds(), "history": self.metrics.history(),
                  "divergence": state.watch.to_dict()}
-        self.checksum = save_checkpoint(self.paths[CHECKPOINT_FILE], self.cfg, state.step, to_host(state.params),
-                                        AdamState(to_host(state.adam.m), to_host(state.adam.v), state.adam.t), extra)
-        self.last_ckpt = state.step
+        with interrupts_deferred():      # a Ctrl-C lands after the checkpoint is written and recorded
+            self.checksum = save_checkpoint(self.paths[CHECKPOINT_FILE], self.cfg, state.step,
+                                            to_host(state.params),
+                                            AdamState(to_host(state.adam.m), to_host(state.adam.v), state.adam.t),
+                                            extra)
+            self.last_ckpt = state.step
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold Ctrl-C (SIGINT) while the block runs: a SIGINT that arrives meanwhile is
+    recorded and handed to the previous handler (KeyboardInterrupt, by default) when the
+    block has finished, so a checkpoint is never interrupted half-way through its
+    serialisation. Signal handlers belong to the main thread; elsewhere this is a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = _PendingSignals()
+    old = signal.signal(signal.SIGINT, pending)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        if pending.signals:
+            if callable(old):
+                old(signal.SIGINT, None)         # signal.default_int_handler raises KeyboardInterrupt
+            elif old == signal.SIG_DFL:
+                raise KeyboardInterrupt
+
+
+class _PendingSignals:
+    """A signal handler that only records the signals it receives."""
+
+    def __init__(self):
+        self.signals = []
+
+    def __call__(self, signum, frame):
+        self.signals.append(signum)
 
 
 def train_run(cfg, out_dir=None, *, resume=False, overwrite=False, progress=None, log=None, analyses=True):
