@@ -220,6 +220,31 @@ def init_lsa_params(rng, D, *, H=1, key_size=None, value_size=None, n_layers_for
     return LSAParams(tn((H, Kd, D), D), tn((H, Kd, D), D), tn((H, Vd, D), D), tn((H, D, Vd), H * Vd))
 
 
+def check_factored_shapes(params):
+    """Shapes of factored attention params (W_Q, W_K (H, Kd, D), W_V (H, Vd, D), P (H, D,
+    Vd)), shared by lsa and softmax; returns the token width D."""
+    check_array("W_Q", params.W_Q, ndim=3, finite=False)
+    H, Kd, D = params.W_Q.shape
+    check_array("W_K", params.W_K, shape=(H, Kd, D), finite=False)
+    check_array("W_V", params.W_V, ndim=3, finite=False)
+    Vd = params.W_V.shape[1]
+    check_array("W_V", params.W_V, shape=(H, Vd, D), finite=False)
+    check_array("P", params.P, shape=(H, D, Vd), finite=False)
+    return D
+
+
+def attention_cache_floats(T, D, H, Kd, Vd, causal, clip):
+    """Floats per task an attention forward keeps: q (H T Kd), k (H S Kd), v (H S Vd),
+    A (H T S), o (H T Vd), pre (T D), and out (T D) when clipping (lsa and softmax)."""
+    S = T if causal else T - 1
+    return H * (T * Kd + S * Kd + S * Vd + T * S + T * Vd) + T * D * (2 if clip is not None else 1)
+
+
+def attention_param_floats(D, H, Kd, Vd):
+    """W_Q, W_K (H Kd D), W_V (H Vd D), P (H D Vd)."""
+    return H * (2 * Kd * D + 2 * Vd * D)
+
+
 def _check_params(params):
     """Shapes, dtypes and finiteness of one layer's params; returns the token width D."""
     if isinstance(params, MergedParams):
@@ -228,13 +253,7 @@ def _check_params(params):
         check_array("W_KQ", params.W_KQ, shape=(H, D, D), finite=False)
         check_array("W_PV", params.W_PV, shape=(H, D, D), finite=False)
     elif isinstance(params, LSAParams):
-        check_array("W_Q", params.W_Q, ndim=3, finite=False)
-        H, Kd, D = params.W_Q.shape
-        check_array("W_K", params.W_K, shape=(H, Kd, D), finite=False)
-        check_array("W_V", params.W_V, ndim=3, finite=False)
-        Vd = params.W_V.shape[1]
-        check_array("W_V", params.W_V, shape=(H, Vd, D), finite=False)
-        check_array("P", params.P, shape=(H, D, Vd), finite=False)
+        D = check_factored_shapes(params)
     else:
         raise TypeError(f"params must be LSAParams or MergedParams, got {type(params).__name__}")
     if len({a.dtype for a in params}) > 1:
@@ -313,11 +332,9 @@ class LSA(LayerType):
         """Floats per task the forward allocates and keeps (cache and output; E and its
         key/value rows are the input's memory): q (H T Kd), k (H S Kd), v (H S Vd),
         A (H T S), o (H T Vd), pre (T D), and out (T D) when clipping."""
-        D, H = D_in, heads
-        Kd = D if (merged or key_size is None) else key_size
-        Vd = D if (merged or value_size is None) else value_size
-        S = T if causal else T - 1
-        return H * (T * Kd + S * Kd + S * Vd + T * S + T * Vd) + T * D * (2 if clip is not None else 1)
+        Kd = D_in if (merged or key_size is None) else key_size
+        Vd = D_in if (merged or value_size is None) else value_size
+        return attention_cache_floats(T, D_in, heads, Kd, Vd, causal, clip)
 
     def check_tokens(self, T, *, causal=False, **_):
         check_tokens(T, causal)
@@ -329,9 +346,7 @@ class LSA(LayerType):
 
     def param_floats(self, D_in, *, heads=1, key_size=None, value_size=None, merged=False, **_):
         """W_Q, W_K (H Kd D), W_V (H Vd D), P (H D Vd); merged: W_KQ, W_PV (H D D)."""
-        D, H = D_in, heads
         if merged:
-            return 2 * H * D * D
-        Kd = D if key_size is None else key_size
-        Vd = D if value_size is None else value_size
-        return H * (2 * Kd * D + 2 * Vd * D)
+            return 2 * heads * D_in * D_in
+        return attention_param_floats(D_in, heads, D_in if key_size is None else key_size,
+                                      D_in if value_size is None else value_size)

@@ -34,11 +34,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._checks import (NonFiniteError, check_all_finite, check_array, check_data, check_dout, check_float,
+from .._checks import (NonFiniteError, check_all_finite, check_data, check_dout, check_float,
                        check_int, check_same_dtype)
 from ..xp import get_xp
 from . import LayerType
-from .lsa import causal_mask, check_tokens, clip_backward, clip_tokens, init_lsa_params
+from .lsa import (attention_cache_floats, attention_param_floats, causal_mask, check_factored_shapes, check_tokens,
+                  clip_backward, clip_tokens, init_lsa_params)
 
 
 class SoftmaxParams(NamedTuple):
@@ -166,13 +167,7 @@ def check_softmax_params(params):
     """Shapes, dtypes and finiteness of one layer's params; returns the token width D."""
     if not isinstance(params, SoftmaxParams):
         raise TypeError(f"softmax params must be SoftmaxParams, got {type(params).__name__}")
-    check_array("W_Q", params.W_Q, ndim=3, finite=False)
-    H, Kd, D = params.W_Q.shape
-    check_array("W_K", params.W_K, shape=(H, Kd, D), finite=False)
-    check_array("W_V", params.W_V, ndim=3, finite=False)
-    Vd = params.W_V.shape[1]
-    check_array("W_V", params.W_V, shape=(H, Vd, D), finite=False)
-    check_array("P", params.P, shape=(H, D, Vd), finite=False)
+    D = check_factored_shapes(params)
     check_same_dtype(**params._asdict())
     check_all_finite(params._fields, params)
     return D
@@ -236,10 +231,8 @@ class Softmax(LayerType):
     def cache_floats(self, T, D_in, *, causal=False, clip=None, heads=1, key_size=None, value_size=None):
         """q (H T Kd), k (H S Kd), v (H S Vd), A (H T S), o (H T Vd), pre (T D), and out
         (T D) when clipping: what LSA keeps (the logits are not kept)."""
-        H, Kd = heads, D_in if key_size is None else key_size
-        Vd = D_in if value_size is None else value_size
-        S = T if causal else T - 1
-        return H * (T * Kd + S * Kd + S * Vd + T * S + T * Vd) + T * D_in * (2 if clip is not None else 1)
+        return attention_cache_floats(T, D_in, heads, D_in if key_size is None else key_size,
+                                      D_in if value_size is None else value_size, causal, clip)
 
     def check_tokens(self, T, *, causal=False, **_):
         check_tokens(T, causal)
@@ -250,6 +243,5 @@ class Softmax(LayerType):
             raise ValueError(f"softmax params have token width D={D}, the layer's input has width {D_in}")
 
     def param_floats(self, D_in, *, heads=1, key_size=None, value_size=None, **_):
-        Kd = D_in if key_size is None else key_size
-        Vd = D_in if value_size is None else value_size
-        return heads * (2 * Kd * D_in + 2 * Vd * D_in)
+        return attention_param_floats(D_in, heads, D_in if key_size is None else key_size,
+                                      D_in if value_size is None else value_size)
