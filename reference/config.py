@@ -29,7 +29,6 @@ from .layers import LayerSpec
 from .model import Arch, lsa_stack
 from .optim import AdamHP
 from .tasks import TaskSpec
-from .tokens import TokenLayout
 
 MAX_STEPS = 2 ** 31
 
@@ -64,8 +63,10 @@ class ModelConfig:
 
     layers (None: the LSA stack above): an explicit architecture as JSON text, a list of
     layer dicts (``[{"kind": "pre_ln", "block": "softmax"}, {"kind": "mlp"}]``, separate
-    weights) or an ``Arch.to_dict()`` object ``{"layers": [...], "tie": [...]}``; the
-    layers must keep the token width. With it, the LSA fields above keep their defaults
+    weights) or an ``Arch.to_dict()`` object ``{"layers": [...], "tie": [...]}``. Layers
+    may change the token width (an ``embed`` first, as the sine model): tokens are built
+    at width d + d_y and the prediction is read from the last d_y features of the query
+    at the last layer's width (:meth:`TrainConfig.layout`). With it, the LSA fields above keep their defaults
     and n_layers is still the K of the init scale / K and of the GD-K baseline."""
 
     n_layers: int = 1
@@ -167,7 +168,9 @@ class TrainConfig:
         return self.model.recurrent or self.model.n_layers == 1
 
     def layout(self):
-        return TokenLayout(self.data.d, self.data.d_y)
+        """The tokens and readout of the run: ``arch().layout(d, d_y)`` (a TokenLayout,
+        or an EmbeddedLayout when the layers change the token width)."""
+        return self.arch().layout(self.data.d, self.data.d_y)
 
     def arch(self):
         m = self.model
@@ -403,8 +406,9 @@ def _layers_errors(c):
     except (ValueError, TypeError, KeyError) as exc:
         return [f"layers: {type(exc).__name__}: {exc}"]
     errs = []
-    if widths[-1] != D:
-        errs.append(f"layers: the last layer's token width is {widths[-1]}, the readout needs D = d + d_y = {D}")
+    if widths[-1] <= c.data.d_y:
+        errs.append(f"layers: the last layer's token width is {widths[-1]}, the readout needs more than "
+                    f"d_y = {c.data.d_y} features")
     if arch.param_floats(D) == 0:
         errs.append("layers: the model has no parameters to train")
     lsa_fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)

@@ -25,7 +25,7 @@ import numpy as np
 
 from ._checks import check_data, check_dout, check_int, check_same_dtype
 from .layers import LayerSpec
-from .tokens import as_layout
+from .tokens import as_layout, layout_for_width
 from .tree import tree_add
 
 
@@ -100,6 +100,12 @@ class Arch:
         for s in self.layers:
             out.append(s.out_width(out[-1]))
         return out
+
+    def layout(self, d, d_y=1):
+        """The regression layout of this model on tasks (d, d_y): tokens of width
+        d + d_y in, the prediction read from the last layer's width
+        (``tokens.layout_for_width``)."""
+        return layout_for_width(d, d_y, self.widths(d + d_y)[-1])
 
     def init(self, rng, D_in, settings):
         """Initial parameters: each parameter set drawn in order from ``rng``."""

@@ -96,6 +96,11 @@ class TokenLayout:
         """Token width."""
         return self.d + self.d_y
 
+    @property
+    def D_in(self):
+        """The width of the tokens :meth:`build` makes (the model's input width): D here."""
+        return self.d + self.d_y
+
     def n_tokens(self, N):
         """T = N + 1 tokens for N context pairs."""
         return N + 1
@@ -117,6 +122,15 @@ class TokenLayout:
 
     def readout_backward(self, dpred, E_shape):
         return readout_backward(dpred, E_shape, self.d)
+
+
+def layout_for_width(d, d_y, width):
+    """The regression layout of tasks (d, d_y) for a model whose output tokens have
+    ``width`` features: :class:`TokenLayout` when width = d + d_y, else
+    :class:`EmbeddedLayout` (minus the last d_y features of the query in both)."""
+    if width == d + d_y:
+        return TokenLayout(d, d_y)
+    return EmbeddedLayout(d, d_y, width=width)
 
 
 def as_layout(layout, D):

@@ -55,7 +55,7 @@ def check_step_state(params, state, arch, hp, layout):
     if not isinstance(arch, Arch):
         raise TypeError(f"arch must be an Arch, got {type(arch).__name__}")
     check_hp(hp)
-    check_model_params(params, arch, layout.D)
+    check_model_params(params, arch, layout.D_in)
     dts = {np.dtype(a.dtype) for p in params for a in p if a is not None}
     if len(dts) != 1 or not dts <= set(FLOAT_DTYPES):
         raise TypeError(f"params must share one dtype, float32 or float64, for training, got {sorted(map(str, dts))}")
@@ -66,8 +66,11 @@ def check_step_state(params, state, arch, hp, layout):
 def check_step_inputs(params, state, tasks, arch, hp):
     """Everything :func:`train_step` refuses before any work: :func:`check_step_state`
     and :func:`check_tasks` in the params' dtype. Every backend's ``train_step`` and
-    ``stepper.step_on`` call this. Returns (the tasks' TokenLayout, the dtype)."""
+    ``stepper.step_on`` call this. Returns (the model's layout on the tasks, ``arch.layout(d, d_y)``:
+    a TokenLayout, or an EmbeddedLayout when the model changes the token width; the dtype)."""
     layout, task_dtype = check_tasks(tasks)
+    if isinstance(arch, Arch):
+        layout = arch.layout(layout.d, layout.d_y)          # the readout at the model's output width
     dtype = check_step_state(params, state, arch, hp, layout)
     if task_dtype != dtype:
         raise TypeError(f"tasks.X, tasks.Y, tasks.x_q and tasks.y_q must have the params' dtype {dtype}, "

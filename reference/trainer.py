@@ -90,7 +90,7 @@ def init_params(cfg):
     """The paper's initialisation (variance scaling, init_scale / K over fan-in,
     truncated normal), from ``stream_rng(seed, STREAM_INIT)``."""
     settings = InitSettings(cfg.model.init_scale, cfg.model.n_layers, cfg.np_dtype)
-    return cfg.arch().init(stream_rng(cfg.seed, STREAM_INIT), cfg.layout().D, settings)
+    return cfg.arch().init(stream_rng(cfg.seed, STREAM_INIT), cfg.layout().D_in, settings)
 
 
 def init_state(cfg):
@@ -282,7 +282,7 @@ def memory_estimate(cfg):
     line search, a GD++ meta-training step and an OOD point. The fused backends keep
     less than the reference's caches, so this is an upper bound for them."""
     t, arch, item = cfg.data, cfg.arch(), cfg.np_dtype.itemsize
-    D, T = cfg.layout().D, cfg.layout().n_tokens(t.N)
+    D, T = cfg.layout().D_in, cfg.layout().n_tokens(t.N)
     task = t.N * (t.d + t.d_y) + t.d + t.d_y + t.d_y * t.d          # floats per task (X, Y, x_q, y_q, W)
     cache = arch.cache_floats(T, D)                                  # floats per task the forward keeps
     refs = 2 * t.d_y * (1 + t.d)                                     # GD and GD++ (pred, g) per task

@@ -384,7 +384,7 @@ def test_config_layers_are_checked_and_default_to_the_lsa_stack():
     tied = json.dumps({"layers": [{"kind": "mlp"}, {"kind": "lsa"}, {"kind": "mlp"}], "tie": [0, 1, 0]})
     assert TrainConfig(model=ModelConfig(layers=tied)).arch().tie == (0, 1, 0)
     for bad, msg in (("[", "JSONDecodeError"), ('[{"kind": "lsa", "cilp": 1}]', "no option"),
-                     ('[{"kind": "embed", "width": 3}]', "token width is 3"),
+                     ('[{"kind": "embed", "width": 1}]', "token width is 1"),
                      ('[{"kind": "posenc"}]', "no parameters")):
         with pytest.raises(ConfigError, match=msg):
             TrainConfig(model=ModelConfig(layers=bad))
