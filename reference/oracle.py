@@ -243,3 +243,20 @@ def oracle_pre_ln_residual(E, n, y, clip=None):
         for t in range(E.shape[1]):
             out[b, t] = _oracle_clip(E[b, t] + (y[b, t] - n[b, t]), clip)
     return out
+
+
+def oracle_gd_layer(E, eta=0.1, d_y=1):
+    """Loop oracle of the frozen GD layer (layer kind ``"gd"``): every token's last d_y
+    features get -(eta / N) sum_j y_j (x_j . x_i) over the N = T - 1 context tokens."""
+    B, T, D = E.shape
+    N, d = T - 1, D - d_y
+    out = E.copy()
+    for b in range(B):
+        for i in range(T):
+            for j in range(N):
+                dot = 0.0
+                for a in range(d):
+                    dot = dot + E[b, j, a] * E[b, i, a]
+                for c in range(d_y):
+                    out[b, i, d + c] = out[b, i, d + c] - (eta / N) * E[b, j, d + c] * dot
+    return out

@@ -11,7 +11,9 @@ The kinds: ``"lsa"`` (``lsa.py``), ``"softmax"`` (``softmax.py``: multi-head sof
 attention), ``"mlp"`` (``mlp.py``: the residual GELU MLP), ``"embed"`` (``embed.py``: a
 linear embedding that may change the width), ``"posenc"`` (``posenc.py``: sinusoidal
 positional encodings, added or concatenated) and ``"pre_ln"`` (``pre_ln.py``: LayerNorm
-on a residual block's input, inside its residual; LayerNorm itself is ``layernorm.py``).
+on a residual block's input, inside its residual; LayerNorm itself is ``layernorm.py``)
+and ``"gd"`` (``gd.py``: the Prop. 1 construction as a frozen layer with no parameters,
+the attention of the sine task's "MLP + GD" baseline).
 ``initializers.py`` holds the official code's variance-scaling draw they share.
 
 What a layer type provides (all methods take the layer's options as keywords; the
@@ -217,6 +219,7 @@ from .mlp import MLP  # noqa: E402
 from .embed import Embed  # noqa: E402
 from .posenc import PosEnc  # noqa: E402
 from .pre_ln import PreLN  # noqa: E402
+from .gd import GD  # noqa: E402
 
 register(LSA())
 register(Softmax())
@@ -224,5 +227,6 @@ register(MLP())
 register(Embed())
 register(PosEnc())
 register(PreLN())
+register(GD())
 
 __all__ = ["InitSettings", "LayerType", "LayerSpec", "register", "unregister", "get_layer", "layer_types"]
