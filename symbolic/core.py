@@ -260,6 +260,7 @@ def load_all():
     """Import every proof module so its theorems register; returns the theorems in
     report order (by module as in MODULE_ORDER, then in order of definition)."""
     from . import bridge, gdpp, gradients, prop1, step_size  # noqa: F401
+    from . import causal  # noqa: F401  (mesa paper: causal Prop. 1)
 
     def rank(item):
         mod = item[1].fn.__module__.rsplit(".", 1)[-1]
