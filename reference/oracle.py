@@ -260,3 +260,96 @@ def oracle_gd_layer(E, eta=0.1, d_y=1):
                 for c in range(d_y):
                     out[b, i, d + c] = out[b, i, d + c] - (eta / N) * E[b, j, d + c] * dot
     return out
+
+
+# ---- the mesa layer and the delta rule (reference/layers/mesa.py, delta.py): one head,
+# one token at a time, the ridge solve by Gaussian elimination ---------------------------
+
+def _oracle_solve(A, b):
+    """x with A x = b by Gaussian elimination without pivoting (A symmetric positive
+    definite), entry by entry."""
+    n = len(b)
+    M = [[A[i][j] for j in range(n)] + [b[i]] for i in range(n)]
+    for col in range(n):
+        for row in range(col + 1, n):
+            f = M[row][col] / M[col][col]
+            for j in range(col, n + 1):
+                M[row][j] = M[row][j] - f * M[col][j]
+    x = [0.0] * n
+    for i in range(n - 1, -1, -1):
+        s = M[i][n]
+        for j in range(i + 1, n):
+            s = s - M[i][j] * x[j]
+        x[i] = s / M[i][i]
+    return x
+
+
+def oracle_mesa_layer(E, params, forget=None):
+    """e_t <- e_t + sum_h P_h Phi_t q_t with Phi_t = M_t A_t^{-1},
+    M_t = sum_{s<=t} g^(t-s) v_s k_s^T, A_t = g^t I / lam_h + sum_{s<=t} g^(t-s) k_s k_s^T
+    (t counted from 1; g = forget, 1 when None), every sum written out."""
+    E = np.asarray(E)
+    B, T, D = E.shape
+    H, Kd, _ = params.W_Q.shape
+    Vd = params.W_V.shape[1]
+    g = 1.0 if forget is None else forget
+    dt = np.result_type(E, *params)
+    out = E.astype(dt)
+    for b in range(B):
+        for h in range(H):
+            ks = [params.W_K[h] @ E[b, s] for s in range(T)]
+            vs = [params.W_V[h] @ E[b, s] for s in range(T)]
+            for t in range(T):
+                A = [[(g ** (t + 1) / params.lam[h] if i == j else 0.0) for j in range(Kd)] for i in range(Kd)]
+                M = [[0.0] * Kd for _ in range(Vd)]
+                for s in range(t + 1):
+                    w = g ** (t - s)
+                    for i in range(Kd):
+                        for j in range(Kd):
+                            A[i][j] = A[i][j] + w * ks[s][i] * ks[s][j]
+                    for i in range(Vd):
+                        for j in range(Kd):
+                            M[i][j] = M[i][j] + w * vs[s][i] * ks[s][j]
+                x = _oracle_solve(A, list(params.W_Q[h] @ E[b, t]))
+                y = [sum(M[i][j] * x[j] for j in range(Kd)) for i in range(Vd)]
+                out[b, t] = out[b, t] + params.P[h] @ np.array(y, dtype=dt)
+    return out
+
+
+def _oracle_sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def oracle_delta_layer(E, params, beta=None):
+    """S_t = a_t S_{t-1} - b_t (a_t S_{t-1} k_t - v_t) k_t^T from S_0 = 0, e_t <- e_t +
+    sum_h P_h S_t q_t; b_t = sigmoid(w_beta . e_t + b_beta) (or the fixed beta), a_t =
+    sigmoid(w_alpha . e_t + b_alpha) when the params have a gate, else 1."""
+    E = np.asarray(E)
+    B, T, D = E.shape
+    H, Kd, _ = params.W_Q.shape
+    Vd = params.W_V.shape[1]
+    gated = hasattr(params, "w_alpha")
+    dt = np.result_type(E, *params)
+    out = E.astype(dt)
+    for b in range(B):
+        for h in range(H):
+            S = np.zeros((Vd, Kd), dtype=dt)
+            for t in range(T):
+                e = E[b, t]
+                q, k, v = params.W_Q[h] @ e, params.W_K[h] @ e, params.W_V[h] @ e
+                bt = beta if beta is not None else _oracle_sigmoid(params.w_beta[h] @ e + params.b_beta[h])
+                at = _oracle_sigmoid(params.w_alpha[h] @ e + params.b_alpha[h]) if gated else 1.0
+                new = np.zeros((Vd, Kd), dtype=dt)
+                for i in range(Vd):
+                    pred = 0.0
+                    for j in range(Kd):
+                        pred = pred + at * S[i, j] * k[j]
+                    for j in range(Kd):
+                        new[i, j] = at * S[i, j] - bt * (pred - v[i]) * k[j]
+                S = new
+                o = np.zeros(Vd, dtype=dt)
+                for i in range(Vd):
+                    for j in range(Kd):
+                        o[i] = o[i] + S[i, j] * q[j]
+                out[b, t] = out[b, t] + params.P[h] @ o
+    return out

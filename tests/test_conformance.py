@@ -127,6 +127,17 @@ LAYER_CASES = {
         layer_case("default", tiny=True),
         layer_case("eta2-dy2", eta=2.0, d_y=2),
     ),
+    # causal only; scale 1: keys of order one, so R_t moves away from lam I
+    "mesa": (
+        layer_case("default", tiny=True, scale=1.0),
+        layer_case("direct-heads2-key3-value2", scale=1.0, form="direct", heads=2, key_size=3, value_size=2),
+        layer_case("cg-forget-iters-tol", scale=1.0, form="cg", forget=0.8, cg_iters=16, cg_tol=1e-13),
+    ),
+    "delta": (
+        layer_case("default", tiny=True, scale=1.0),
+        layer_case("chunked3-gate", scale=1.0, form="chunked", chunk=3, gate=True),
+        layer_case("fixed-beta-heads2-key3-value2", tiny=True, scale=1.0, beta=0.5, heads=2, key_size=3, value_size=2),
+    ),
 }
 
 # What a case's layer is put into a model with: an embedding back to the layouts' width

@@ -14,6 +14,8 @@ positional encodings, added or concatenated) and ``"pre_ln"`` (``pre_ln.py``: La
 on a residual block's input, inside its residual; LayerNorm itself is ``layernorm.py``)
 and ``"gd"`` (``gd.py``: the Prop. 1 construction as a frozen layer with no parameters,
 the attention of the sine task's "MLP + GD" baseline).
+``"mesa"`` (``mesa.py``: the mesa layer, a causal ridge regression solved per token) and
+``"delta"`` (``delta.py``: the delta rule, DeltaNet and Gated DeltaNet) are causal only.
 ``initializers.py`` holds the official code's variance-scaling draw they share.
 
 What a layer type provides (all methods take the layer's options as keywords; the
@@ -219,6 +221,8 @@ from .mlp import MLP  # noqa: E402
 from .embed import Embed  # noqa: E402
 from .posenc import PosEnc  # noqa: E402
 from .pre_ln import PreLN  # noqa: E402
+from .mesa import Mesa  # noqa: E402
+from .delta import Delta  # noqa: E402
 from .gd import GD  # noqa: E402
 
 register(LSA())
@@ -227,6 +231,8 @@ register(MLP())
 register(Embed())
 register(PosEnc())
 register(PreLN())
+register(Mesa())
+register(Delta())
 register(GD())
 
 __all__ = ["InitSettings", "LayerType", "LayerSpec", "register", "unregister", "get_layer", "layer_types"]
