@@ -290,8 +290,10 @@ def final_analyses(cfg, params, baselines, evals):
         why = {"skipped": f"the model is an explicit layer list (layer kinds {sorted(set(cfg.arch().kinds()))}): "
                           "this analysis reads the products W_K^T W_Q and P W_V of the lsa stack the model fields "
                           "describe"}
-        out.update(construction=None, weights=why, interpolation=why, products=why,
-                   ood=_attempt("ood", ood_sweeps, cfg, params, baselines))
+        ood = ({"skipped": "the OOD sweeps rescale the inputs and teachers of linear tasks; this run's task is "
+                           f"{cfg.data.task!r}"} if cfg.data.task != "linear"
+               else _attempt("ood", ood_sweeps, cfg, params, baselines))
+        out.update(construction=None, weights=why, interpolation=why, products=why, ood=ood)
         if cfg.model.n_layers == 1:
             out["rollout"] = why
         return out

@@ -28,7 +28,7 @@ from .backends import DEFAULT_TRAIN_BACKEND, backend_names
 from .layers import LayerSpec
 from .model import Arch, lsa_stack
 from .optim import AdamHP
-from .tasks import TaskSpec
+from .tasks import SINE_PHASES, SineTaskSpec, TaskSpec
 
 MAX_STEPS = 2 ** 31
 
@@ -41,7 +41,13 @@ class ConfigError(ValueError):
 class DataConfig:
     """Regression tasks: inputs U(x_low, x_high)^d, teacher W ~ w_scale N(0, I) (d_y x d),
     label noise noise_std, n_distractors context labels replaced by noise; N context
-    pairs; batch fresh tasks per training step."""
+    pairs; batch fresh tasks per training step.
+
+    task: ``"linear"`` (the above) or ``"sine"`` (``tasks.sample_sine_tasks``: d = d_y = 1,
+    y = a sin(x + rho), a ~ U(amp_low, amp_high), rho ~ U(0, pi), tied to a through one
+    draw when sine_phase is ``"tied"`` (the code) or drawn separately when
+    ``"independent"`` (the paper's text); x ~ U(x_low, x_high)). The amp and phase fields
+    are read by the sine task only and must keep their defaults otherwise."""
 
     d: int = 10
     N: int = 10
@@ -52,6 +58,10 @@ class DataConfig:
     w_scale: float = 1.0
     noise_std: float = 0.0
     n_distractors: int = 0
+    task: str = "linear"
+    amp_low: float = 0.1
+    amp_high: float = 0.5
+    sine_phase: str = "tied"
 
 
 @dataclass(frozen=True)
@@ -131,6 +141,9 @@ class AnalysisConfig:
     rollout_damping: float = 0.75
 
 
+TASKS = ("linear", "sine")
+_DATA_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DataConfig)}
+
 GROUPS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "eval": EvalConfig,
           "baselines": BaselineConfig, "analysis": AnalysisConfig}
 TOP_LEVEL = ("experiment", "seed", "steps", "dtype", "backend")
@@ -181,6 +194,9 @@ class TrainConfig:
 
     def task_spec(self, B=None):
         t = self.data
+        if t.task == "sine":
+            return SineTaskSpec(N=t.N, B=t.batch if B is None else B, x_range=(t.x_low, t.x_high),
+                                amp_range=(t.amp_low, t.amp_high), phase=t.sine_phase)
         return TaskSpec(d=t.d, N=t.N, d_y=t.d_y, B=t.batch if B is None else B, x_range=(t.x_low, t.x_high),
                         w_scale=t.w_scale, noise_std=t.noise_std, n_distractors=t.n_distractors)
 
@@ -352,7 +368,7 @@ def _config_errors(c):
         need(v[name] is None or v[name] >= 1, f"{name}: must be >= 1 or None (= D), got {v[name]}")
     for name in ("seed", "eval_seed", "n_distractors", "gdpp_steps"):
         need(v[name] >= 0, f"{name}: must be >= 0, got {v[name]}")
-    floats = ("x_low", "x_high", "w_scale", "noise_std", "init_scale", "lr", "b1", "b2", "eps", "gdpp_lr",
+    floats = ("x_low", "x_high", "amp_low", "amp_high", "w_scale", "noise_std", "init_scale", "lr", "b1", "b2", "eps", "gdpp_lr",
               "gdpp_b2", "rollout_damping", "token_clip", "grad_clip", "diverge_factor")
     for name in floats:
         need(v[name] is None or np.isfinite(v[name]), f"{name}: must be finite, got {v[name]}")
@@ -371,6 +387,19 @@ def _config_errors(c):
     need(v["diverge_factor"] > 1, f"diverge_factor: must be > 1, got {v['diverge_factor']}")
     for name in ("token_clip", "grad_clip"):
         need(v[name] is None or v[name] > 0, f"{name}: must be > 0 or None (off), got {v[name]}")
+    need(v["task"] in TASKS, f"task: must be one of {TASKS}, got {v['task']!r}")
+    need(v["sine_phase"] in SINE_PHASES, f"sine_phase: must be one of {SINE_PHASES}, got {v['sine_phase']!r}")
+    need(v["amp_low"] < v["amp_high"], f"amp_low, amp_high: need amp_low < amp_high, got ({v['amp_low']}, {v['amp_high']})")
+    if v["task"] == "sine":
+        for name in ("d", "d_y"):
+            need(v[name] == 1, f"{name}: the sine task has scalar inputs and labels, so {name} must be 1, got {v[name]}")
+        for name in ("w_scale", "noise_std", "n_distractors"):
+            need(v[name] == _DATA_DEFAULTS[name], f"{name}: not used by the sine task; leave it at "
+                                                    f"{_DATA_DEFAULTS[name]!r}, got {v[name]!r}")
+    else:
+        for name in ("amp_low", "amp_high", "sine_phase"):
+            need(v[name] == _DATA_DEFAULTS[name], f"{name}: read by the sine task only (task={v['task']!r}); leave "
+                                                    f"it at {_DATA_DEFAULTS[name]!r}, got {v[name]!r}")
     need(v["dtype"] in ("float32", "float64"), f"dtype: must be 'float32' or 'float64', got {v['dtype']!r}")
     need(v["backend"] in backend_names(), f"backend: must be one of {backend_names()}, got {v['backend']!r}")
     need(v["checkpoint_every"] % v["eval_every"] == 0,

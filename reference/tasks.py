@@ -137,3 +137,91 @@ STREAM_INIT, STREAM_EVAL, STREAM_LINE_SEARCH, STREAM_GDPP, STREAM_OOD, STREAM_RO
 def stream_rng(seed, tag, *extra):
     """The generator ``default_rng([seed, tag, *extra])`` of one named stream."""
     return np.random.default_rng([check_int("seed", seed, 0), tag, *extra])
+
+
+# ---- nonlinear (sine) regression tasks ------------------------------------------------------
+
+SINE_PHASES = ("tied", "independent")
+
+
+def sample_sine_tasks(rng, B, N, *, x_range=(-5.0, 5.0), amp_range=(0.1, 0.5), phase="tied",
+                      phase_range=(0.0, np.pi), dtype=np.float64, xp=np):
+    """Draw B sine-regression tasks (ICML'23 Sec. 5, paper-settings.md sections 7, 7a):
+    y = a sin(x + rho), inputs x ~ U(x_range) (d = 1), N context pairs and one query.
+
+    ``phase="tied"`` (the official code's default): one u ~ U(0, 1) per task gives both
+    a = a_low + (a_high - a_low) u and rho = rho_low + (rho_high - rho_low) u, because the
+    code draws a and rho from the same random key, so they are perfectly correlated
+    (rho = pi (a - 0.1) / 0.4 with the defaults). ``"independent"`` (the paper's text):
+    a and rho from separate draws. ``amp_range`` defaults to the code's (0.1, 0.5); the
+    paper's text says (0.1, 5).
+
+    Draw order (float64, so ports can reproduce it): u (B,) (tied) or a (B,) then rho (B,)
+    (independent, each U(0, 1) then scaled); X (B, N, 1); x_q (B, 1). Returns a
+    :class:`Tasks` whose ``W`` (B, 1, 2) holds each task's (a, rho) (the task's
+    parameters, not a linear teacher)."""
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator (e.g. numpy.random.default_rng(0)), "
+                        f"got {type(rng).__name__}")
+    B = check_int("B", B, 1)
+    N = check_int("N", N, 1)
+    low, high = _check_range(x_range)
+    a_low, a_high = _check_named_range("amp_range", amp_range)
+    r_low, r_high = _check_named_range("phase_range", phase_range)
+    if phase not in SINE_PHASES:
+        raise ValueError(f"phase must be one of {SINE_PHASES}, got {phase!r}")
+    dtype = check_dtype("dtype", dtype)
+    if phase == "tied":
+        u = rng.uniform(0.0, 1.0, size=B)
+        ua = ur = u
+    else:
+        ua = rng.uniform(0.0, 1.0, size=B)
+        ur = rng.uniform(0.0, 1.0, size=B)
+    a = a_low + (a_high - a_low) * ua                                  # (B,)
+    rho = r_low + (r_high - r_low) * ur                                # (B,)
+    X = rng.uniform(low, high, size=(B, N, 1))                         # (B, N, 1)
+    x_q = rng.uniform(low, high, size=(B, 1))                          # (B, 1)
+    Y = a[:, None, None] * np.sin(X + rho[:, None, None])              # (B, N, 1)
+    y_q = a[:, None] * np.sin(x_q + rho[:, None])                      # (B, 1)
+    W = np.stack([a, rho], axis=1)[:, None, :]                         # (B, 1, 2)
+    return Tasks(*(xp.asarray(v.astype(dtype)) for v in (X, Y, x_q, y_q, W)))
+
+
+def _check_named_range(name, r):
+    try:
+        low, high = (float(v) for v in r)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be a pair (low, high) of numbers, got {r!r}") from exc
+    if not (np.isfinite(low) and np.isfinite(high)) or not low < high:
+        raise ValueError(f"{name} must satisfy low < high (finite), got ({low}, {high})")
+    return low, high
+
+
+@dataclass(frozen=True)
+class SineTaskSpec:
+    """What sine-regression tasks a training run draws (:func:`sample_sine_tasks`);
+    d = d_y = 1, so tokens are (x, y) of width 2."""
+
+    N: int = 10
+    B: int = 2048
+    x_range: tuple = (-5.0, 5.0)
+    amp_range: tuple = (0.1, 0.5)
+    phase: str = "tied"
+    d = 1
+    d_y = 1
+
+    def __post_init__(self):
+        check_int("N", self.N, 1)
+        check_int("B", self.B, 1)
+        _check_range(self.x_range)
+        _check_named_range("amp_range", self.amp_range)
+        if self.phase not in SINE_PHASES:
+            raise ValueError(f"phase must be one of {SINE_PHASES}, got {self.phase!r}")
+
+    @property
+    def D(self):
+        return 2
+
+    def sample(self, rng, B=None, dtype=np.float64, xp=np):
+        return sample_sine_tasks(rng, self.B if B is None else B, self.N, x_range=self.x_range,
+                                 amp_range=self.amp_range, phase=self.phase, dtype=dtype, xp=xp)

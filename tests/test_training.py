@@ -163,8 +163,13 @@ def _numba_or_skip():
     return "numba"
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(n_layers=2, recurrent=True, dtype="float64"), "numba"],
-                         ids=["one_layer", "recurrent2_float64", "numba"])
+SMALL_SINE = dict(task="sine", d=1, x_low=-5.0, x_high=5.0, grad_clip=100.0,
+                  layers='[{"kind": "embed", "width": 6}, {"kind": "mlp", "width": 8, "bias": true}, {"kind": "lsa"}]')
+MIXED = dict(layers='[{"kind": "softmax", "heads": 2}, {"kind": "pre_ln", "block": "lsa"}]', n_layers=2)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(n_layers=2, recurrent=True, dtype="float64"), "numba", SMALL_SINE, MIXED],
+                         ids=["one_layer", "recurrent2_float64", "numba", "sine_embedded", "softmax_pre_ln"])
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch, kw):
     if kw == "numba":
         kw = dict(backend=_numba_or_skip(), n_layers=3, token_clip=1.0, grad_clip=10.0)

@@ -2,6 +2,7 @@
 each a TrainConfig. ``icgd train NAME`` and the ``training.*`` claims start from these."""
 
 import difflib
+import json
 from dataclasses import dataclass
 
 from reference.config import ConfigError, TrainConfig
@@ -16,6 +17,19 @@ class Experiment:
 
 def _exp(name, description, **fields):
     return Experiment(name, description, TrainConfig(experiment=name).replace(**fields))
+
+
+def _layers(*specs):
+    return json.dumps(list(specs))
+
+
+# The sine-regression model of the official code (paper-settings.md 7, 7a): tokens (x, y)
+# -> linear embedding to width 40 -> residual MLP 40 -> 160 -> 40 (GELU tanh, bias) -> the
+# last layer; the prediction is minus feature 39 of the query. The transformer ends in one
+# LSA layer (key size 40); the "MLP + GD" baseline in the frozen GD layer (eta / N = 0.01).
+SINE_FEATURES = ({"kind": "embed", "width": 40}, {"kind": "mlp", "width": 160, "bias": True})
+SINE_DATA = dict(task="sine", d=1, N=10, x_low=-5.0, x_high=5.0, batch=2048, eval_tasks=2048, eval_every=500,
+                 checkpoint_every=1000, steps=20_000, grad_clip=100.0, gdpp_steps=200)
 
 
 EXPERIMENTS = {e.name: e for e in [
@@ -40,6 +54,33 @@ EXPERIMENTS = {e.name: e for e in [
          "50,000 steps; GD++ meta-trained 30,000 steps per layer as in the paper.",
          n_layers=5, recurrent=False, steps=50_000, lr=5e-4, grad_clip=10.0, token_clip=10.0,
          gdpp_steps=30_000, checkpoint_every=1000),
+    _exp("softmax1",
+         "One softmax self-attention layer, one head (d = N = 10), otherwise as one_layer: the paper reports that "
+         "one head does not reach the GD-1 loss (App. A.9).",
+         layers=_layers({"kind": "softmax"}), steps=5000, lr=1e-3, grad_clip=0.001),
+    _exp("softmax2",
+         "One softmax self-attention layer with two heads (d = N = 10), otherwise as one_layer: reaches the GD-1 "
+         "loss and aligns with GD; the heads' W_KQ carry sign-reversed parts that cancel (App. A.9).",
+         layers=_layers({"kind": "softmax", "heads": 2}), steps=5000, lr=1e-3, grad_clip=0.001),
+    _exp("ln1",
+         "LayerNorm before one LSA layer (pre-LN inside the residual), otherwise as one_layer: worse than GD-1 "
+         "in distribution, better out of distribution for large input scales (App. A.9).",
+         layers=_layers({"kind": "pre_ln", "block": "lsa"}), steps=5000, lr=1e-3, grad_clip=0.001),
+    _exp("ln2",
+         "Two separate LSA layers, no LayerNorm before layer 1 and LayerNorm before layer 2 (the official "
+         "placement), vs GD-2: worse in distribution, better for large input scales (App. A.9).",
+         layers=_layers({"kind": "lsa"}, {"kind": "pre_ln", "block": "lsa"}), n_layers=2, steps=5000, lr=1e-3,
+         grad_clip=0.001),
+    _exp("sine",
+         "Sine regression (y = a sin(x + rho), x ~ U(-5, 5), N = 10; a ~ U(0.1, 0.5) with rho tied to a, as the "
+         "code): embedding 2 -> 40, residual MLP 40 -> 160 -> 40, one LSA layer (key 40), readout minus feature 39. "
+         "Adam lr 1e-3, clip 100, batch 2048, 20,000 steps.",
+         layers=_layers(*SINE_FEATURES, {"kind": "lsa"}), lr=1e-3, **SINE_DATA),
+    _exp("sine_mlp_gd",
+         "The 'MLP + GD' baseline of the sine task: the same embedding and MLP (the same seed draws the same "
+         "initial weights) meta-trained through a frozen GD layer (eta 0.1, eta / N = 0.01). Adam lr 3e-4, "
+         "otherwise as sine.",
+         layers=_layers(*SINE_FEATURES, {"kind": "gd", "eta": 0.1}), lr=3e-4, **SINE_DATA),
 ]}
 
 
