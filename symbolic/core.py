@@ -261,6 +261,7 @@ def load_all():
     report order (by module as in MODULE_ORDER, then in order of definition)."""
     from . import bridge, gdpp, gradients, prop1, step_size  # noqa: F401
     from . import causal  # noqa: F401  (mesa paper: causal Prop. 1)
+    from . import mesa  # noqa: F401  (mesa layer: Sherman-Morrison, delta rule = GD, small lam)
 
     def rank(item):
         mod = item[1].fn.__module__.rsplit(".", 1)[-1]
