@@ -74,7 +74,7 @@ def general_row(weights=causal_weights):
     return out.blocks if isinstance(out, BlockMatrix) else None
 
 
-@theorem("causal.prop1.general", source=SRC,
+@theorem("causal.gd_step.general", source=SRC,
          statement="One causal LSA layer with W_Q = [0, I, 0], W_K = [0, 0, I], W_V = [0, I, -Phi_0], P = eta [I; 0; 0] "
                    "on tokens [Phi_0 x_t, x_t, x_{t-1}] maps token t to [Phi_1(t) x_t, x_t, x_{t-1}], Phi_1(t) = Phi_0 - "
                    "eta grad L_t(Phi_0), L_t(Phi) = 1/2 sum_{t'<=t} ||x_{t'} - Phi x_{t'-1}||^2 (no 1/t), at every t",
@@ -105,7 +105,7 @@ def explicit_causal_layer(E, W_Q, W_K, W_V, P):
     return E + Am * v * P.T
 
 
-@theorem("causal.prop1.explicit", source=SRC,
+@theorem("causal.gd_step.explicit", source=SRC,
          statement="Causal Prop. 1 at explicit sizes over a whole sequence (scalar symbols; x_{-1} = 0): every token's "
                    "first slot after the causal layer equals Phi_1(t) x_t, Phi_1(t) from SymPy's derivative of L_t at "
                    "Phi_0; the x_t and x_{t-1} slots are unchanged",
@@ -129,7 +129,7 @@ def prove_causal_prop1_explicit(weights=causal_weights, loss_scale=None, sizes=E
     return pf
 
 
-@theorem("bridge.causal_prop1", source="numeric bridge: symbolic results vs the reference implementation", kind="bridge",
+@theorem("bridge.causal_gd_step", source="numeric bridge: symbolic results vs the reference implementation", kind="bridge",
          statement="The general-dimension causal Prop. 1 row (block-collapsed, at concrete sizes, for every t) equals "
                    "reference.lsa_forward(causal=True) with causal_constructions.causal_gd_layer on sequences.seq_tokens, "
                    "and causal_constructions.causal_gd_predict",

@@ -263,3 +263,26 @@ def test_sequence_claims_pass():
     for cid in ids:
         row = registry.run_claim(claims[cid], registry.Context())
         assert row["passed"], (cid, row.get("error"), row.get("measured"), row.get("tolerance"))
+
+
+# --- the symbolic proof of causal Prop. 1 fails for wrong statements -------------------------------
+
+def test_causal_proof_fails_with_a_1_over_t_factor_or_a_wrong_sign():
+    import sympy as sp
+
+    from symbolic import causal as SC
+    from symbolic.core import load_all, run_theorem
+
+    th = load_all()
+
+    def wrong_sign(dx, step, P0):
+        q, k, v, p = SC.causal_weights(dx, step, P0)
+        return q, k, -v, p
+
+    for tid, inject in [("causal.gd_step.general", {"loss_scale": 1 / SC.n}),
+                        ("causal.gd_step.explicit", {"loss_scale": lambda t: sp.Rational(1, t + 1)}),
+                        ("causal.gd_step.general", {"weights": wrong_sign})]:
+        res = run_theorem(th[tid], **inject)
+        assert res.error is None and not res.established and res.measured > 0, tid
+    bad_layer = lambda d, eta, P0: CC.causal_gd_layer(d, eta * (1 + 1e-9), P0)
+    assert not run_theorem(th["bridge.causal_gd_step"], layer=bad_layer).established

@@ -94,6 +94,8 @@ PINNED = {1: {
     "pre_ln-softmax-H2-causal-clip": "ad7029730f2ffd14", "pre_ln-mlp-tanh": "1a9647dcd82c5fff",
     "posenc-add": "984df68425d59c4c", "posenc-concat-width3": "456e972244113d4d",
     "embedded-loss-tanh": "ccdb8592fc4b3b10",
+    # added in format version 1 with the sequence tasks (mesa paper, SPEC.md section 15)
+    "causal-gd-Phi0": "c0a4e33e70bf4c05",
 }}
 
 

@@ -471,6 +471,35 @@ INDEPENDENT = {"layer": _ind_layer, "stack": _ind_stack, "loss": _ind_loss,
                "pre_ln_mlp": _ind_pre_ln_mlp, "posenc": _ind_posenc, "embedded_loss": _ind_embedded_loss}
 
 
+def _ind_causal_gd(a):
+    """Tokens, weights and outputs by loops (verify.claims_sequences' helpers), never the
+    vectorised sequence code."""
+    from . import claims_sequences as V
+
+    X, Y, P0, eta = a["X"], a["Y"], a["Phi_0"], float(a["eta"])
+    B, T, d = X.shape
+    E = np.zeros((B, T, 3 * d))
+    E_code = np.zeros((B, T, 4 * d))
+    for b in range(B):
+        for t in range(T):
+            prev = V.loop_prev(X, b, t)
+            E[b, t] = np.concatenate([P0 @ X[b, t], X[b, t], prev])
+            E_code[b, t] = np.concatenate([np.zeros(d), X[b, t], X[b, t], prev])
+    Z, I = np.zeros((d, d)), np.eye(d)
+    blocks = {"W_Q": np.hstack([Z, I, Z])[None], "W_K": np.hstack([Z, Z, I])[None],
+              "W_V": np.hstack([Z, I, -P0])[None], "P": (eta * np.vstack([I, Z, Z]))[None]}
+    out = oracle_lsa_layer(E, R.LSAParams(**blocks), causal=True)
+    pred = V.loop_causal_gd(X, eta, P0)
+    per_t = np.array([np.mean([0.5 * np.sum((out[b, t, :d] - Y[b, t]) ** 2) for b in range(B)]) for t in range(T)])
+    return ([("E", E, "algebra"), ("E_code", E_code, "algebra"), ("out", out, "algebra"), ("pred", pred, "construction"),
+             ("pred_gd", pred, "algebra"), ("pred_code", V.loop_causal_gd(X, eta), "construction"),
+             ("per_t", per_t, "algebra"), ("L", np.asarray(per_t.mean()), "algebra")]
+            + [(k, v, "algebra") for k, v in blocks.items()])
+
+
+INDEPENDENT["causal_gd"] = _ind_causal_gd
+
+
 def load_committed(directory=golden.DEFAULT_DIR):
     """[(manifest entry, inputs, outputs)] of the vectors in ``directory``."""
     man = json.loads((Path(directory) / golden.MANIFEST).read_text())

@@ -425,7 +425,15 @@ def _case_table():
     t.append(CaseSpec("posenc-add", "posenc", lambda r: build_posenc(r, False, 4)))
     t.append(CaseSpec("posenc-concat-width3", "posenc", lambda r: build_posenc(r, True, 3)))
     t.append(CaseSpec("embedded-loss-tanh", "embedded_loss", lambda r: build_embedded_loss(r, False)))
+    # Added with the sequence tasks of the mesa paper (SPEC.md section 15):
+    t.append(CaseSpec("causal-gd-Phi0", "causal_gd", build_causal_gd))
     return t
+
+
+def build_causal_gd(rng):
+    """B = 2 sequences of T = 5 inputs in d = 1 (x ~ U(-1, 1); tokens of width 3 and 4), a random Phi_0 and eta."""
+    X = rng.uniform(-1.0, 1.0, (2, 6, 1))
+    return {"X": X[:, :5], "Y": X[:, 1:], "Phi_0": 0.5 * rng.standard_normal((1, 1)), "eta": _f(0.37)}
 
 
 CASES = _case_table()

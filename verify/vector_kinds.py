@@ -317,6 +317,28 @@ COMPUTE = {"layer": compute_layer, "stack": compute_stack, "loss": compute_loss,
            "embedded_loss": compute_embedded_loss}
 
 
+def compute_causal_gd(a):
+    """Sequence tokens (spec layout with Phi_0, the code's layout), the causal Prop. 1 layer,
+    its output and readout, explicit GD per token, the masked code-layout step and the
+    sequence loss (SPEC.md section 15)."""
+    from reference import causal_constructions as CC
+    from reference import sequences as S
+
+    X, Y, P0, eta = a["X"], a["Y"], a["Phi_0"], float(a["eta"])
+    d = X.shape[2]
+    E = S.seq_tokens(X, P0)
+    p = CC.causal_gd_layer(d, eta, P0)
+    out, _ = R.lsa_forward(E, p, causal=True)
+    E_code = S.code_tokens(X)
+    out_code, _ = R.lsa_forward(S.mask_forward(E_code, 2 * d)[0], CC.causal_gd_layer(d, eta, layout="code"), causal=True)
+    L, per_t, _ = S.seq_loss_forward(out[..., :d], Y)
+    return {"E": E, **layer_arrays(p), "out": out, "pred": out[..., :d], "pred_gd": CC.causal_gd_predict(X, eta, P0),
+            "E_code": E_code, "pred_code": out_code[..., :d], "L": np.asarray(L), "per_t": per_t}
+
+
+COMPUTE["causal_gd"] = compute_causal_gd      # mesa paper (SPEC.md section 15)
+
+
 # --------------------------------------------------------------------------------
 # Kinds: what each kind reads and writes (written into the manifest as "kinds")
 # --------------------------------------------------------------------------------
@@ -501,6 +523,12 @@ KINDS = {
                           ("E", "y_q") + _EMBEDDED, {"gelu_erf": _BOOL},
                           ("pred", "L", "dE") + tuple(k.replace(".", ".d", 1) for k in _EMBEDDED)),
 }
+KINDS["causal_gd"] = Kind(
+    "sequence tokens e_t = [Phi_0 x_t, x_t, x_{t-1}] and [0, x_t, x_t, x_{t-1}], the causal Prop. 1 layer (one GD step "
+    "from Phi_0 on L_t, no 1/t), its output, readout (+ first d channels), explicit GD per token, the code layout's "
+    "masked step (Phi_0 = 0) and the sequence loss L and per-step losses (SPEC.md section 15)",
+    ("X", "Y", "Phi_0"), {"eta": _REAL},
+    ("E", "W_Q", "W_K", "W_V", "P", "out", "pred", "pred_gd", "E_code", "pred_code", "L", "per_t"))
 assert set(KINDS) == set(COMPUTE)
 
 

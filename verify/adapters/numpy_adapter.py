@@ -201,3 +201,19 @@ def embedded_loss(E, y_q, layer0, layer1, layer2, gelu_erf):
     params = tuple(spec.param_type()(**p) for spec, p in zip(arch.layers, (layer0, layer1, layer2)))
     L, grads, aux = R.loss_and_grads(E, y_q, params, arch, EmbeddedLayout(E.shape[2] - d_y, d_y, width=width))
     return {"pred": aux["pred"], "L": L, "dE": aux["dE"], **{f"layer{k}": _arrays(g, grad=True) for k, g in enumerate(grads)}}
+
+
+def causal_gd(X, Y, Phi_0, eta):
+    """Sequence tokens and the causal Prop. 1 layer (SPEC.md section 15)."""
+    from reference import causal_constructions as CC
+    from reference import sequences as S
+
+    d = X.shape[2]
+    E = S.seq_tokens(X, Phi_0)
+    p = CC.causal_gd_layer(d, eta, Phi_0)
+    out, _ = R.lsa_forward(E, p, causal=True)
+    E_code = S.code_tokens(X)
+    out_code, _ = R.lsa_forward(S.mask_forward(E_code, 2 * d)[0], CC.causal_gd_layer(d, eta, layout="code"), causal=True)
+    L, per_t, _ = S.seq_loss_forward(out[..., :d], Y)
+    return {"E": E, **_arrays(p), "out": out, "pred": out[..., :d], "pred_gd": CC.causal_gd_predict(X, eta, Phi_0),
+            "E_code": E_code, "pred_code": out_code[..., :d], "L": L, "per_t": per_t}
