@@ -32,6 +32,13 @@ oracle (``tests/test_numba_backend.py``), in float32 and float64, and once more 
 * clip-by-global-norm and Adam are one pass over a flat vector of all parameters, in
   the working dtype with the reference's order of operations.
 
+Every other Arch of the layer kinds embed, mlp, lsa, softmax, gd, posenc and pre_ln
+(mixed stacks: the sine model, softmax layers, pre-LN blocks, ...) runs on the
+mixed-stack kernels of ``_numba_mixed`` (its docstring says how); their ``stepper.step``
+draws its tasks on the host exactly as the NumPy backend does
+(``spec.sample(step_rng(seed, step))``), so for the same seed both backends train on
+the same tasks. Other layer kinds are refused by :func:`supports`.
+
 JIT flags (parallel, fastmath, cache, lanes) come from ``config.py``. Complex inputs
 (complex-step checks) are not supported here: they run on the reference ('numpy').
 """
@@ -40,13 +47,13 @@ import numpy as np
 
 from .._checks import check_dtype, check_int
 from ..layers.lsa import LSAParams, MergedParams
-from ..model import check_loss_inputs, check_model_inputs
+from ..model import Arch, check_loss_inputs, check_model_inputs
 from ..optim import AdamHP, AdamState, check_adam_inputs, check_grad_norm, grad_norm_in_dtype
-from ..tasks import Tasks, TaskSpec, sample_tasks as reference_sample_tasks
+from ..tasks import Tasks, TaskSpec, sample_tasks as reference_sample_tasks, step_rng
 from ..tokens import TokenLayout, build_tokens
 from ..train_step import StepResult, check_step_inputs, check_step_state
 from ..tree import from_vector, to_vector
-from . import config
+from . import _numba_mixed, config
 from ._lsa_stack import lsa_stack_of, lsa_stack_reason
 from ._numba_dspace import run_batch_dspace
 from ._numba_rng import run_key
@@ -61,8 +68,24 @@ def check_available():
 
 
 def supports(arch):
-    """None for uniform stacks of ``lsa`` layers (one causal and clip value), else the reason."""
-    return lsa_stack_reason(arch, NAME)
+    """None for uniform stacks of ``lsa`` layers (one causal and clip value; the fused LSA
+    kernels) and for every other Arch of the kinds ``_numba_mixed.KINDS`` (the mixed-stack
+    kernels), else the reason naming the layer it cannot compute."""
+    if lsa_stack_reason(arch, NAME) is None:
+        return None
+    return _numba_mixed.mixed_reason(arch, NAME)
+
+
+def _mixed(arch):
+    """True when ``arch`` runs on the mixed-stack kernels (an Arch this backend supports
+    that is not a uniform LSA stack); ValueError with :func:`supports`'s reason for an
+    Arch it cannot run. A non-Arch gives False (the LSA path's checks refuse it)."""
+    if not isinstance(arch, Arch) or lsa_stack_reason(arch, NAME) is None:
+        return False
+    reason = _numba_mixed.mixed_reason(arch, NAME)
+    if reason is not None:
+        raise ValueError(reason)
+    return True
 
 
 # ------------------------------------------------------------------ task sampling ----
@@ -271,7 +294,11 @@ class BatchRun:
 # ------------------------------------------------------------- reference signatures ----
 
 def model_forward(E, params, arch):
-    """The K layers on tokens E (B, T, D). Returns (out (B, T, D), None)."""
+    """The K layers on tokens E (B, T, D). Returns (out (B, T, D_K), None)."""
+    if _mixed(arch):
+        _check_real(E)
+        check_model_inputs(E, params, arch)
+        return _numba_mixed.model_forward(E, params, arch), None
     dt = _check_inputs(E, params, arch)
     B, T, D = E.shape
     run = BatchRun(arch, params, B, T - 1, D - 1, 1, dt)
@@ -284,7 +311,16 @@ def loss_and_grads(E, y_q, params, arch, layout, *, path=None, need_dE=True):
     """Loss of the model on tokens E against y_q, and its gradients, like
     ``reference.model.loss_and_grads``: (L, dparams, aux dict(pred, dE, path,
     fallback_tasks)). ``path`` forces the computation (None = config, 'tokens',
-    'dspace'; 'dspace' applies only without dE); aux has dE only if ``need_dE``."""
+    'dspace'; 'dspace' applies only without dE, and ``path`` only to uniform LSA stacks);
+    aux has dE only if ``need_dE``."""
+    if _mixed(arch):
+        _check_real(E)
+        lay = check_loss_inputs(E, y_q, params, arch, layout)
+        L, grads, pred, dE = _numba_mixed.loss_and_grads(E, y_q, params, arch, lay.d_y, need_dE=need_dE)
+        aux = {"pred": pred, "path": "mixed", "fallback_tasks": 0}
+        if need_dE:
+            aux["dE"] = dE
+        return L, grads, aux
     lsa_stack_of(arch, NAME)
     _check_real(E)
     d = check_loss_inputs(E, y_q, params, arch, layout).d
@@ -342,6 +378,9 @@ def _step_on_tokens(params, state, E, y_q, arch, hp, dtype, d):
 def train_step(params, state, tasks, arch, hp):
     """One clipped Adam step on ``tasks``, like ``reference.train_step.train_step``
     (its checks, ``check_step_inputs``, before any kernel runs)."""
+    if _mixed(arch):
+        layout, dtype = check_step_inputs(params, state, tasks, arch, hp)
+        return _mixed_step_on(params, state, tasks, arch, hp, layout, dtype)
     lsa_stack_of(arch, NAME)
     layout, dtype = check_step_inputs(params, state, tasks, arch, hp)
     E = build_tokens(tasks.X, tasks.Y, tasks.x_q)
@@ -396,6 +435,42 @@ class Stepper:
         return _step_on_tokens(params, state, E, tasks.y_q, self.arch, self.hp, self.dtype, layout.d)
 
 
+def _mixed_step_on(params, state, tasks, arch, hp, layout, dtype):
+    """One step of a mixed stack on checked tasks: tokens at width layout.D_in, loss and
+    gradients (``_numba_mixed``), then clip + Adam in one flat pass."""
+    E = layout.build(tasks.X, tasks.Y, tasks.x_q)                       # (B, T, D_in)
+    L, grads, _, _ = _numba_mixed.loss_and_grads(E, tasks.y_q, params, arch, layout.d_y, need_dE=False)
+    new, st, norm = _adam_flat_step(params, grads, state, hp, dtype)
+    return StepResult(new, st, float(L), norm)
+
+
+class MixedStepper:
+    """The stepper of a mixed stack: ``.step(params, state, step)`` draws step ``step``'s
+    tasks on the host exactly as the NumPy backend does (``spec.sample(step_rng(seed,
+    step), dtype=dtype)``; ``spec`` a TaskSpec or any spec with that ``sample``), then
+    updates as ``.step_on(params, state, tasks)`` does; ``.sample(step)`` returns them."""
+
+    def __init__(self, arch, hp, spec, seed, dtype=np.float32):
+        if not isinstance(hp, AdamHP):
+            raise TypeError(f"hp must be an AdamHP, got {type(hp).__name__}")
+        if not callable(getattr(spec, "sample", None)):
+            raise TypeError(f"spec must be a task spec with .sample(rng, B=None, dtype=...), got {type(spec).__name__}")
+        self.arch, self.hp, self.spec = arch, hp.validate(), spec
+        self.seed = check_int("seed", seed, 0)
+        self.dtype = check_dtype("dtype", dtype)
+
+    def sample(self, step):
+        return self.spec.sample(step_rng(self.seed, check_int("step", step, 0)), dtype=self.dtype)
+
+    def step(self, params, state, step):
+        return self.step_on(params, state, self.sample(step))
+
+    def step_on(self, params, state, tasks):
+        layout, dtype = check_step_inputs(params, state, tasks, self.arch, self.hp)
+        _check_stepper_dtype(dtype, self.dtype)
+        return _mixed_step_on(params, state, tasks, self.arch, self.hp, layout, dtype)
+
+
 def rng_kernels():
     """The task generator's jitted building blocks (normal_pairs, stream_key, task_key,
     uniforms_lanes), for the benchmarks' random-number rate measurements."""
@@ -405,9 +480,12 @@ def rng_kernels():
 
 
 def make_stepper(arch, hp, spec, seed, dtype=np.float32):
-    """A :class:`Stepper` for ``arch`` (Arch), ``hp`` (AdamHP), ``spec`` (TaskSpec)."""
+    """A :class:`Stepper` for ``arch`` (Arch), ``hp`` (AdamHP), ``spec`` (TaskSpec); a
+    :class:`MixedStepper` for the Archs that run on the mixed-stack kernels."""
+    if _mixed(arch):
+        return MixedStepper(arch, hp, spec, seed, dtype)
     return Stepper(arch, hp, spec, seed, dtype)
 
 
 __all__ = ["NAME", "HOST_ARRAYS", "check_available", "supports", "adam_update", "factored_grads", "NumbaRNG", "numba_rng", "sample_tasks", "loss_and_grads", "model_forward", "train_step",
-           "make_stepper", "Stepper", "BatchRun", "rng_kernels"]
+           "make_stepper", "Stepper", "MixedStepper", "BatchRun", "rng_kernels"]
