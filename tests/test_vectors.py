@@ -96,6 +96,7 @@ PINNED = {1: {
     "embedded-loss-tanh": "ccdb8592fc4b3b10",
     # added in format version 1 with the sequence tasks (mesa paper, SPEC.md section 15)
     "causal-gd-Phi0": "c0a4e33e70bf4c05",
+    "pre_ln-mlp-erf": "bf16e16a2518f786",
 }}
 
 

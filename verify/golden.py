@@ -427,6 +427,8 @@ def _case_table():
     t.append(CaseSpec("embedded-loss-tanh", "embedded_loss", lambda r: build_embedded_loss(r, False)))
     # Added with the sequence tasks of the mesa paper (SPEC.md section 15):
     t.append(CaseSpec("causal-gd-Phi0", "causal_gd", build_causal_gd))
+    # Added with the sine-task models (issue #14): the erf GELU inside a pre-LN MLP block.
+    t.append(CaseSpec("pre_ln-mlp-erf", "pre_ln_mlp", lambda r: build_pre_ln_mlp(r, True)))
     return t
 
 
