@@ -24,14 +24,17 @@ Archs here. What is different from the reference, and why it is exact:
   and values, its output and every later (token-wise) layer run on the query row only.
   The other rows' outputs never reach the loss, so loss and gradients are unchanged;
   ``model_forward`` computes every row;
-* token-wise linear maps (embed, the MLP's two matrices) are matrix products of the
-  whole batch (B T rows) through NumPy's BLAS; the weight gradients are summed in
-  float64 over fixed blocks of rows, as are all weight gradients of the kernels
-  (per-chunk float64 accumulators added in chunk order: results do not depend on the
-  thread count);
-* GELU (tanh or erf form) and its derivative in one pass, the derivative kept for the
-  backward; erf is ``math.erf`` (the reference's series agrees with it to 4e-15);
-  LayerNorm forward and backward per token in Numba;
+* token-wise linear maps (embed, the MLP's two matrices) run on every row of the batch
+  (B T rows, or B query rows) through one shared matrix (:func:`rows_times`), in Numba
+  like everything else, so no second threading runtime (BLAS) competes with Numba's
+  threads. Weight gradients are summed in the dtype over a few rows at a time and
+  flushed into per-chunk float64 accumulators, added in chunk order (a fixed partition:
+  results do not depend on the thread count);
+* GELU and its derivative in one pass, the derivative kept for the backward: the tanh
+  form takes NumPy's tanh (the reference's; vectorised, far faster than a scalar libm
+  call per entry) of an argument computed here; the erf form uses ``math.erf`` (the
+  reference's series agrees with it to 4e-15). LayerNorm forward and backward per
+  token in Numba;
 * softmax logits that are not finite are refused with the reference's
   ``NonFiniteError``: when a norm bound cannot exclude an overflow, the reference's own
   logits of that layer are formed and checked.
@@ -57,7 +60,6 @@ from .config import DRIVER, KERNEL
 
 KINDS = ("embed", "mlp", "lsa", "softmax", "gd", "posenc", "pre_ln")
 ATTENTION = ("lsa", "softmax", "gd")
-GRAM_ROWS = 2048          # rows per float32 block of a weight-gradient product (summed in float64)
 
 
 def mixed_reason(arch, backend):
@@ -234,56 +236,138 @@ def attention_backward(dout, X, pre, S, U, W, A, Bm, softmax, causal, q0, has_cl
 
 
 @njit(**DRIVER)
-def gelu_forward(h, bias, erf_form, consts, a, gp):
-    """a = gelu(h + bias) and gp = gelu'(h + bias) for h (R, w) rows (``reference.layers.mlp``:
-    tanh or erf form, saturated beyond |x| > 10). consts (:func:`_gelu_consts`): sqrt(2/pi),
-    0.044715, 1/sqrt(2), 1/sqrt(2 pi), 0.5, 1, 10, 3 * 0.044715 in the dtype. h is
-    overwritten by h + bias."""
-    R, w = h.shape
-    k0, k1, k2, k3, half, one, sat, k4 = (consts[0], consts[1], consts[2], consts[3], consts[4], consts[5],
-                                          consts[6], consts[7])
-    zero = one - one
+def rows_times(X, M, bias, has_bias, mul, has_mul, out):
+    """out[r] = (sum_c X[r, c] M[c] (+ bias)) (* mul[r]) for X (R, C), M (C, O): every
+    row of a batch through one shared matrix (X W^T with M = W^T; dout W with M = W),
+    rows in parallel, vectorised over O, four rows of M per pass over out[r]."""
+    R, C = X.shape
+    O = M.shape[1]
+    zero = np.zeros(1, X.dtype)[0]
     for r in prange(R):
-        for c in range(w):
-            x = h[r, c] + bias[c]
-            h[r, c] = x
-            if x > sat:
-                a[r, c] = x
-                gp[r, c] = one
-            elif x < -sat:
-                a[r, c] = zero
-                gp[r, c] = zero
-            elif erf_form:
-                ef = math.erf(x * k2)
-                a[r, c] = half * x * (one + ef)
-                gp[r, c] = half * (one + ef) + x * np.exp(-half * x * x) * k3
-            else:
-                t = np.tanh(k0 * (x + k1 * x * x * x))
-                a[r, c] = half * x * (one + t)
-                gp[r, c] = half * (one + t) + half * x * (one - t * t) * k0 * (one + k4 * x * x)
+        o = out[r]
+        x = X[r]
+        for k in range(O):
+            o[k] = bias[k] if has_bias else zero
+        c = 0
+        while c + 4 <= C:
+            x0 = x[c]
+            x1 = x[c + 1]
+            x2 = x[c + 2]
+            x3 = x[c + 3]
+            m0 = M[c]
+            m1 = M[c + 1]
+            m2 = M[c + 2]
+            m3 = M[c + 3]
+            for k in range(O):
+                o[k] += x0 * m0[k] + x1 * m1[k] + x2 * m2[k] + x3 * m3[k]
+            c += 4
+        while c < C:
+            x0 = x[c]
+            m0 = M[c]
+            for k in range(O):
+                o[k] += x0 * m0[k]
+            c += 1
+        if has_mul:
+            for k in range(O):
+                o[k] *= mul[r, k]
 
 
 @njit(**KERNEL)
-def _mul_inplace(x, y):
-    """x *= y elementwise (2-d, same shape)."""
-    R, w = x.shape
-    for r in range(R):
-        for c in range(w):
-            x[r, c] *= y[r, c]
+def _flush(part, partb, acc, acc_b, colsum):
+    O, C = part.shape
+    for o in range(O):
+        for c in range(C):
+            acc[o, c] += part[o, c]
+            part[o, c] = 0
+        if colsum:
+            acc_b[o] += partb[o]
+        partb[o] = 0
 
 
 @njit(**DRIVER)
-def mul_rows(x, y):
-    """x *= y elementwise, rows in parallel (x, y (R, w))."""
-    R = x.shape[0]
-    n = _n_blocks(R)
-    for ch in prange(n):
-        _mul_inplace(x[ch * R // n:(ch + 1) * R // n], y[ch * R // n:(ch + 1) * R // n])
+def outer_sum(G, X, n_chunks, flush, acc, colsum, acc_b):
+    """acc[ch] += sum_r G[r]^T X[r] and (colsum) acc_b[ch] += sum_r G[r] over the rows of
+    chunk ch (a fixed partition), four rows per pass: partial sums in the dtype over
+    ``flush`` rows at a time, added into the float64 accumulators acc (n_chunks, O, C),
+    acc_b (n_chunks, O)."""
+    R, O = G.shape
+    C = X.shape[1]
+    dt = G.dtype
+    for ch in prange(n_chunks):
+        r0 = ch * R // n_chunks
+        r1 = (ch + 1) * R // n_chunks
+        part = np.zeros((O, C), dt)
+        partb = np.zeros(O, dt)
+        cnt = 0
+        r = r0
+        while r + 4 <= r1:
+            x0 = X[r]
+            x1 = X[r + 1]
+            x2 = X[r + 2]
+            x3 = X[r + 3]
+            for o in range(O):
+                g0 = G[r, o]
+                g1 = G[r + 1, o]
+                g2 = G[r + 2, o]
+                g3 = G[r + 3, o]
+                po = part[o]
+                for c in range(C):
+                    po[c] += g0 * x0[c] + g1 * x1[c] + g2 * x2[c] + g3 * x3[c]
+                partb[o] += (g0 + g1) + (g2 + g3)
+            r += 4
+            cnt += 4
+            if cnt >= flush:
+                _flush(part, partb, acc[ch], acc_b[ch], colsum)
+                cnt = 0
+        while r < r1:
+            x0 = X[r]
+            for o in range(O):
+                g0 = G[r, o]
+                po = part[o]
+                for c in range(C):
+                    po[c] += g0 * x0[c]
+                partb[o] += g0
+            r += 1
+        _flush(part, partb, acc[ch], acc_b[ch], colsum)
 
 
-@njit(**KERNEL)
-def _n_blocks(R):
-    return max(1, min(R, 8))
+@njit(**DRIVER)
+def gelu_tanh_arg(h, consts, y):
+    """y = sqrt(2/pi) (x + 0.044715 x^3) for x = h, the argument of the tanh GELU (0 where
+    |x| > 10, where GELU saturates); rows in parallel. consts: :func:`_gelu_consts`."""
+    R, w = h.shape
+    k0, k1, sat = consts[0], consts[1], consts[6]
+    zero = np.zeros(1, h.dtype)[0]
+    for r in prange(R):
+        for c in range(w):
+            x = h[r, c]
+            y[r, c] = k0 * (x + k1 * x * x * x) if (x <= sat and x >= -sat) else zero
+
+
+@njit(**DRIVER)
+def gelu_finish(h, t, erf_form, consts):
+    """In place: h <- gelu(h) and t <- gelu'(h), given t = tanh(gelu_tanh_arg(h)) (tanh
+    form; NumPy's tanh, the reference's) or anything (erf form: math.erf here);
+    ``reference.layers.mlp``'s formulas, saturated beyond |x| > 10."""
+    R, w = h.shape
+    k0, k2, k3, half, one, sat, k4 = consts[0], consts[2], consts[3], consts[4], consts[5], consts[6], consts[7]
+    zero = one - one
+    for r in prange(R):
+        for c in range(w):
+            x = h[r, c]
+            if x > sat:
+                t[r, c] = one
+            elif x < -sat:
+                h[r, c] = zero
+                t[r, c] = zero
+            elif erf_form:
+                ef = math.erf(x * k2)
+                h[r, c] = half * x * (one + ef)
+                t[r, c] = half * (one + ef) + x * np.exp(-half * x * x) * k3
+            else:
+                tt = t[r, c]
+                h[r, c] = half * x * (one + tt)
+                t[r, c] = half * (one + tt) + half * x * (one - tt * tt) * k0 * (one + k4 * x * x)
 
 
 @njit(**DRIVER)
@@ -340,19 +424,26 @@ def layernorm_backward(dn, xhat, rstd, scale, inv_D, n_chunks, dX, dscale_acc, d
 
 # =============================================================== NumPy-side helpers ====
 
-def gram(A2, B2):
-    """sum_r A2[r]^T B2[r] in float64 (A2 (R, a), B2 (R, b)): one product in float64,
-    float32 products over fixed blocks of GRAM_ROWS rows added in float64."""
-    if A2.dtype == np.float64:
-        return A2.T @ B2
-    out = np.zeros((A2.shape[1], B2.shape[1]))
-    for s in range(0, A2.shape[0], GRAM_ROWS):
-        out += A2[s:s + GRAM_ROWS].T @ B2[s:s + GRAM_ROWS]
+FLUSH_ROWS = {4: 64, 8: 1 << 30}     # rows summed in the dtype before a float64 flush, by item size
+
+
+def linear(X2, M, bias=None, mul=None):
+    """(sum_c X2[r, c] M[c] (+ bias)) (* mul) for every row (kernel :func:`rows_times`)."""
+    out = np.empty((X2.shape[0], M.shape[1]), X2.dtype)
+    dummy = np.zeros((1, 1), X2.dtype)
+    rows_times(X2, np.ascontiguousarray(M), bias if bias is not None else dummy[0], bias is not None,
+               mul if mul is not None else dummy, mul is not None, out)
     return out
 
 
-def _colsum(A2):
-    return A2.sum(axis=0, dtype=np.float64)
+def gram(G2, X2, colsum=False):
+    """(sum_r G2[r]^T X2[r], sum_r G2[r] or None) in float64 (kernel :func:`outer_sum`)."""
+    R, O = G2.shape
+    n = _n_chunks(R)
+    acc = np.zeros((n, O, X2.shape[1]))
+    acc_b = np.zeros((n, O))
+    outer_sum(G2, X2, n, FLUSH_ROWS[G2.dtype.itemsize], acc, colsum, acc_b)
+    return acc.sum(axis=0), (acc_b.sum(axis=0) if colsum else None)
 
 
 def _clip(pre, clip):
@@ -493,35 +584,35 @@ def mlp_forward(X, R, p, opts):
     dt = X.dtype
     X2 = X.reshape(-1, D)
     bias = isinstance(p, MLPParams)
-    h = X2 @ p.W_1.T                                                   # (R, w)
-    a = np.empty_like(h)
-    gp = np.empty_like(h)
-    b1 = p.b_1 if bias else np.zeros(h.shape[1], dt)
-    gelu_forward(h, b1, opts["gelu"] == "erf", _gelu_consts(dt), a, gp)
-    delta = a @ p.W_2.T                                                # (R, D)
-    if bias:
-        delta += p.b_2
-    pre = R.reshape(-1, D) + delta                                     # (R, D)
+    consts = _gelu_consts(dt)
+    a = linear(X2, p.W_1.T, p.b_1 if bias else None)                   # (R, w) h = X W_1^T + b_1
+    gp = np.empty_like(a)
+    erf_form = opts["gelu"] == "erf"
+    if not erf_form:
+        gelu_tanh_arg(a, consts, gp)
+        np.tanh(gp, out=gp)                                            # NumPy's tanh, as the reference's
+    gelu_finish(a, gp, erf_form, consts)                               # a = gelu(h), gp = gelu'(h)
+    pre = linear(a, p.W_2.T, p.b_2 if bias else None)                  # (R, D) delta = a W_2^T + b_2
+    pre += R.reshape(-1, D)                                            # pre = R + delta
     return _clip(pre, opts["clip"]).reshape(shape), MLPCache(X2, a, gp, pre, opts["clip"])
 
 
 def mlp_backward(dout, c, p, need_dX):
     """(dX or None, dpre, float64 grads by field name) of :func:`mlp_forward`."""
     D = c.pre.shape[1]
+    bias = isinstance(p, MLPParams)
     # forward: out = clip(pre)
-    dpre = _clip_mask(dout.reshape(-1, D), c.pre, c.clip)              # (R, D)
-    # forward: delta = a W_2^T + b_2
-    g = {"W_2": gram(dpre, c.a)}
-    da = dpre @ p.W_2                                                  # (R, w)
-    # forward: a = gelu(h)
-    mul_rows(da, c.gp)
-    dh = da
-    # forward: h = X W_1^T + b_1
-    g["W_1"] = gram(dh, c.X2)
-    if isinstance(p, MLPParams):
-        g["b_1"] = _colsum(dh)
-        g["b_2"] = _colsum(dpre)
-    dX = dh @ p.W_1 if need_dX else None
+    dpre = np.ascontiguousarray(_clip_mask(dout.reshape(-1, D), c.pre, c.clip))   # (R, D)
+    # forward: delta = a W_2^T + b_2, so dW_2 = sum dpre^T a, db_2 = sum dpre, da = dpre W_2
+    g = {}
+    g["W_2"], db_2 = gram(dpre, c.a, bias)
+    # forward: a = gelu(h), so dh = da * gelu'(h)
+    dh = linear(dpre, p.W_2, mul=c.gp)                                 # (R, w)
+    # forward: h = X W_1^T + b_1, so dW_1 = sum dh^T X, db_1 = sum dh, dX = dh W_1
+    g["W_1"], db_1 = gram(dh, c.X2, bias)
+    if bias:
+        g["b_1"], g["b_2"] = db_1, db_2
+    dX = linear(dh, p.W_1) if need_dX else None
     return dX, dpre, g
 
 
@@ -577,9 +668,7 @@ def _layer_forward(L, x, p, T, q0):
     dt = x.dtype
     B, t, D = x.shape
     if L.kind == "embed":
-        out = (x.reshape(-1, D) @ p.W.T)                               # (R, D_out)
-        if isinstance(p, EmbedParams):
-            out += p.b
+        out = linear(x.reshape(-1, D), p.W.T, p.b if isinstance(p, EmbedParams) else None)   # (R, D_out)
         return out.reshape(B, t, -1), ("embed", x)
     if L.kind == "posenc":
         mode, width = L.opts["mode"], L.opts["width"]
@@ -630,12 +719,14 @@ def _layer_backward(L, dout, cache, p, acc, need_dX):
     if tag == "embed":
         x = cache[1]
         B, t, D = x.shape
-        d2 = dout.reshape(-1, dout.shape[-1])
+        d2 = np.ascontiguousarray(dout).reshape(-1, dout.shape[-1])
+        bias = isinstance(p, EmbedParams)
         # forward: out = x W^T + b, so dW = sum dout^T x, db = sum dout, dx = dout W
-        _add(acc, "W", gram(d2, x.reshape(-1, D)))
-        if isinstance(p, EmbedParams):
-            _add(acc, "b", _colsum(d2))
-        return (d2 @ p.W).reshape(B, t, D) if need_dX else None
+        dW, db = gram(d2, x.reshape(-1, D), bias)
+        _add(acc, "W", dW)
+        if bias:
+            _add(acc, "b", db)
+        return linear(d2, p.W).reshape(B, t, D) if need_dX else None
     if tag == "posenc":
         _, D, mode = cache
         # forward: out = x + pe, or [x, pe]
