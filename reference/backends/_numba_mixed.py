@@ -30,6 +30,10 @@ Archs here. What is different from the reference, and why it is exact:
   threads. Weight gradients are summed in the dtype over a few rows at a time and
   flushed into per-chunk float64 accumulators, added in chunk order (a fixed partition:
   results do not depend on the thread count);
+* an embedding that widens narrow tokens followed by a plain MLP runs as one op: the
+  MLP's first product is taken at the tokens' width r through W_1 W_e (exact algebra:
+  h = W_1 (W_e x + b_e) + b_1), and the embedding's and MLP's gradients come from
+  sums at width r (see the section "embedding then MLP, fused");
 * GELU and its derivative in one pass, the derivative kept for the backward: the tanh
   form takes NumPy's tanh (the reference's; vectorised, far faster than a scalar libm
   call per entry) of an argument computed here; the erf form uses ``math.erf`` (the
@@ -437,8 +441,13 @@ def linear(X2, M, bias=None, mul=None):
 
 
 def gram(G2, X2, colsum=False):
-    """(sum_r G2[r]^T X2[r], sum_r G2[r] or None) in float64 (kernel :func:`outer_sum`)."""
+    """(sum_r G2[r]^T X2[r], sum_r G2[r] or None) in float64 (kernel :func:`outer_sum`,
+    whose inner loop runs over the wider of the two)."""
     R, O = G2.shape
+    if X2.shape[1] < O:
+        if colsum:
+            return gram(X2, G2)[0].T, gram(G2, np.ones((R, 1), G2.dtype))[0][:, 0]
+        return gram(X2, G2)[0].T, None
     n = _n_chunks(R)
     acc = np.zeros((n, O, X2.shape[1]))
     acc_b = np.zeros((n, O))
@@ -577,15 +586,18 @@ def _gelu_consts(dt):
                      0.5, 1.0, 10.0, 3.0 * 0.044715], dt)
 
 
-def mlp_forward(X, R, p, opts):
-    """Residual MLP on rows: pre = R + gelu(X W_1^T + b_1) W_2^T + b_2, out = clip(pre)."""
+def mlp_forward(X, R, p, opts, first=None):
+    """Residual MLP on rows: pre = R + gelu(X W_1^T + b_1) W_2^T + b_2, out = clip(pre).
+    ``first`` = (M_1 (C, w), c_1 (w,) or None): h = X M_1 + c_1 instead (the fused
+    embedding, :func:`embed_mlp_forward`)."""
     shape = R.shape
     D = shape[-1]
     dt = X.dtype
-    X2 = X.reshape(-1, D)
+    X2 = X.reshape(-1, X.shape[-1])
     bias = isinstance(p, MLPParams)
     consts = _gelu_consts(dt)
-    a = linear(X2, p.W_1.T, p.b_1 if bias else None)                   # (R, w) h = X W_1^T + b_1
+    M_1, c_1 = (p.W_1.T, p.b_1 if bias else None) if first is None else first
+    a = linear(X2, M_1, c_1)                                           # (R, w) h = X W_1^T + b_1
     gp = np.empty_like(a)
     erf_form = opts["gelu"] == "erf"
     if not erf_form:
@@ -597,8 +609,10 @@ def mlp_forward(X, R, p, opts):
     return _clip(pre, opts["clip"]).reshape(shape), MLPCache(X2, a, gp, pre, opts["clip"])
 
 
-def mlp_backward(dout, c, p, need_dX):
-    """(dX or None, dpre, float64 grads by field name) of :func:`mlp_forward`."""
+def mlp_backward(dout, c, p, need_dX, first_T=None, sum_dh=False):
+    """(dX or None, dpre, float64 grads by field name) of :func:`mlp_forward`; with
+    ``first_T`` (= M_1^T) the "W_1" entry is sum_r dh^T X and dX = dh M_1^T (the fused
+    embedding's); ``sum_dh``: "b_1" = sum_r dh even without biases."""
     D = c.pre.shape[1]
     bias = isinstance(p, MLPParams)
     # forward: out = clip(pre)
@@ -609,11 +623,73 @@ def mlp_backward(dout, c, p, need_dX):
     # forward: a = gelu(h), so dh = da * gelu'(h)
     dh = linear(dpre, p.W_2, mul=c.gp)                                 # (R, w)
     # forward: h = X W_1^T + b_1, so dW_1 = sum dh^T X, db_1 = sum dh, dX = dh W_1
-    g["W_1"], db_1 = gram(dh, c.X2, bias)
+    g["W_1"], db_1 = gram(dh, c.X2, bias or sum_dh)
     if bias:
-        g["b_1"], g["b_2"] = db_1, db_2
-    dX = linear(dh, p.W_1) if need_dX else None
+        g["b_2"] = db_2
+    if bias or sum_dh:
+        g["b_1"] = db_1
+    dX = linear(dh, p.W_1 if first_T is None else first_T) if need_dX else None
     return dX, dpre, g
+
+
+# -------------------------------------------------------- embedding then MLP, fused ----
+# A bias-free or biased embedding e = W_e x + b_e of narrow tokens x (width r < D) followed
+# by a residual MLP computes h = W_1 e + b_1 = (W_1 W_e) x + (W_1 b_e + b_1): the first
+# product at width r instead of D. Backward with G = sum dh x^T and g_1 = sum dh:
+# dW_1 = sum dh e^T = G W_e^T + g_1 b_e^T; the MLP's input gradient de = dpre + dh W_1 is
+# never formed: dW_e = sum de x^T = sum dpre x^T + W_1^T G, db_e = sum dpre + W_1^T g_1,
+# dx = de W_e = dpre W_e + dh (W_1 W_e).
+
+def fusable_embed_mlp(L, L_next, D_in):
+    """True when layer L (an embed of tokens of width D_in) and L_next (a plain mlp) run
+    as one fused op: the embedding widens the tokens."""
+    return (L.kind == "embed" and L_next is not None and L_next.kind == "mlp"
+            and L.opts["width"] is not None and D_in < L.opts["width"])
+
+
+def embed_mlp_forward(x, pe, pm, opts):
+    """embed (params pe) then mlp (params pm) on tokens x (B, t, r): (out, cache)."""
+    B, t, r = x.shape
+    dt = x.dtype
+    x2 = x.reshape(-1, r)
+    e_bias = isinstance(pe, EmbedParams)
+    W_e = pe.W.astype(np.float64)                                      # (D, r)
+    W_1 = pm.W_1.astype(np.float64)                                    # (w, D)
+    M_1 = W_1 @ W_e                                                    # (w, r)
+    c_1 = pm.b_1.astype(np.float64) if isinstance(pm, MLPParams) else np.zeros(W_1.shape[0])
+    if e_bias:
+        c_1 = c_1 + W_1 @ pe.b.astype(np.float64)
+    has_c = e_bias or isinstance(pm, MLPParams)
+    e = linear(x2, pe.W.T, pe.b if e_bias else None)                   # (R, D) the embedding: the residual
+    M_1 = np.ascontiguousarray(M_1.astype(dt))
+    first = (np.ascontiguousarray(M_1.T), c_1.astype(dt) if has_c else None)
+    out, c = mlp_forward(x2, e, pm, opts, first=first)
+    return out.reshape(B, t, -1), ("embed_mlp", c, x.shape, M_1)
+
+
+def embed_mlp_backward(dout, cache, pe, pm, acc_e, acc_m, need_dx):
+    """Backward of :func:`embed_mlp_forward`: adds both layers' gradients (float64) into
+    acc_e, acc_m; returns dx (B, t, r) or None."""
+    _, c, shape, M_1 = cache
+    e_bias = isinstance(pe, EmbedParams)
+    dX_h, dpre, g = mlp_backward(dout, c, pm, need_dx, first_T=M_1, sum_dh=e_bias)
+    G = g.pop("W_1")                                                   # (w, r) sum dh x^T
+    W_e = pe.W.astype(np.float64)
+    W_1 = pm.W_1.astype(np.float64)
+    dW_1 = G @ W_e.T                                                   # (w, D)
+    if e_bias:
+        dW_1 += np.outer(g["b_1"], pe.b.astype(np.float64))
+    _add(acc_m, "W_1", dW_1)
+    for name in pm._fields:
+        if name in g:
+            _add(acc_m, name, g[name])
+    dW_e, db_e = gram(dpre, c.X2, e_bias)                              # sum dpre x^T, sum dpre
+    _add(acc_e, "W", dW_e + W_1.T @ G)
+    if e_bias:
+        _add(acc_e, "b", db_e + W_1.T @ g["b_1"])
+    if not need_dx:
+        return None
+    return (linear(dpre, pe.W) + dX_h).reshape(shape)
 
 
 # ------------------------------------------------------------------ the model ----
@@ -658,6 +734,15 @@ def forward(E, params, arch, *, full):
     caches = []
     for L in layers:
         p = params[arch.tie[L.k]]
+        if caches and caches[-1][0] == "embed_head":                  # the mlp of a fused pair: done
+            caches.append(fused)
+            continue
+        nxt = layers[L.k + 1] if L.k + 1 < len(layers) else None
+        if fusable_embed_mlp(L, nxt, x.shape[2]):
+            x, fused = embed_mlp_forward(x, p, params[arch.tie[L.k + 1]], {"gelu": nxt.opts["gelu"],
+                                                                            "clip": nxt.clip})
+            caches.append(("embed_head",))
+            continue
         q0 = T - 1 if (not full and L.k == qk and L.block in ATTENTION) else 0
         x, c = _layer_forward(L, x, p, T, q0)
         caches.append(c)
@@ -706,7 +791,14 @@ def backward(dout, fwd, params, arch, *, need_dE):
     dx = dout
     for L in reversed(layers):
         i = arch.tie[L.k]
-        dx = _layer_backward(L, dx, fwd.caches[L.k], params[i], acc[i], need_dE or L.k > 0)
+        cache = fwd.caches[L.k]
+        if cache[0] == "embed_head":                                   # done with its mlp, below
+            continue
+        if cache[0] == "embed_mlp":
+            j = arch.tie[L.k - 1]
+            dx = embed_mlp_backward(dx, cache, params[j], params[i], acc[j], acc[i], need_dE or L.k > 1)
+            continue
+        dx = _layer_backward(L, dx, cache, params[i], acc[i], need_dE or L.k > 0)
     return dx, acc
 
 
