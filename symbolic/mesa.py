@@ -81,9 +81,9 @@ def linear_attention(Ks, Vs, q):
                    "R' (g I + k k^T R) = R for every symmetric R (the forward recursion of the mesa layer)",
          hypotheses="Kd in " + str(SIZES) + "; R symmetric with scalar-symbol entries, k a symbol vector, g > 0; "
                     "residuals cancelled as rational functions")
-def prove_sherman_morrison(update=sm_update):
+def prove_sherman_morrison(update=sm_update, sizes=SIZES):
     pf = Proof()
-    for n in SIZES:
+    for n in sizes:
         R, k = sym_symmetric("r", n), A.sym_matrix("k", n, 1)
         Rn = update(R, k, g)
         pf.entries_zero("R_t (g I + k k^T R_{t-1}) = R_{t-1}, i.e. R_t = (g R_{t-1}^{-1} + k k^T)^{-1}",
@@ -96,9 +96,9 @@ def prove_sherman_morrison(update=sm_update):
                    "forward step of R_{t-1}",
          hypotheses="Kd in " + str(SIZES) + "; R symmetric with scalar-symbol entries, k a symbol vector, g > 0; "
                     "residuals cancelled as rational functions")
-def prove_reverse(reverse=sm_reverse):
+def prove_reverse(reverse=sm_reverse, sizes=SIZES):
     pf = Proof()
-    for n in SIZES:
+    for n in sizes:
         R, k = sym_symmetric("r", n), A.sym_matrix("k", n, 1)
         pf.entries_zero("reverse(forward(R_{t-1})) = R_{t-1}", reverse(sm_update(R, k, g), k, g), R, f"Kd={n}",
                         reduce=sp.cancel)
@@ -110,9 +110,9 @@ def prove_reverse(reverse=sm_reverse):
                    "l(S) = 1/2 ||S k - v||^2 from S = a S_{t-1}: S_t = a S_{t-1} - b dl/dS(a S_{t-1})",
          hypotheses="(Vd, Kd) in " + str(DELTA_SIZES) + "; S, k, v symbol matrices, a, b scalars; the derivative "
                     "by SymPy entry by entry; residuals expanded")
-def prove_delta_is_gd(update=delta_update):
+def prove_delta_is_gd(update=delta_update, sizes=DELTA_SIZES):
     pf = Proof()
-    for vd, kd in DELTA_SIZES:
+    for vd, kd in sizes:
         S, k, v = A.sym_matrix("s", vd, kd), A.sym_matrix("k", kd, 1), A.sym_matrix("v", vd, 1)
         W = A.sym_matrix("w", vd, kd)                                   # the free variable of l
         r = W * k - v
@@ -131,9 +131,9 @@ def prove_delta_is_gd(update=delta_update):
                    "d/dlam (y / lam) at 0 = -M C q, so y(lam) = lam M q - lam^2 M C q + O(lam^3)",
          hypotheses="(Kd, Vd, T) in " + str(LIMIT_SIZES) + "; keys, values, query symbol vectors, no forgetting; "
                     "y / lam is a rational function of lam, regular at 0; residuals cancelled")
-def prove_small_lambda(limit=linear_attention):
+def prove_small_lambda(limit=linear_attention, sizes=LIMIT_SIZES):
     pf = Proof()
-    for kd, vd, T in LIMIT_SIZES:
+    for kd, vd, T in sizes:
         Ks = [A.sym_matrix(f"k{s}", kd, 1) for s in range(T)]
         Vs = [A.sym_matrix(f"v{s}", vd, 1) for s in range(T)]
         q = A.sym_matrix("q", kd, 1)
