@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 from .xp import get_xp, to_numpy
 from .tasks import Tasks, TaskSpec, sample_tasks, step_rng, uniform_moments
 from .tokens import EmbeddedLayout, TokenLayout, build_tokens, readout, readout_backward, split_token
+from .classic_tokens import ClassicLayout, build_classic_tokens, classic_layout
 from .layers import LayerSpec, LayerType, InitSettings, get_layer, layer_types, register
 from .layers.lsa import (
     LSA,

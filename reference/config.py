@@ -24,7 +24,8 @@ from typing import Optional
 
 import numpy as np
 
-from .backends import DEFAULT_TRAIN_BACKEND, backend_names
+from .backends import DEFAULT_TRAIN_BACKEND, backend_names, layout_support
+from .classic_tokens import TOKEN_KINDS, classic_layout
 from .layers import LayerSpec
 from .model import Arch, lsa_stack
 from .optim import AdamHP
@@ -47,7 +48,13 @@ class DataConfig:
     y = a sin(x + rho), a ~ U(amp_low, amp_high), rho ~ U(0, pi), tied to a through one
     draw when sine_phase is ``"tied"`` (the code) or drawn separately when
     ``"independent"`` (the paper's text); x ~ U(x_low, x_high)). The amp and phase fields
-    are read by the sine task only and must keep their defaults otherwise."""
+    are read by the sine task only and must keep their defaults otherwise.
+
+    tokens: ``"constructed"`` (one token (x_i, y_i) per pair, the query (x_q, 0): the
+    layouts of ``reference.tokens``) or ``"classic"`` (``reference.classic_tokens``:
+    x_1, (0, y_1), ..., x_N, (0, y_N), x_q, 2N+1 tokens of width d, d_y <= d; positional
+    encodings are a layer of ``model.layers``; trained by the backends whose
+    ``backends.LAYOUT_KINDS`` lists "classic")."""
 
     d: int = 10
     N: int = 10
@@ -62,6 +69,7 @@ class DataConfig:
     amp_low: float = 0.1
     amp_high: float = 0.5
     sine_phase: str = "tied"
+    tokens: str = "constructed"
 
 
 @dataclass(frozen=True)
@@ -182,7 +190,10 @@ class TrainConfig:
 
     def layout(self):
         """The tokens and readout of the run: ``arch().layout(d, d_y)`` (a TokenLayout,
-        or an EmbeddedLayout when the layers change the token width)."""
+        or an EmbeddedLayout when the layers change the token width); with
+        ``data.tokens = "classic"`` a ClassicLayout read at the last layer's width."""
+        if self.data.tokens == "classic":
+            return classic_layout(self.arch(), self.data.d, self.data.d_y)
         return self.arch().layout(self.data.d, self.data.d_y)
 
     def arch(self):
@@ -402,6 +413,16 @@ def _config_errors(c):
                                                     f"it at {_DATA_DEFAULTS[name]!r}, got {v[name]!r}")
     need(v["dtype"] in ("float32", "float64"), f"dtype: must be 'float32' or 'float64', got {v['dtype']!r}")
     need(v["backend"] in backend_names(), f"backend: must be one of {backend_names()}, got {v['backend']!r}")
+    need(v["tokens"] in TOKEN_KINDS, f"tokens: must be one of {TOKEN_KINDS}, got {v['tokens']!r}")
+    if v["tokens"] == "classic":
+        need(v["d_y"] <= v["d"], f"d_y: classic tokens put y_j in the last d_y of d features, so d_y <= d={v['d']} "
+                                 f"is needed, got {v['d_y']}")
+        need(v["layers"] is not None, "layers: classic tokens need an explicit layer list (the positional encodings "
+                                      "are a layer, e.g. [{\"kind\": \"posenc\", \"mode\": \"concat\", \"width\": 10}, ...]); "
+                                      "the default LSA stack and its weight analyses read constructed tokens")
+        if v["backend"] in backend_names():
+            reason = layout_support(v["backend"], "classic")
+            need(reason is None, f"backend: {reason}")
     need(v["checkpoint_every"] % v["eval_every"] == 0,
          f"checkpoint_every: must be a multiple of eval_every={v['eval_every']}, got {v['checkpoint_every']}")
     if v["layers"] is not None:
@@ -428,10 +449,11 @@ def _layers_errors(c):
     m = c.model
     try:
         arch = arch_from_text(m.layers)
-        D = c.data.d + c.data.d_y
+        classic = c.data.tokens == "classic"
+        D = c.data.d if classic else c.data.d + c.data.d_y          # the width of the tokens the layout builds
         widths = arch.widths(D)
         for s in dict.fromkeys(arch.layers):
-            s.check_tokens(c.data.N + 1)
+            s.check_tokens(2 * c.data.N + 1 if classic else c.data.N + 1)
     except (ValueError, TypeError, KeyError) as exc:
         return [f"layers: {type(exc).__name__}: {exc}"]
     errs = []

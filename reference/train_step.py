@@ -63,14 +63,20 @@ def check_step_state(params, state, arch, hp, layout):
     return dts.pop()
 
 
-def check_step_inputs(params, state, tasks, arch, hp):
+def check_step_inputs(params, state, tasks, arch, hp, layout=None):
     """Everything :func:`train_step` refuses before any work: :func:`check_step_state`
     and :func:`check_tasks` in the params' dtype. Every backend's ``train_step`` and
     ``stepper.step_on`` call this. Returns (the model's layout on the tasks, ``arch.layout(d, d_y)``:
-    a TokenLayout, or an EmbeddedLayout when the model changes the token width; the dtype)."""
-    layout, task_dtype = check_tasks(tasks)
-    if isinstance(arch, Arch):
-        layout = arch.layout(layout.d, layout.d_y)          # the readout at the model's output width
+    a TokenLayout, or an EmbeddedLayout when the model changes the token width; the dtype).
+    ``layout`` (optional): the layout to train with instead (e.g. a ``ClassicLayout``),
+    checked against the tasks' d, d_y and the model's output width."""
+    task_layout, task_dtype = check_tasks(tasks)
+    if layout is not None:
+        check_given_layout(layout, task_layout, arch)
+    elif isinstance(arch, Arch):
+        layout = arch.layout(task_layout.d, task_layout.d_y)   # the readout at the model's output width
+    else:
+        layout = task_layout
     dtype = check_step_state(params, state, arch, hp, layout)
     if task_dtype != dtype:
         raise TypeError(f"tasks.X, tasks.Y, tasks.x_q and tasks.y_q must have the params' dtype {dtype}, "
@@ -78,12 +84,27 @@ def check_step_inputs(params, state, tasks, arch, hp):
     return layout, dtype
 
 
-def train_step(params, state, tasks, arch, hp):
+def check_given_layout(layout, task_layout, arch):
+    """Raise unless ``layout`` (a TokenLayout or subclass) fits tasks of ``task_layout``'s
+    d and d_y and the output width of ``arch`` on its tokens."""
+    if not isinstance(layout, TokenLayout):
+        raise TypeError(f"layout must be a reference.tokens.TokenLayout (or a subclass such as ClassicLayout), "
+                        f"got {type(layout).__name__}")
+    if (layout.d, layout.d_y) != (task_layout.d, task_layout.d_y):
+        raise ValueError(f"layout must have the tasks' d={task_layout.d}, d_y={task_layout.d_y}, got "
+                         f"d={layout.d}, d_y={layout.d_y} ({layout.kind} layout)")
+    if isinstance(arch, Arch) and arch.widths(layout.D_in)[-1] != layout.D:
+        raise ValueError(f"layout reads tokens of width {layout.D}, but the model maps its tokens of width "
+                         f"{layout.D_in} to width {arch.widths(layout.D_in)[-1]} ({layout.kind} layout)")
+
+
+def train_step(params, state, tasks, arch, hp, layout=None):
     """Forward, backward and one clipped Adam update on ``tasks``. Returns :class:`StepResult`.
     Bad input is refused first (:func:`check_step_inputs`); a gradient norm that
     overflows the dtype comes back as inf (``grad_norm``), which the training loop
-    reports as divergence."""
-    layout, _ = check_step_inputs(params, state, tasks, arch, hp)
+    reports as divergence. ``layout`` (optional, the NumPy reference only): train with
+    that layout's tokens and readout (a ``ClassicLayout``) instead of ``arch.layout``."""
+    layout, _ = check_step_inputs(params, state, tasks, arch, hp, layout)
     E = layout.build(tasks.X, tasks.Y, tasks.x_q)                       # (B, T, D)
     L, grads, _ = loss_and_grads(E, tasks.y_q, params, arch, layout)
     params, state, norm = adam_apply(params, grads, state, hp)

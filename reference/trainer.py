@@ -203,7 +203,9 @@ def make_stepper(cfg):
     backend.check_available()
     arch = cfg.arch()
     require_support(backend, arch)
-    return backend.make_stepper(arch, cfg.adam_hp(), cfg.task_spec(), cfg.seed, cfg.np_dtype)
+    layout = cfg.layout()
+    extra = {} if layout.kind in ("regression", "embedded") else {"layout": layout}   # classic tokens
+    return backend.make_stepper(arch, cfg.adam_hp(), cfg.task_spec(), cfg.seed, cfg.np_dtype, **extra)
 
 
 def train_loop(cfg, state, es, observer=None, stepper=None):

@@ -12,6 +12,8 @@ A backend is a module in this folder, listed in ``BACKENDS``, that provides:
     train_step(params, state, tasks, arch, hp) -> StepResult
     make_stepper(arch, hp, spec, seed, dtype) -> a stepper with .step(params, state, step),
                               .step_on(params, state, tasks) and .sample(step)
+                              (with a ``layout=`` keyword too where LAYOUT_KINDS lists
+                              a kind beyond the regression layouts)
 
 Each is tested against ``reference`` (and through it against the loop oracle). A
 backend asked for an Arch it does not support raises ValueError with the reason
@@ -35,6 +37,25 @@ PROTOCOL = ("NAME", "HOST_ARRAYS", "check_available", "supports", "sample_tasks"
 # The backend `icgd train` uses unless told otherwise. Switched to the fastest
 # backend only once that backend passes the same correctness tests as the reference.
 DEFAULT_TRAIN_BACKEND = "numba"
+
+
+# The token layouts (``TokenLayout.kind``) each backend's stepper trains with. A backend
+# not listed trains the regression layouts only; its make_stepper takes no ``layout``.
+# ``make_stepper(..., layout=...)`` is passed only for the other kinds ("classic").
+LAYOUT_KINDS = {
+    "numpy": ("regression", "embedded", "classic"),
+    "numba": ("regression", "embedded"),
+    "cupy": ("regression", "embedded"),
+}
+
+
+def layout_support(name, kind):
+    """None if backend ``name`` trains with layouts of ``kind``, else the reason (str)."""
+    kinds = LAYOUT_KINDS.get(name, ("regression", "embedded"))
+    if kind in kinds:
+        return None
+    return (f"backend {name!r} trains the layouts {list(kinds)} only, not {kind!r} tokens; use backend 'numpy' "
+            f"(the backends that train {kind!r}: {[n for n, k in LAYOUT_KINDS.items() if kind in k]})")
 
 
 def backend_names():

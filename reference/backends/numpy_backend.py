@@ -28,9 +28,10 @@ def supports(arch):
 
 
 class Stepper:
-    def __init__(self, arch, hp, spec, seed, dtype=np.float32):
+    def __init__(self, arch, hp, spec, seed, dtype=np.float32, layout=None):
         self.arch, self.hp, self.spec, self.seed = arch, hp.validate(), spec, seed
         self.dtype = np.dtype(dtype)
+        self.layout = layout          # None: arch.layout(d, d_y) on the tasks
 
     def sample(self, step):
         return self.spec.sample(step_rng(self.seed, step), dtype=self.dtype)
@@ -39,12 +40,14 @@ class Stepper:
         return self.step_on(params, state, self.sample(step))
 
     def step_on(self, params, state, tasks):
-        return train_step(params, state, tasks, self.arch, self.hp)
+        return train_step(params, state, tasks, self.arch, self.hp, self.layout)
 
 
-def make_stepper(arch, hp, spec, seed, dtype=np.float32):
-    """A :class:`Stepper` for ``arch`` (Arch), ``hp`` (AdamHP), ``spec`` (TaskSpec)."""
-    return Stepper(arch, hp, spec, seed, dtype)
+def make_stepper(arch, hp, spec, seed, dtype=np.float32, layout=None):
+    """A :class:`Stepper` for ``arch`` (Arch), ``hp`` (AdamHP), ``spec`` (TaskSpec);
+    ``layout``: the token layout to train with (None: ``arch.layout``; a
+    ``ClassicLayout`` for classic tokens)."""
+    return Stepper(arch, hp, spec, seed, dtype, layout)
 
 
 __all__ = ["NAME", "HOST_ARRAYS", "check_available", "supports", "sample_tasks", "loss_and_grads", "model_forward", "train_step", "make_stepper"]
