@@ -18,7 +18,7 @@ from .registry import Outcome, claim
 
 SRC_MESA = "von Oswald et al. 2023 (arXiv 2309.05858), mesa layer"
 SRC_DELTA = "Schlag et al. 2021; Yang et al. 2024 (DeltaNet, Gated DeltaNet)"
-FLOAT32_BOUND = 1e-3     # the float32 study's bound for an answer that is returned
+FLOAT32_BOUND = 2e-3     # the float32 study's bound for an answer that is returned
 
 
 def _rel(a, b):
@@ -163,7 +163,7 @@ def _(ctx):
 
 
 @claim("mesa.float32_safe_region", source="verify/mesa_study.py (this repository)",
-       statement="In float32 every form of the mesa layer and the delta rule either returns an answer within 1e-3 "
+       statement="In float32 every form of the mesa layer and the delta rule either returns an answer within 2e-3 "
                  "relative of float64 (forward and every gradient) or refuses with NonFiniteError; on the study's "
                  "grid the direct form and the delta rule never refuse, and sm and cg answer up to lam = 1",
        method="verify.mesa_study.measure over every form and the study's lam / beta values at T = 256 (quick) or "
