@@ -51,9 +51,13 @@ def check_gd_inputs(E, eta, d_y):
     B, T, D = E.shape
     if T < 2:
         raise ValueError(f"E needs at least 2 tokens (context + query) for a gd layer, got T={T}")
+    check_gd_width(D, d_y)
+
+
+def check_gd_width(D, d_y):
     if D <= d_y:
         raise ValueError(f"E must have token width D > d_y={d_y} for a gd layer (x features, then d_y label "
-                         f"features), got shape {tuple(E.shape)}")
+                         f"features), got D={D}")
 
 
 def check_gd_options(eta, d_y):
@@ -98,9 +102,7 @@ class GD(LayerType):
         return GDParams()
 
     def out_width(self, D_in, *, d_y=1, **_):
-        if D_in <= d_y:
-            raise ValueError(f"a gd layer needs token width D > d_y={d_y} (x features, then d_y label features), "
-                             f"got D={D_in}")
+        check_gd_width(D_in, d_y)
         return D_in
 
     def forward(self, E, params, *, eta=0.1, d_y=1):
@@ -123,7 +125,7 @@ class GD(LayerType):
 
     def check_tokens(self, T, **_):
         if T < 2:
-            raise ValueError(f"a gd layer needs at least 2 tokens (context + query), got T={T}")
+            raise ValueError(f"E needs at least 2 tokens (context + query) for a gd layer, got T={T}")
 
     def check_params(self, params, D_in, **_):
         if not isinstance(params, GDParams):
