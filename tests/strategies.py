@@ -269,3 +269,69 @@ vector_case_corruptions = st.one_of(
 
 # several cases broken at once, each its own way (distinct cases: the test drops repeats)
 vector_corruption_sets = st.lists(vector_case_corruptions, min_size=1, max_size=3)
+
+
+# ---- mixed stacks: any order of the layer kinds (tests/test_numba_mixed.py) ----------------
+
+_clips = st.sampled_from([None, None, 0.4])
+
+
+@st.composite
+def _attention_options(draw, kind, D, block=False):
+    o = {"causal": draw(st.booleans()), "heads": draw(st.integers(1, 2)),
+         "key_size": draw(st.sampled_from([None, 1, D + 1])), "value_size": draw(st.sampled_from([None, 2]))}
+    if kind == "lsa" and draw(st.booleans()):
+        o = {"causal": o["causal"], "heads": o["heads"], "merged": True}
+    if not block:
+        o["clip"] = draw(_clips)
+    return o
+
+
+@st.composite
+def _mlp_options(draw, block=False):
+    o = {"width": draw(st.integers(1, 6)), "bias": draw(st.booleans()), "gelu": draw(st.sampled_from(["tanh", "erf"]))}
+    if not block:
+        o["clip"] = draw(_clips)
+    return o
+
+
+@st.composite
+def mixed_layer(draw, D, d_y):
+    """One LayerSpec of a kind the Numba mixed-stack kernels run, for tokens of width D."""
+    kind = draw(st.sampled_from(["embed", "mlp", "lsa", "softmax", "gd", "posenc", "pre_ln"]))
+    if kind == "embed":
+        return R.LayerSpec("embed", (("width", draw(st.integers(d_y + 1, D + 4))), ("bias", draw(st.booleans()))))
+    if kind == "mlp":
+        return R.LayerSpec("mlp", tuple(draw(_mlp_options()).items()))
+    if kind in ("lsa", "softmax"):
+        return R.LayerSpec(kind, tuple(draw(_attention_options(kind, D)).items()))
+    if kind == "gd":
+        return R.LayerSpec("gd", (("eta", draw(etas)), ("d_y", draw(st.integers(1, min(2, D - 1))))))
+    if kind == "posenc":
+        if draw(st.booleans()):
+            return R.LayerSpec("posenc")
+        return R.LayerSpec("posenc", (("mode", "concat"), ("width", draw(st.integers(1, 3)))))
+    block = draw(st.sampled_from(["lsa", "softmax", "mlp"]))
+    bo = draw(_mlp_options(block=True)) if block == "mlp" else draw(_attention_options(block, D, block=True))
+    return R.LayerSpec("pre_ln", (("block", block), ("block_options", tuple(bo.items())),
+                                  ("eps", draw(st.sampled_from([1e-5, 1e-2]))), ("clip", draw(_clips))))
+
+
+@st.composite
+def mixed_stack(draw):
+    """(Arch, d, d_y): 1 to 4 layers drawn by :func:`mixed_layer` (at least one with
+    parameters), as one unit or, when the unit keeps the token width, the unit twice
+    with its parameter sets tied."""
+    d, d_y = draw(st.integers(1, 3)), draw(st.integers(1, 2))
+    D = d + d_y
+    layers = []
+    for _ in range(draw(st.integers(1, 4))):
+        s = draw(mixed_layer(D, d_y))
+        layers.append(s)
+        D = s.out_width(D)
+    if all(s.param_floats(w) == 0 for s, w in zip(layers, R.Arch(tuple(layers)).widths(d + d_y))):
+        layers.append(R.LayerSpec("lsa"))
+    n = len(layers)
+    if R.Arch(tuple(layers)).widths(d + d_y)[-1] == d + d_y and draw(st.booleans()):
+        return R.Arch(tuple(layers) * 2, tuple(range(n)) * 2), d, d_y
+    return R.Arch(tuple(layers)), d, d_y
