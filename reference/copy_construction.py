@@ -138,10 +138,16 @@ def _pinv(a, keep=None):
     return (Vt[:k].T / s[:k]) @ U[:, :k].T
 
 
-def _layer1_blocks(d, N, P, d_y, pattern, keep):
-    """(W_KQ (D, D), W_PV (D, D)) of the copy layer for the target ``pattern``."""
+def copy_blocks(pe, d, d_y, pattern, keep=None):
+    """(W_KQ (D, D), W_PV (D, D)) of the copy layer for an encoding table ``pe``
+    (2N+1, P) and a target ``pattern`` (2N+1, 2N), D = d + P (module docstring):
+    M^T = PE^+ pattern (PE_ctx^+)^T in the pe x pe block of W_KQ; W_PV moves the content's
+    last d_y features to C and writes -pe[2N, L] (r . pe_i) to L, r = pe_0 / |pe_0|^2.
+    Takes any table, so a proof can run it on exact encodings."""
+    pe = np.asarray(pe, dtype=np.float64)
+    T, P = pe.shape
+    N = (T - 1) // 2
     D, ch = d + P, copy_channels(d, P, d_y)
-    pe = positional_encoding(2 * N + 1, P)                             # (T, P)
     Mt = _pinv(pe, keep) @ pattern @ _pinv(pe[: 2 * N], keep).T        # (P, P)  M^T
     W_KQ = np.zeros((D, D))
     W_KQ[d:, d:] = Mt.T                                                # logit pe_i^T M pe_p
@@ -152,12 +158,30 @@ def _layer1_blocks(d, N, P, d_y, pattern, keep):
     return W_KQ, W_PV
 
 
+def gd_blocks(pe, d, d_y, eta, keep=None):
+    """(W_KQ (D, D), W_PV (D, D)) of layer 2 for an encoding table ``pe`` (2N+1, P):
+    the content identity in W_KQ; W_PV = -(eta/N) (e[C] - G e[O]) into L with
+    G^T = PE_O^+ PE_C over the 2N context rows."""
+    pe = np.asarray(pe, dtype=np.float64)
+    T, P = pe.shape
+    N = (T - 1) // 2
+    D, ch = d + P, copy_channels(d, P, d_y)
+    ctx = pe[: 2 * N]                                                  # (S, P) context positions
+    G = (_pinv(ctx[:, : P - 2 * d_y], keep) @ ctx[:, P - 2 * d_y: P - d_y]).T   # (d_y, P - 2 d_y)
+    W_KQ = np.zeros((D, D))
+    W_KQ[:d, :d] = np.eye(d)
+    W_PV = np.zeros((D, D))
+    W_PV[np.ix_(ch.L, ch.C)] = -(eta / N) * np.eye(d_y)
+    W_PV[np.ix_(ch.L, ch.O)] = (eta / N) * G
+    return W_KQ, W_PV
+
+
 def copy_layer(d, N, P, d_y=1, keep=None):
     """Layer 1, linear form: ``MergedParams`` (1, D, D) of the copy (module docstring).
     ``keep``: singular values kept in the pseudo-inverses (None: all; the official
     width's least-squares fit)."""
     d, N, P, d_y = check_copy_sizes(d, N, P, d_y)
-    W_KQ, W_PV = _layer1_blocks(d, N, P, d_y, copy_pattern(N, "linear"), keep)
+    W_KQ, W_PV = copy_blocks(positional_encoding(2 * N + 1, P), d, d_y, copy_pattern(N, "linear"), keep)
     return MergedParams(W_KQ[None], W_PV[None])
 
 
@@ -167,7 +191,7 @@ def softmax_copy_layer(d, N, P, d_y=1, beta=20.0, keep=None):
     W_V = the copy values, P = I."""
     d, N, P, d_y = check_copy_sizes(d, N, P, d_y)
     beta = check_float("beta", beta, 0.0)
-    W_KQ, W_PV = _layer1_blocks(d, N, P, d_y, copy_pattern(N, "hard"), keep)
+    W_KQ, W_PV = copy_blocks(positional_encoding(2 * N + 1, P), d, d_y, copy_pattern(N, "hard"), keep)
     D = d + P
     # logit z[p, i] = (W_Q e_p) . (W_K e_i) / sqrt(D) = e_p^T W_Q^T e_i / sqrt(D); want beta e_i^T W_KQ e_p
     return SoftmaxParams((beta * np.sqrt(D) * W_KQ)[None], np.eye(D)[None], W_PV[None], np.eye(D)[None])
@@ -215,14 +239,7 @@ def gd_after_copy_layer(d, N, P, d_y=1, eta=1.0, keep=None):
     docstring). ``keep``: singular values kept in PE_O's pseudo-inverse (None: all)."""
     d, N, P, d_y = check_copy_sizes(d, N, P, d_y)
     eta = check_float("eta", eta)
-    D, ch = d + P, copy_channels(d, P, d_y)
-    pe = positional_encoding(2 * N + 1, P)[: 2 * N]                    # (S, P) context positions
-    G = (_pinv(pe[:, : P - 2 * d_y], keep) @ pe[:, P - 2 * d_y: P - d_y]).T   # (d_y, P - 2 d_y)
-    W_KQ = np.zeros((D, D))
-    W_KQ[:d, :d] = np.eye(d)
-    W_PV = np.zeros((D, D))
-    W_PV[np.ix_(ch.L, ch.C)] = -(eta / N) * np.eye(d_y)
-    W_PV[np.ix_(ch.L, ch.O)] = (eta / N) * G
+    W_KQ, W_PV = gd_blocks(positional_encoding(2 * N + 1, P), d, d_y, eta, keep)
     return MergedParams(W_KQ[None], W_PV[None])
 
 

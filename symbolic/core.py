@@ -262,6 +262,7 @@ def load_all():
     from . import bridge, gdpp, gradients, prop1, step_size  # noqa: F401
     from . import causal  # noqa: F401  (mesa paper: causal Prop. 1)
     from . import mesa  # noqa: F401  (mesa layer: Sherman-Morrison, delta rule = GD, small lam)
+    from . import copy  # noqa: F401  (Prop. 3: copy layer then one GD step on classic tokens)
 
     def rank(item):
         mod = item[1].fn.__module__.rsplit(".", 1)[-1]
