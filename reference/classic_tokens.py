@@ -14,7 +14,8 @@ There is no label slot in the query token. Positional information is a model lay
 :attr:`D`) as **minus the last d_y features of the query token** after the last layer.
 With concatenated encodings of width P those features are the last d_y encoding
 channels, which hold ``pe[2N, P-d_y:]`` before any layer writes to them, not 0
-(``pe[20, 9] = cos(20 * 10000^(-8/10)) = cos(0.02)`` at the official N = 10, P = 10);
+(``pe[2N, P-1] = cos(2N * 10000^(-(P-2)/P))`` for even P: ``pe[20, 9] = cos(20 * 10000^(-0.8)) =
+cos(0.01262) = 0.99992`` at the official N = 10, P = 10);
 a model must absorb that offset (:func:`readout_offset`).
 
 Not in this file: the encodings themselves (``reference/layers/posenc.py``), the copy

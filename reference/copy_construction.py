@@ -113,6 +113,24 @@ def copy_pattern(N, kind="linear"):
     return A
 
 
+ROUNDING_FACTOR = 64   # ulps per unit of kappa allowed by copy_rounding_bound (observed <= ~40 on the test grids)
+
+
+def copy_rounding_bound(N, P, d_y=1):
+    """The float64 error the exact construction may show, relative to 1 + max|GD|:
+    ``ROUNDING_FACTOR * eps * kappa``, kappa = cond(PE) cond(PE_ctx) + cond(PE_O). The
+    pattern is realised through M^T = PE^+ A* (PE_ctx^+)^T, whose size is
+    1 / (sigma_min(PE) sigma_min(PE_ctx)), and layer 2's G through PE_O^+; rounding in the
+    logits and values is amplified by those factors (the query's constant cancels
+    pe[2N, L] ~ 1, hence the 1 +). inf when R1 or R2 fails."""
+    c = copy_conditions(N, P, d_y)
+    if not (c["R1"] and c["R2"]):
+        return float("inf")
+    pe = positional_encoding(2 * N + 1, P)
+    kappa = c["cond_all"] * float(np.linalg.cond(pe[: 2 * N])) + c["cond_O"]
+    return ROUNDING_FACTOR * float(np.finfo(np.float64).eps) * kappa
+
+
 def copy_conditions(N, P, d_y=1):
     """The exactness conditions (module docstring) for N pairs and encoding width P:
     dict(R1, R2 (bool: full row rank, numerically, at NumPy's default rank tolerance),
