@@ -8,7 +8,8 @@ checkpoint of a run directory (``verify.runs``) and draws, under run_dir/plots/:
 * ood.png: loss against the input scale and the teacher scale (model, GD, GD++, LSQ);
 * weights.png: heat maps of W_KQ = W_K^T W_Q and W_PV = P W_V per layer and head,
   next to the construction's;
-* rollout.png: the damped roll-out of a one-layer model against damped GD.
+* rollout.png: the damped roll-out of a one-layer model against damped GD;
+* sine.png (sine task): the learned features and the predictions against the true sine.
 """
 
 import os
@@ -43,7 +44,40 @@ def make_plots(run_dir):
         paths.append(plot_weights(cfg, params, base, os.path.join(out, "weights.png")))
     if summary and "model" in summary.get("rollout", {}):
         paths.append(plot_rollout(cfg, summary["rollout"], os.path.join(out, "rollout.png")))
+    if params is not None and cfg.data.task == "sine":
+        paths.append(plot_sine(cfg, params, os.path.join(out, "sine.png")))
     return paths
+
+
+def plot_sine(cfg, params, path, n_tasks=4, n_features=8, others=()):
+    """A sine-task model: (left) the features its first two layers (embedding, MLP) give
+    single tokens (x, 0) over the input range; (right) its predictions on ``n_tasks`` eval
+    tasks over the range against the true a sin(x + rho), with the context pairs.
+    ``others``: (label, config, params) of further models drawn on the same tasks."""
+    from reference import sine_analysis as S
+    from reference.tasks import STREAM_EVAL, stream_rng
+
+    ev = cfg.task_spec(n_tasks).sample(stream_rng(cfg.eval.eval_seed, STREAM_EVAL))
+    grid = S.query_grid((cfg.data.x_low, cfg.data.x_high), 101)
+    fig, axes = plt.subplots(1, 1 + n_tasks, figsize=(4 + 3.2 * n_tasks, 3.6))
+    F = S.learned_features(params, cfg.arch(), grid, min(2, cfg.arch().n_layers - 1), dtype=cfg.np_dtype)
+    for c in range(min(n_features, F.shape[1])):
+        axes[0].plot(grid, F[:, c], lw=1)
+    axes[0].set(title=f"features after embed + MLP (first {min(n_features, F.shape[1])} of {F.shape[1]})",
+                xlabel="x (token (x, 0))", ylabel="feature value")
+    curves = [(cfg.experiment, S.sine_curves(params, cfg.arch(), ev, grid, cfg.np_dtype))]
+    curves += [(label, S.sine_curves(p, c.arch(), ev, grid, c.np_dtype)) for label, c, p in others]
+    for b in range(n_tasks):
+        ax = axes[1 + b]
+        ax.plot(grid, curves[0][1].truth[b], color="k", lw=2, label="a sin(x + rho)")
+        for i, (label, cv) in enumerate(curves):
+            ax.plot(grid, cv.pred[b], color=f"C{i}", lw=1.5, ls="-" if i == 0 else "--", label=label)
+        ax.scatter(ev.X[b, :, 0], ev.Y[b, :, 0], color="k", s=14, zorder=3, label="context pairs")
+        a, rho = ev.W[b, 0]
+        ax.set(title=f"task {b}: a={a:.2f}, rho={rho:.2f}", xlabel="query x_q", ylabel="y")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"{_title(cfg)}: learned features and predictions", fontsize=10)
+    return _save(fig, path)
 
 
 def _title(cfg):
