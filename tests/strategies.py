@@ -335,3 +335,19 @@ def mixed_stack(draw):
     if R.Arch(tuple(layers)).widths(d + d_y)[-1] == d + d_y and draw(st.booleans()):
         return R.Arch(tuple(layers) * 2, tuple(range(n)) * 2), d, d_y
     return R.Arch(tuple(layers)), d, d_y
+
+
+@st.composite
+def classic_sizes(draw, max_N=4):
+    """(d, d_y, N, B) for classic tokens: d_y <= d (y_j sits in the last d_y of d features)."""
+    d_y = draw(st.integers(1, 2))
+    return draw(st.integers(d_y, d_y + 3)), d_y, draw(st.integers(1, max_N)), draw(st.integers(1, 3))
+
+
+@st.composite
+def copy_sizes(draw):
+    """(d, d_y, N, P) meeting the copy construction's rank conditions R1 and R2 (N <= 2,
+    P >= 2N + 2 d_y: the sinusoidal tables there are well conditioned)."""
+    d_y = draw(st.integers(1, 2))
+    N = draw(st.integers(1, 2))
+    return draw(st.integers(d_y, d_y + 3)), d_y, N, 2 * N + 2 * d_y + draw(st.integers(0, 4))
