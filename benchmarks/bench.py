@@ -64,6 +64,8 @@ import time
 
 import numpy as np
 
+from .mixed import MIXED_CONFIGS
+
 CONFIGS = {
     "a": dict(d=10, N=10, B=2048, K=1),
     "b": dict(d=10, N=10, B=2048, K=6),
@@ -361,14 +363,23 @@ class Peer:
 
 
 def make_impl(name, cfg):
+    if "model" in cfg:                                   # a mixed-stack configuration (benchmarks/mixed.py)
+        from .mixed import make_mixed_impl
+
+        return make_mixed_impl(name, cfg)
     return Ours(name, cfg) if name in OURS else Peer(name, cfg)
+
+
+def config_of(name):
+    """The configuration dict of ``name``: an LSA one (CONFIGS) or a mixed-stack one."""
+    return CONFIGS[name] if name in CONFIGS else MIXED_CONFIGS[name]
 
 
 # ----------------------------------------------------------------------------- worker --
 
 def verify_worker(impl_name, config):
     """Verify one implementation on one configuration (in its own process)."""
-    cfg = CONFIGS[config]
+    cfg = config_of(config)
     t0 = time.perf_counter()
     impl = make_impl(impl_name, cfg)
     return dict(config=config, impl=impl_name, verify=impl.verify(), verify_s=time.perf_counter() - t0)
@@ -377,7 +388,7 @@ def verify_worker(impl_name, config):
 def time_worker(impl_name, config, repeats, warmup):
     """Time one (already verified) implementation on one configuration, in a fresh process
     so the peak RSS is the implementation's own (imports, build, steps and parts)."""
-    cfg = CONFIGS[config]
+    cfg = config_of(config)
     load0 = os.getloadavg()
     t0 = time.perf_counter()
     rss_imports = rss_mib()
@@ -650,8 +661,9 @@ def markdown(result):
                      f"| {fmt(s.get('numba_speedup_over_numpy'), '{:.1f}x')} | "
                      f"{fmt(rf.get('bound_ms'), '{:.3f}')} ({rf.get('bound_by', '-')}) | "
                      f"{fmt(s.get('numba_fraction_of_bound'), '{:.2f}')} |")
-    lines.append("")
-    lines.append("Roofline (numba algorithm, benchmarks/costs.py): " + "; ".join(
+    if result.get("roofline"):                          # LSA configurations only
+        lines.append("")
+        lines.append("Roofline (numba algorithm, benchmarks/costs.py): " + "; ".join(
         f"{c}: {rf['path']} path, {rf['flops'] / 1e6:.1f} MFLOP, {rf['random_words'] / 1e6:.2f} M random words "
         f"+ {rf['normals'] / 1e3:.0f} k normals, "
         f"{rf['dram_bytes'] / 1e3:.0f} kB compulsory / {rf['scratch_bytes'] / 1e6:.1f} MB scratch "
@@ -677,7 +689,8 @@ def parse(argv):
     before what it measures)."""
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", default=None, help="write the result object here (and a .md table beside it)")
-    p.add_argument("--configs", default="a,b,c", help="comma-separated subset of a,b,c")
+    p.add_argument("--configs", default="a,b,c",
+                   help="comma-separated subset of a,b,c (LSA stacks) and sine,softmax2 (mixed stacks)")
     p.add_argument("--impls", default=None,
                    help="comma-separated implementations (default: numba, numpy and every installed peer)")
     p.add_argument("--repeats", type=int, default=30, help="timed steps (and calls per part)")
@@ -695,14 +708,16 @@ def parse(argv):
     if a.worker:
         return a
     from benchmarks.peers import PEER_NAMES
+    from benchmarks.peers.mixed import MIXED_PEER_NAMES
     from reference.files import OutputPathError, check_writable, is_special
 
     for option, lo in (("--repeats", 1), ("--warmup", 0), ("--timeout", 1), ("--threads", 1)):
         v = getattr(a, option[2:])
         if v is not None and v < lo:
             p.error(f"argument {option}: must be >= {lo}, got {v}")
-    a.configs = _names(p, "--configs", a.configs, list(CONFIGS))
-    a.impls = None if a.impls is None else _names(p, "--impls", a.impls, list(OURS) + list(PEER_NAMES))
+    a.configs = _names(p, "--configs", a.configs, list(CONFIGS) + list(MIXED_CONFIGS))
+    a.impls = None if a.impls is None else _names(p, "--impls", a.impls,
+                                                  list(OURS) + list(PEER_NAMES) + list(MIXED_PEER_NAMES))
     if a.json is not None:
         try:
             check_writable(a.json, "--json")
@@ -745,19 +760,25 @@ def main(argv=None):
         return 0
     from benchmarks.costs import bound, step_cost
     from benchmarks.peers import UNAVAILABLE_REASONS, available_peers
+    from benchmarks.peers.mixed import MIXED_PEER_NAMES, available_mixed_peers
     from reference.files import OutputPathError, is_special, write_output
 
     configs = a.configs
-    impls = a.impls if a.impls is not None else list(OURS) + available_peers()
+    mixed_ok, mixed_why = available_mixed_peers() if any(c in MIXED_CONFIGS for c in configs) else ([], {})
+    lsa_impls = a.impls if a.impls is not None else list(OURS) + (
+        available_peers() if any(c in CONFIGS for c in configs) else [])
+    mixed_impls = a.impls if a.impls is not None else list(OURS) + mixed_ok
+    impls_of = lambda c: [i for i in (mixed_impls if c in MIXED_CONFIGS else lsa_impls)  # noqa: E731
+                          if i in OURS or (i in MIXED_PEER_NAMES) == (c in MIXED_CONFIGS)]
     result = dict(label=a.label, command="python -m benchmarks " + " ".join(argv),
                   configs=configs, repeats=a.repeats, warmup=a.warmup, threads=a.threads or "all cores",
                   machine=machine_info(), versions=versions(),
-                  unavailable_peers=dict(UNAVAILABLE_REASONS), started=time.strftime("%Y-%m-%d %H:%M:%S"))
+                  unavailable_peers=dict(UNAVAILABLE_REASONS, **mixed_why), started=time.strftime("%Y-%m-%d %H:%M:%S"))
     print("measuring machine rates ...", flush=True)
     result["rates"] = run_worker_process(["--rates"], a.timeout, a.threads)
     rows = []
     for config in configs:
-        for impl in impls:
+        for impl in impls_of(config):
             print(f"{config} {impl} ...", end=" ", flush=True)
             ver = run_worker_process(["--verify-only", "--impl", impl, "--config", config], a.timeout, a.threads)
             if ver.get("verify", {}).get("ok"):
@@ -771,7 +792,7 @@ def main(argv=None):
     result["rows"] = rows
     if "matmul_gflops" in result["rates"]:
         result["roofline"] = {}
-        for config in configs:
+        for config in (c for c in configs if c in CONFIGS):             # LSA stacks (benchmarks/costs.py)
             cfg = CONFIGS[config]
             cost = step_cost(cfg["d"], cfg["N"], cfg["B"], cfg["K"])
             result["roofline"][config] = dict(cost, **bound(cost, result["rates"]))
