@@ -97,6 +97,11 @@ PINNED = {1: {
     # added in format version 1 with the sequence tasks (mesa paper, SPEC.md section 15)
     "causal-gd-Phi0": "c0a4e33e70bf4c05",
     "pre_ln-mlp-erf": "bf16e16a2518f786",
+    # added in format version 1 with the mesa layer and the delta rule (issue #16, SPEC.md section 16)
+    "mesa-H2-sm": "f1b6424eb54c4cb0", "mesa-H2-sm-forget": "9de6c395e5727996",
+    "mesa-H2-direct-forget": "d59d7fb63e9819dc", "mesa-H1-cg": "868a3a4726bd6fd2",
+    "delta-H2-recurrent-gate": "ccb0a082e93614ff", "delta-H2-chunked2-gate": "30673dd89f9c4254",
+    "delta-H1-chunked3-beta0.6": "61e6a3ba72deb997",
 }}
 
 
@@ -160,7 +165,7 @@ def test_manifest_says_what_each_kind_reads_and_computes():
     man = _manifest(golden.DEFAULT_DIR)
     assert man["format_version"] == golden.FORMAT_VERSION == 1 and "format_rule" in man
     assert man["kinds"] == golden.kinds_table() and set(man["kinds"]) == set(golden.KINDS)
-    assert set(man["placeholders"]) == {"<param>", "<k>", "<s>"}
+    assert set(man["placeholders"]) == {"<param>", "<k>", "<s>", "<gating>"}
     for e in man["cases"]:
         k = man["kinds"][e["kind"]]
         assert k["computes"] and "section" in k["computes"]
@@ -642,3 +647,18 @@ def test_spec_manifest_example_runs():
     assert len(lines) == len(golden.CASES)
     assert sum(line.startswith("RUN ") for line in lines) == sum(c.kind in ("layer", "loss", "adam") for c in golden.CASES)
     assert any("config {'causal'" in line for line in lines)
+
+
+def test_mesa_and_delta_cases_cover_their_forms():
+    """The mesa cases run every form (sm also with forgetting) with lam away from its init
+    1; the delta cases run both forms with learned beta and gate, the chunked ones ending
+    on a short chunk, and one fixed beta without a gate."""
+    mesa = [i for e, i, _ in COMMITTED if e["kind"] == "mesa_layer"]
+    assert {int(i["form"]) for i in mesa} == {0, 1, 2}
+    assert any(int(i["form"]) == 0 and float(i["forget"]) < 1 for i in mesa)
+    assert all(np.all(np.abs(i["lam"] - 1.0) > 0.03) for i in mesa)
+    delta = [i for e, i, _ in COMMITTED if e["kind"] == "delta_layer"]
+    gated = [int(i["form"]) for i in delta if bool(i["gate"]) and "w_alpha" in i and "w_beta" in i]
+    assert set(gated) == {0, 1}
+    assert all(i["E"].shape[1] % int(i["chunk"]) for i in delta if int(i["form"]) == 1)
+    assert any("beta" in i and "w_beta" not in i and not bool(i["gate"]) for i in delta)

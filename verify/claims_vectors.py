@@ -19,7 +19,10 @@ none of the vectorised reference code whose results the vectors record:
 * the layer types after LSA (softmax attention, MLP, LayerNorm, pre-LN blocks,
   positional encodings, the width-changing embedded model): their loop oracles composed
   by hand (no Arch, no layer registry), the encoding table by loops over its formula,
-  gradients by complex step of the oracles.
+  gradients by complex step of the oracles;
+* the mesa layer and the delta rule: their loop oracles (reference/oracle.py: the ridge
+  matrices summed out and solved by Gaussian elimination per token; the delta recursion
+  entry by entry), which know no forms, and complex-step gradients of them.
 """
 
 import json
@@ -31,9 +34,9 @@ import numpy as np
 
 import reference as R
 from reference.gradcheck import numerical_gradient
-from reference.oracle import (oracle_embed_layer, oracle_gd, oracle_layernorm, oracle_loss, oracle_lsa_layer,
-                              oracle_mlp_layer, oracle_model, oracle_posenc_layer, oracle_pre_ln_residual,
-                              oracle_softmax_layer)
+from reference.oracle import (oracle_delta_layer, oracle_embed_layer, oracle_gd, oracle_layernorm, oracle_loss,
+                              oracle_lsa_layer, oracle_mesa_layer, oracle_mlp_layer, oracle_model, oracle_posenc_layer,
+                              oracle_pre_ln_residual, oracle_softmax_layer)
 from reference.tolerances import allclose_report, tolerance
 from reference.tree import tree_leaves, tree_unflatten
 
@@ -498,6 +501,32 @@ def _ind_causal_gd(a):
 
 
 INDEPENDENT["causal_gd"] = _ind_causal_gd
+
+
+# ---- the mesa layer and the delta rule (SPEC.md section 16): their loop oracles -----------
+
+_Mesa = namedtuple("_Mesa", "W_Q W_K W_V P lam")
+
+
+def _ind_mesa_layer(a):
+    """The loop oracle (A_t, M_t summed out, Gaussian elimination per token; one answer
+    for every form) and complex-step gradients of it, dlam included."""
+    forget = float(a["forget"])
+    return _one_layer_rows(a, _Mesa._fields, lambda z: oracle_mesa_layer(z[0], _Mesa(*z[1:]), forget))
+
+
+def _ind_delta_layer(a):
+    """The loop oracle of the recursion (one answer for both forms) and complex-step
+    gradients of it; the oracle sees a gate when the params have w_alpha."""
+    beta = float(a["beta"]) if "beta" in a else None
+    fields = _Attn._fields + tuple(k for k in ("w_beta", "b_beta", "w_alpha", "b_alpha") if k in a)
+    assert ("w_alpha" in a) == bool(a["gate"]) and ("w_beta" in a) == (beta is None), fields
+    params = namedtuple("_Delta", fields)
+    return _one_layer_rows(a, fields, lambda z: oracle_delta_layer(z[0], params(*z[1:]), beta))
+
+
+INDEPENDENT["mesa_layer"] = _ind_mesa_layer
+INDEPENDENT["delta_layer"] = _ind_delta_layer
 
 
 def load_committed(directory=golden.DEFAULT_DIR):

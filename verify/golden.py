@@ -59,7 +59,7 @@ from reference.tolerances import allclose_report, tolerance
 from reference.tree import tree_map
 
 from .vector_kinds import (  # noqa: F401  the kinds' schema and computations, re-exported
-    COMPUTE, Config, KINDS, LAYER_KEY, LIMITS, MAX_FILE_BYTES, MAX_MANIFEST_BYTES, PLACEHOLDERS,
+    COMPUTE, DELTA_FORMS, MESA_FORMS, Config, KINDS, LAYER_KEY, LIMITS, MAX_FILE_BYTES, MAX_MANIFEST_BYTES, PLACEHOLDERS,
     _EMBEDDED, _fields, input_problems, key_pattern, kinds_table, layer_arrays, read_layer,
     read_stack, stack_arrays, tree_arrays, tree_keys,
 )
@@ -429,6 +429,16 @@ def _case_table():
     t.append(CaseSpec("causal-gd-Phi0", "causal_gd", build_causal_gd))
     # Added with the sine-task models (issue #14): the erf GELU inside a pre-LN MLP block.
     t.append(CaseSpec("pre_ln-mlp-erf", "pre_ln_mlp", lambda r: build_pre_ln_mlp(r, True)))
+    # Added with the mesa layer and the delta rule (issue #16, SPEC.md section 16):
+    t.append(CaseSpec("mesa-H2-sm", "mesa_layer", lambda r: build_mesa_layer(r, 2, "sm", None)))
+    t.append(CaseSpec("mesa-H2-sm-forget", "mesa_layer", lambda r: build_mesa_layer(r, 2, "sm", 0.8)))
+    t.append(CaseSpec("mesa-H2-direct-forget", "mesa_layer", lambda r: build_mesa_layer(r, 2, "direct", 0.9)))
+    t.append(CaseSpec("mesa-H1-cg", "mesa_layer", lambda r: build_mesa_layer(r, 1, "cg", None)))
+    t.append(CaseSpec("delta-H2-recurrent-gate", "delta_layer",
+                      lambda r: build_delta_layer(r, 2, "recurrent", None, gate=True)))
+    t.append(CaseSpec("delta-H2-chunked2-gate", "delta_layer", lambda r: build_delta_layer(r, 2, "chunked", 2, gate=True)))
+    t.append(CaseSpec("delta-H1-chunked3-beta0.6", "delta_layer",
+                      lambda r: build_delta_layer(r, 1, "chunked", 3, gate=False, beta=0.6)))
     return t
 
 
@@ -436,6 +446,33 @@ def build_causal_gd(rng):
     """B = 2 sequences of T = 5 inputs in d = 1 (x ~ U(-1, 1); tokens of width 3 and 4), a random Phi_0 and eta."""
     X = rng.uniform(-1.0, 1.0, (2, 6, 1))
     return {"X": X[:, :5], "Y": X[:, 1:], "Phi_0": 0.5 * rng.standard_normal((1, 1)), "eta": _f(0.37)}
+
+
+def build_mesa_layer(rng, H, form, forget):
+    """D = 4, T = 5, Kd = Vd = 3, lam per head in (0.5, 2) (not the init 1); forget None: 1."""
+    E, _ = _tokens(rng, 2, 3, 1, 4, query_slot=True)                   # (B, T, D)
+    attn = _random_layer(rng, 4, H, False, Kd=3, Vd=3, scale=0.6)
+    lam = 0.5 + 1.5 * rng.uniform(size=H)                              # (H,)
+    return {"E": E, **layer_arrays(attn), "lam": lam, "forget": _f(1.0 if forget is None else forget),
+            "form": _i(MESA_FORMS.index(form)), "dout": rng.standard_normal(E.shape)}
+
+
+def build_delta_layer(rng, H, form, chunk, gate, beta=None):
+    """D = 4, T = 5, Kd = Vd = 3; beta None: learned (w_beta, b_beta); gate: w_alpha, b_alpha
+    (alpha near sigmoid(1)); ``chunk`` stored only for the chunked form (T = 5 leaves a short
+    last chunk)."""
+    E, _ = _tokens(rng, 2, 3, 1, 4, query_slot=True)                   # (B, T, D)
+    a = {"E": E, **layer_arrays(_random_layer(rng, 4, H, False, Kd=3, Vd=3, scale=0.6))}
+    if beta is None:
+        a.update(w_beta=0.5 * rng.standard_normal((H, 4)), b_beta=0.3 * rng.standard_normal(H))
+    if gate:
+        a.update(w_alpha=0.5 * rng.standard_normal((H, 4)), b_alpha=1.0 + 0.3 * rng.standard_normal(H))
+    if beta is not None:
+        a["beta"] = _f(beta)
+    a.update(gate=np.asarray(gate), form=_i(DELTA_FORMS.index(form)))
+    if chunk is not None:
+        a["chunk"] = _i(chunk)
+    return {**a, "dout": rng.standard_normal(E.shape)}
 
 
 CASES = _case_table()

@@ -339,6 +339,44 @@ def compute_causal_gd(a):
 COMPUTE["causal_gd"] = compute_causal_gd      # mesa paper (SPEC.md section 15)
 
 
+# The mesa layer and the delta rule (SPEC.md section 16): the form of the computation is
+# an int64 code, the index into these tuples (a port needs no string inputs).
+MESA_FORMS = ("sm", "direct", "cg")
+DELTA_FORMS = ("recurrent", "chunked")
+DELTA_GATING = ("w_beta", "b_beta", "w_alpha", "b_alpha")
+
+
+def compute_mesa_layer(a):
+    """One mesa layer (forget factor, form sm / direct / cg with the default CG settings)
+    and its backward (SPEC.md section 16)."""
+    spec = R.LayerSpec("mesa", (("forget", float(a["forget"])), ("form", MESA_FORMS[int(a["form"])])))
+    return _layer_case(spec, _fields(a, spec.param_type()), a)
+
+
+def delta_spec(a):
+    """The delta-rule layer spec of stored inputs: beta learned (no ``beta`` input) or
+    fixed, gate, form and chunk (default 16)."""
+    options = (("beta", float(a["beta"]) if "beta" in a else None), ("gate", bool(a["gate"])),
+               ("form", DELTA_FORMS[int(a["form"])]), ("chunk", int(a["chunk"]) if "chunk" in a else 16))
+    spec = R.LayerSpec("delta", options)
+    want = [f for f in spec.param_type()._fields if f in DELTA_GATING]
+    have = [f for f in DELTA_GATING if f in a]
+    if have != want:
+        raise ValueError(f"delta rule with beta {'fixed' if 'beta' in a else 'learned'} and gate "
+                         f"{bool(a['gate'])} has the step/gate parameters {want}, the inputs give {have}")
+    return spec
+
+
+def compute_delta_layer(a):
+    """One delta-rule layer (DeltaNet / Gated DeltaNet) and its backward (SPEC.md section 16)."""
+    spec = delta_spec(a)
+    return _layer_case(spec, _fields(a, spec.param_type()), a)
+
+
+COMPUTE["mesa_layer"] = compute_mesa_layer    # SPEC.md section 16
+COMPUTE["delta_layer"] = compute_delta_layer
+
+
 # --------------------------------------------------------------------------------
 # Kinds: what each kind reads and writes (written into the manifest as "kinds")
 # --------------------------------------------------------------------------------
@@ -352,8 +390,11 @@ PLACEHOLDERS = {
     "<k>": "a parameter-set index 0, 1, ...: K sets for a separate stack, 1 for a recurrent one; "
            "as many as the case stores for adam",
     "<s>": "a training step 0 .. n_steps - 1",
+    "<gating>": "a parameter of the delta rule's step size and gate: w_beta, b_beta (beta learned, no beta input), "
+                "w_alpha, b_alpha (gate true)",
 }
-_PLACEHOLDER_RE = {"<param>": "(?:W_Q|W_K|W_V|P|W_KQ|W_PV)", "<k>": "(?:0|[1-9][0-9]?)", "<s>": "(?:0|[1-9][0-9]{0,2})"}
+_PLACEHOLDER_RE = {"<param>": "(?:W_Q|W_K|W_V|P|W_KQ|W_PV)", "<k>": "(?:0|[1-9][0-9]?)", "<s>": "(?:0|[1-9][0-9]{0,2})",
+                   "<gating>": "(?:w_beta|b_beta|w_alpha|b_alpha)"}
 MAX_DIM = 32              # every dimension of a data input
 MAX_DATA = 4096           # entries of one data input
 MAX_LIST = 1024           # entries of a 1-d configuration input (eta_grid)
@@ -529,6 +570,23 @@ KINDS["causal_gd"] = Kind(
     "masked step (Phi_0 = 0) and the sequence loss L and per-step losses (SPEC.md section 15)",
     ("X", "Y", "Phi_0"), {"eta": _REAL},
     ("E", "W_Q", "W_K", "W_V", "P", "out", "pred", "pred_gd", "E_code", "pred_code", "L", "per_t"))
+KINDS["mesa_layer"] = Kind(
+    "one mesa layer (causal, the diagonal included) out = E + sum_h P_h Phi_hat_{h,t} q_{h,t}, Phi_hat_t = M_t A_t^{-1}, "
+    "A_t = forget^t I / lam_h + sum_{s<=t} forget^(t-s) k_s k_s^T, M_t = sum_{s<=t} forget^(t-s) v_s k_s^T (t from 1), "
+    "lam (H,) > 0 per head, form 0 Sherman-Morrison (its reverse-walk backward), 1 direct solves, 2 conjugate "
+    "gradients (at most 2 Kd iterations, relative residual 1e-12), and its backward for dout (SPEC.md section 16)",
+    ("E",) + _ATTN + ("lam", "dout"),
+    {"forget": Config("float64", lo=0.0, hi=1.0, strict=True), "form": Config("int64", lo=0, hi=len(MESA_FORMS) - 1)},
+    ("out", "dE") + _d(_ATTN + ("lam",)))
+KINDS["delta_layer"] = Kind(
+    "one delta-rule layer (causal) S_t = alpha_t S_{t-1} - beta_t (alpha_t S_{t-1} k_t - v_t) k_t^T from S_0 = 0, "
+    "out_t = E_t + sum_h P_h S_{h,t} q_{h,t}; beta_t = sigmoid(w_beta . e_t + b_beta) (no beta input) or the fixed "
+    "beta, alpha_t = sigmoid(w_alpha . e_t + b_alpha) (gate true) else 1; form 0 recurrent, 1 chunked (UT transform, "
+    "chunk tokens per chunk); and its backward for dout (SPEC.md section 16)",
+    ("E",) + _ATTN + ("<gating>", "dout"),
+    {"beta": Config("float64", lo=0.0, hi=1e6, strict=True, default="learned: w_beta, b_beta"), "gate": _BOOL,
+     "form": Config("int64", lo=0, hi=len(DELTA_FORMS) - 1), "chunk": Config("int64", lo=1, hi=MAX_DIM, default="16")},
+    ("out", "dE") + _d(_ATTN) + ("d<gating>",))
 assert set(KINDS) == set(COMPUTE)
 
 

@@ -217,3 +217,21 @@ def causal_gd(X, Y, Phi_0, eta):
     L, per_t, _ = S.seq_loss_forward(out[..., :d], Y)
     return {"E": E, **_arrays(p), "out": out, "pred": out[..., :d], "pred_gd": CC.causal_gd_predict(X, eta, Phi_0),
             "E_code": E_code, "pred_code": out_code[..., :d], "L": L, "per_t": per_t}
+
+
+# ---- the mesa layer and the delta rule (SPEC.md section 16) ---------------------------------
+
+MESA_FORMS = ("sm", "direct", "cg")          # the stored int64 form codes
+DELTA_FORMS = ("recurrent", "chunked")
+
+
+def mesa_layer(E, dout, forget, form, **params):
+    """params W_Q, W_K, W_V, P, lam; ``form`` 0 Sherman-Morrison, 1 direct, 2 CG."""
+    return _one_layer("mesa", {"forget": forget, "form": MESA_FORMS[form]}, E, dout, params)
+
+
+def delta_layer(E, dout, gate, form, chunk=16, beta=None, **params):
+    """params W_Q, W_K, W_V, P and, with beta learned (``beta`` absent), w_beta, b_beta, with
+    ``gate``, w_alpha, b_alpha; ``form`` 0 recurrent, 1 chunked (``chunk`` tokens)."""
+    options = {"beta": beta, "gate": gate, "form": DELTA_FORMS[form], "chunk": chunk}
+    return _one_layer("delta", options, E, dout, params)
