@@ -102,6 +102,8 @@ PINNED = {1: {
     "mesa-H2-direct-forget": "d59d7fb63e9819dc", "mesa-H1-cg": "868a3a4726bd6fd2",
     "delta-H2-recurrent-gate": "ccb0a082e93614ff", "delta-H2-chunked2-gate": "30673dd89f9c4254",
     "delta-H1-chunked3-beta0.6": "61e6a3ba72deb997",
+    # added in format version 1 with classic tokens and the Prop. 3 copy construction (issue #15, SPEC.md section 5b)
+    "classic-loss-P4": "ecd53954b32594f1", "copy-construction-N1-P4": "aa0f873e195f8ce9",
 }}
 
 

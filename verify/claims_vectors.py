@@ -529,6 +529,82 @@ INDEPENDENT["mesa_layer"] = _ind_mesa_layer
 INDEPENDENT["delta_layer"] = _ind_delta_layer
 
 
+def _ind_classic_loss(a):
+    """Tokens by loops, the loop oracles of posenc, softmax and LSA composed, the loss by
+    oracle_loss, gradients by numerical differentiation of that composition."""
+    X, Y, x_q, y_q, P = a["X"], a["Y"], a["x_q"], a["y_q"], int(a["width"])
+    B, N, d = X.shape
+    d_y = Y.shape[2]
+    E = np.zeros((B, 2 * N + 1, d))
+    for b in range(B):
+        for j in range(N):
+            E[b, 2 * j] = X[b, j]
+            E[b, 2 * j + 1, d - d_y:] = Y[b, j]
+        E[b, 2 * N] = x_q[b]
+    keys1 = [f"layer1.{k}" for k in _Attn._fields]
+    keys2 = [f"layer2.{k}" for k in _Attn._fields]
+
+    def loss(z):
+        h = oracle_posenc_layer(z[0], "concat", P)
+        h = oracle_softmax_layer(h, _Attn(*z[1:5]), False, None)
+        h = oracle_lsa_layer(h, _Attn(*z[5:9]))
+        pred = -h[:, -1, h.shape[2] - d_y:]
+        return pred, oracle_loss(pred, y_q)
+
+    args = [E, *(a[k] for k in keys1 + keys2)]
+    pred, L = loss(args)
+    rows = [("E", E, "algebra"), ("pred", pred, "algebra"), ("L", np.asarray(L), "algebra")]
+    return rows + _grad_rows(lambda z: loss(z)[1], args, ["dE"] + [k.replace(".", ".d", 1) for k in keys1 + keys2])
+
+
+def _ind_copy_construction(a):
+    """The weights by the normal-equation formulas (not pseudo-inverses), the encodings by
+    math.sin/cos, the two layers by the loop oracle, pred_gd by the GD loop oracle."""
+    X, Y, x_q, P, eta = a["X"], a["Y"], a["x_q"], int(a["width"]), float(a["eta"])
+    B, N, d = X.shape
+    d_y = Y.shape[2]
+    T, S, D = 2 * N + 1, 2 * N, d + P
+    pe = np.array([[math.sin(t * math.exp(-(2 * (c // 2)) * math.log(10000.0) / P)) if c % 2 == 0 else
+                    math.cos(t * math.exp(-(2 * (c // 2)) * math.log(10000.0) / P)) for c in range(P)] for t in range(T)])
+    A = np.zeros((T, S))
+    for j in range(N):
+        A[2 * j, 2 * j + 1] = 1.0
+    A[2 * N, 0] = 1.0
+    pc = pe[:S]
+    Mt = pe.T @ np.linalg.solve(pe @ pe.T, A) @ np.linalg.solve(pc @ pc.T, pc)      # PE^T (PE PE^T)^-1 A (Pc Pc^T)^-1 Pc
+    K1, V1 = np.zeros((D, D)), np.zeros((D, D))
+    K1[d:, d:] = Mt.T
+    for k in range(d_y):
+        V1[D - 2 * d_y + k, d - d_y + k] = 1.0
+        V1[D - d_y + k, d:] = -pe[2 * N, P - d_y + k] * pe[0] / (pe[0] @ pe[0])
+    O, C = pc[:, : P - 2 * d_y], pc[:, P - 2 * d_y: P - d_y]
+    G = (O.T @ np.linalg.solve(O @ O.T, C)).T                                           # G O_t = C_t on the context
+    K2, V2 = np.zeros((D, D)), np.zeros((D, D))
+    K2[:d, :d] = np.eye(d)
+    for k in range(d_y):
+        V2[D - d_y + k, D - 2 * d_y + k] = -eta / N
+        V2[D - d_y + k, d: D - 2 * d_y] = (eta / N) * G[k]
+    E = np.zeros((B, T, d))
+    for b in range(B):
+        for j in range(N):
+            E[b, 2 * j] = X[b, j]
+            E[b, 2 * j + 1, d - d_y:] = Y[b, j]
+        E[b, 2 * N] = x_q[b]
+    h = oracle_posenc_layer(E, "concat", P)
+    h = oracle_lsa_layer(h, R.MergedParams(K1[None], V1[None]))
+    out = oracle_lsa_layer(h, R.MergedParams(K2[None], V2[None]))
+    pred = -out[:, -1, D - d_y:]
+    gd = oracle_gd(X, Y, x_q, eta, 1)
+    gd = gd[0] if isinstance(gd, tuple) else gd
+    return [("E", E, "algebra"), ("layer1.W_KQ", K1[None], "construction"), ("layer1.W_PV", V1[None], "construction"),
+            ("layer2.W_KQ", K2[None], "construction"), ("layer2.W_PV", V2[None], "construction"),
+            ("out", out, "construction"), ("pred", pred, "construction"), ("pred_gd", gd, "algebra")]
+
+
+INDEPENDENT["classic_loss"] = _ind_classic_loss
+INDEPENDENT["copy_construction"] = _ind_copy_construction
+
+
 def load_committed(directory=golden.DEFAULT_DIR):
     """[(manifest entry, inputs, outputs)] of the vectors in ``directory``."""
     man = json.loads((Path(directory) / golden.MANIFEST).read_text())

@@ -439,7 +439,36 @@ def _case_table():
     t.append(CaseSpec("delta-H2-chunked2-gate", "delta_layer", lambda r: build_delta_layer(r, 2, "chunked", 2, gate=True)))
     t.append(CaseSpec("delta-H1-chunked3-beta0.6", "delta_layer",
                       lambda r: build_delta_layer(r, 1, "chunked", 3, gate=False, beta=0.6)))
+    # Added with classic tokens and the Prop. 3 copy construction (issue #15, SPEC.md section 5b):
+    t.append(CaseSpec("classic-loss-P4", "classic_loss", build_classic_loss))
+    t.append(CaseSpec("copy-construction-N1-P4", "copy_construction", build_copy_construction))
     return t
+
+
+def build_classic_loss(rng):
+    """B = 2 tasks, d = 3, d_y = 1, N = 2 (T = 5 classic tokens), encodings of width 4 (D = 7),
+    random softmax and LSA layers. Drawn from its own generator default_rng([SEED, 15, 1]),
+    not the index-salted ``rng``, so its bytes do not depend on where it sits in the table
+    (added while other kinds were being appended)."""
+    rng = np.random.default_rng([SEED, 15, 1])
+    d, N = 3, 2
+    W = rng.standard_normal((2, 1, d))
+    X, x_q = rng.uniform(-1.0, 1.0, (2, N, d)), rng.uniform(-1.0, 1.0, (2, d))
+    a = {"X": X, "Y": np.einsum("bij,bnj->bni", W, X), "x_q": x_q, "y_q": np.einsum("bij,bj->bi", W, x_q),
+         "width": _i(4)}
+    for k in (1, 2):
+        for name, shape in (("W_Q", (1, 7, 7)), ("W_K", (1, 7, 7)), ("W_V", (1, 7, 7)), ("P", (1, 7, 7))):
+            a[f"layer{k}.{name}"] = 0.5 * rng.standard_normal(shape)
+    return a
+
+
+def build_copy_construction(rng):
+    """B = 2 tasks, d = 3, d_y = 1, N = 1, P = 4 (R1 and R2 hold, condition numbers < 10), eta 0.7;
+    its own generator default_rng([SEED, 15, 2]) (as build_classic_loss)."""
+    rng = np.random.default_rng([SEED, 15, 2])
+    W = rng.standard_normal((2, 1, 3))
+    X, x_q = rng.uniform(-1.0, 1.0, (2, 1, 3)), rng.uniform(-1.0, 1.0, (2, 3))
+    return {"X": X, "Y": np.einsum("bij,bnj->bni", W, X), "x_q": x_q, "eta": _f(0.7), "width": _i(4)}
 
 
 def build_causal_gd(rng):

@@ -587,6 +587,63 @@ KINDS["delta_layer"] = Kind(
     {"beta": Config("float64", lo=0.0, hi=1e6, strict=True, default="learned: w_beta, b_beta"), "gate": _BOOL,
      "form": Config("int64", lo=0, hi=len(DELTA_FORMS) - 1), "chunk": Config("int64", lo=1, hi=MAX_DIM, default="16")},
     ("out", "dE") + _d(_ATTN) + ("d<gating>",))
+
+# Classic tokens and the Prop. 3 copy construction (issue #15, SPEC.md section 5b).
+CLASSIC_ATTN1 = tuple(f"layer1.{k}" for k in _ATTN)
+CLASSIC_ATTN2 = tuple(f"layer2.{k}" for k in _ATTN)
+COPY_WEIGHTS = ("layer1.W_KQ", "layer1.W_PV", "layer2.W_KQ", "layer2.W_PV")
+KINDS["classic_loss"] = Kind(
+    "classic tokens x_1, (0, y_1), ..., x_N, (0, y_N), x_q (2N+1 tokens of width d), layer0 posenc concat of width "
+    "P, layer1 softmax attention, layer2 LSA (both factored, context-only: keys and values from all tokens but the "
+    "last), pred = minus the last d_y features of the query at width d + P, L and every gradient (SPEC.md section 5b)",
+    ("X", "Y", "x_q", "y_q") + CLASSIC_ATTN1 + CLASSIC_ATTN2, {"width": _SIZE},
+    ("E", "pred", "L", "dE") + tuple(k.replace(".", ".d", 1) for k in CLASSIC_ATTN1 + CLASSIC_ATTN2))
+KINDS["copy_construction"] = Kind(
+    "the Prop. 3 construction on classic tokens with concatenated encodings of width P (P >= 2N + 2 d_y, the tables "
+    "of full rank): the copy layer (merged LSA: pattern x_j -> (0, y_j), query -> token 0; values C <- label "
+    "features, L <- -pe[2N, L] (r . pe_i)) and the GD layer (merged LSA: content identity, values "
+    "-(eta/N)(C - G O)), the tokens after both, pred and one explicit GD step from 0 (SPEC.md section 5b)",
+    ("X", "Y", "x_q"), {"eta": _REAL, "width": _SIZE},
+    ("E",) + COPY_WEIGHTS + ("out", "pred", "pred_gd"))
+
+
+def _classic_arch(a):
+    return R.Arch((R.LayerSpec("posenc", {"mode": "concat", "width": int(a["width"])}), R.LayerSpec("softmax"),
+                   R.LayerSpec("lsa")))
+
+
+def compute_classic_loss(a):
+    """Classic tokens, posenc concat -> softmax -> LSA, readout, loss and gradients."""
+    from reference.classic_tokens import classic_layout
+
+    arch = _classic_arch(a)
+    d, d_y = a["X"].shape[2], a["Y"].shape[2]
+    layout = classic_layout(arch, d, d_y)
+    E = layout.build(a["X"], a["Y"], a["x_q"])
+    params = (PosEncParams(), SoftmaxParams(*(a[k] for k in CLASSIC_ATTN1)), R.LSAParams(*(a[k] for k in CLASSIC_ATTN2)))
+    L, grads, aux = R.loss_and_grads(E, a["y_q"], params, arch, layout)
+    return {"E": E, "pred": aux["pred"], "L": np.asarray(L, dtype=np.float64), "dE": aux["dE"],
+            **stack_arrays(grads, grad=True)}
+
+
+def compute_copy_construction(a):
+    """The copy and GD layers of reference.copy_construction, their output and readout, and GD-1."""
+    from reference import copy_construction as CC
+    from reference.classic_tokens import classic_layout
+
+    d, N, d_y = a["X"].shape[2], a["X"].shape[1], a["Y"].shape[2]
+    P, eta = int(a["width"]), float(a["eta"])
+    arch, params = CC.fit_copy_layers(d, N, P, d_y, eta=eta)
+    layout = classic_layout(arch, d, d_y)
+    E = layout.build(a["X"], a["Y"], a["x_q"])
+    out, _ = R.model_forward(E, params, arch)
+    return {"E": E, **stack_arrays(params), "out": out, "pred": layout.readout(out),
+            "pred_gd": R.gd_predict(a["X"], a["Y"], a["x_q"], eta, 1)[0]}
+
+
+COMPUTE["classic_loss"] = compute_classic_loss
+COMPUTE["copy_construction"] = compute_copy_construction
+
 assert set(KINDS) == set(COMPUTE)
 
 

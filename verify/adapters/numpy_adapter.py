@@ -235,3 +235,33 @@ def delta_layer(E, dout, gate, form, chunk=16, beta=None, **params):
     ``gate``, w_alpha, b_alpha; ``form`` 0 recurrent, 1 chunked (``chunk`` tokens)."""
     options = {"beta": beta, "gate": gate, "form": DELTA_FORMS[form], "chunk": chunk}
     return _one_layer("delta", options, E, dout, params)
+
+
+def classic_loss(X, Y, x_q, y_q, layer1, layer2, width):
+    """Classic tokens, posenc concat (width) -> softmax (layer1) -> LSA (layer2), the loss
+    and its gradients (SPEC.md section 5b)."""
+    from reference.classic_tokens import classic_layout
+    from reference.layers.posenc import PosEncParams
+    from reference.layers.softmax import SoftmaxParams
+
+    arch = R.Arch((R.LayerSpec("posenc", {"mode": "concat", "width": width}), R.LayerSpec("softmax"), R.LayerSpec("lsa")))
+    layout = classic_layout(arch, X.shape[2], Y.shape[2])
+    E = layout.build(X, Y, x_q)
+    params = (PosEncParams(), SoftmaxParams(**layer1), R.LSAParams(**layer2))
+    L, grads, aux = R.loss_and_grads(E, y_q, params, arch, layout)
+    return {"E": E, "pred": aux["pred"], "L": L, "dE": aux["dE"],
+            "layer1": _arrays(grads[1], grad=True), "layer2": _arrays(grads[2], grad=True)}
+
+
+def copy_construction(X, Y, x_q, eta, width):
+    """The Prop. 3 copy and GD layers on classic tokens (SPEC.md section 5b)."""
+    from reference import copy_construction as CC
+    from reference.classic_tokens import classic_layout
+
+    d, N, d_y = X.shape[2], X.shape[1], Y.shape[2]
+    arch, params = CC.fit_copy_layers(d, N, width, d_y, eta=eta)
+    layout = classic_layout(arch, d, d_y)
+    E = layout.build(X, Y, x_q)
+    out, _ = R.model_forward(E, params, arch)
+    return {"E": E, "layer1": _arrays(params[1]), "layer2": _arrays(params[2]), "out": out,
+            "pred": layout.readout(out), "pred_gd": R.gd_predict(X, Y, x_q, eta, 1)[0]}
