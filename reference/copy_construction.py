@@ -53,7 +53,10 @@ prediction is within :func:`softmax_copy_bound` of ``GD + rho``.
 
 **The official width** (P = 10, N = 10: 21 positions in 10 dimensions) satisfies neither
 R1 nor R2; :func:`fit_copy_layers` builds the least-squares version (truncated
-pseudo-inverses) whose distance from GD the claims report.
+pseudo-inverses) whose distance from GD the claims report. :func:`shift_copy_layer` needs
+no rank condition: it uses the encodings' rotation pe[t+1] = R pe[t], logits
+beta pe_i . pe_{p+1}, a shift-invariant pattern whose largest entry in every x row is the
+next token; with layer 2's least-squares G it comes close to GD at the official width.
 
 Not here: the classic layout (``classic_tokens.py``), the analyses (``copy_analysis.py``).
 """
