@@ -445,9 +445,11 @@ def gram(G2, X2, colsum=False):
     whose inner loop runs over the wider of the two)."""
     R, O = G2.shape
     if X2.shape[1] < O:
-        if colsum:
-            return gram(X2, G2)[0].T, gram(G2, np.ones((R, 1), G2.dtype))[0][:, 0]
-        return gram(X2, G2)[0].T, None
+        C = X2.shape[1]
+        if colsum:                                                     # a column of ones gives sum_r G2[r]
+            X2 = np.concatenate([X2, np.ones((R, 1), X2.dtype)], axis=1)
+        acc = gram(X2, G2)[0]                                          # (C (+ 1), O)
+        return acc[:C].T, (acc[C] if colsum else None)
     n = _n_chunks(R)
     acc = np.zeros((n, O, X2.shape[1]))
     acc_b = np.zeros((n, O))
