@@ -25,8 +25,8 @@ construction of Prop. 3 (``reference/copy_construction.py``) and the copy diagno
 
 from dataclasses import dataclass
 
-from ._checks import check_array, check_int
-from .tokens import TokenLayout, check_task_data
+from ._checks import check_int
+from .tokens import EmbeddedLayout, check_task_data
 from .xp import get_xp
 
 TOKEN_KINDS = ("constructed", "classic")      # the data config's ``tokens`` field
@@ -69,11 +69,11 @@ def readout_offset(N, P, d_y=1):
 
 
 @dataclass(frozen=True)
-class ClassicLayout(TokenLayout):
+class ClassicLayout(EmbeddedLayout):
     """The classic-token layout (module docstring): tokens of width d (:attr:`D_in`),
     ``n_tokens(N) = 2N + 1``, prediction = minus the last d_y features of the query at
     the model's output width ``width`` (:attr:`D`; None: d, a model that keeps the
-    width). Kind ``"classic"``."""
+    width). Kind ``"classic"``. Its readout and backward are :class:`EmbeddedLayout`'s."""
 
     width: int = None
     kind: str = "classic"
@@ -86,11 +86,6 @@ class ClassicLayout(TokenLayout):
         check_int("width", self.width, self.d_y)
         if self.kind != "classic":
             raise ValueError(f"ClassicLayout kind must be 'classic', got {self.kind!r}")
-
-    @property
-    def D(self):
-        """The width of the tokens the readout reads (the model's output width)."""
-        return self.width
 
     @property
     def D_in(self):
@@ -112,21 +107,6 @@ class ClassicLayout(TokenLayout):
             raise ValueError(f"X and Y must have widths d={self.d}, d_y={self.d_y} for this layout, got "
                              f"{X.shape[2]} and {Y.shape[2]}")
         return build_classic_tokens(X, Y, x_q)
-
-    def readout(self, E):
-        """y_hat (B, d_y) = minus the last d_y features of the query token (the last token)."""
-        check_array("E", E, ndim=3)
-        if E.shape[2] != self.width:
-            raise ValueError(f"E must have token width {self.width} for this layout, got shape {tuple(E.shape)}")
-        return -E[:, -1, self.width - self.d_y:]
-
-    def readout_backward(self, dpred, E_shape):
-        """Forward y_hat = -E[:, -1, width - d_y:], so that block of dE is -dy_hat, the
-        rest zero."""
-        xp = get_xp(dpred)
-        dE = xp.zeros(E_shape, dtype=dpred.dtype)                      # (B, T, width)
-        dE[:, -1, self.width - self.d_y:] = -dpred
-        return dE
 
 
 def classic_layout(arch, d, d_y=1):
