@@ -54,7 +54,14 @@ class DataConfig:
     layouts of ``reference.tokens``) or ``"classic"`` (``reference.classic_tokens``:
     x_1, (0, y_1), ..., x_N, (0, y_N), x_q, 2N+1 tokens of width d, d_y <= d; positional
     encodings are a layer of ``model.layers``; trained by the backends whose
-    ``backends.LAYOUT_KINDS`` lists "classic")."""
+    ``backends.LAYOUT_KINDS`` lists "classic").
+
+    task ``"lds"`` (the mesa paper's sequences, ``reference.sequences``, trained by
+    ``reference.seq_training``): batch sequences of seq_len observations of the
+    linear dynamical system ``seq_variant`` (one of ``sequences.VARIANTS``), hidden
+    dimension seq_dim (None: the variant's default), on the code's constructed tokens
+    [0, x_t, x_t, x_{t-1}]; d, N, d_y and the regression/sine fields are not read and
+    must keep their defaults. seq_* are read by the lds task only."""
 
     d: int = 10
     N: int = 10
@@ -70,6 +77,9 @@ class DataConfig:
     amp_high: float = 0.5
     sine_phase: str = "tied"
     tokens: str = "constructed"
+    seq_variant: str = "linear"
+    seq_len: int = 50
+    seq_dim: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -85,7 +95,12 @@ class ModelConfig:
     may change the token width (an ``embed`` first, as the sine model): tokens are built
     at width d + d_y and the prediction is read from the last d_y features of the query
     at the last layer's width (:meth:`TrainConfig.layout`). With it, the LSA fields above keep their defaults
-    and n_layers is still the K of the init scale / K and of the GD-K baseline."""
+    and n_layers is still the K of the init scale / K and of the GD-K baseline.
+
+    input_mask (lds task only): the first input_mask token channels are zeroed before the
+    first layer (the mesa code's one-layer models: 2 d). init_std (None: the variance
+    scaling above): every weight matrix drawn from normal(0, init_std) instead (the mesa
+    code's 0.0002; a mesa layer's lam still starts at 1)."""
 
     n_layers: int = 1
     recurrent: bool = False
@@ -97,18 +112,25 @@ class ModelConfig:
     token_clip: Optional[float] = None
     init_scale: float = 0.002
     layers: Optional[str] = None
+    input_mask: int = 0
+    init_std: Optional[float] = None
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     """Adam (lr, b1, b2, eps) after global-norm clipping at grad_clip (None = off; the
-    code uses 0.001 when K <= 2, else 10)."""
+    code uses 0.001 when K <= 2, else 10). weight_decay > 0: AdamW's decoupled decay
+    (optax.adamw); elementwise_clip: clip every gradient entry to [-c, c] first
+    (optax.clip; None = off). The mesa code: elementwise_clip 1, weight_decay 0.1,
+    grad_clip None, b2 0.999 (``reference.optim``). Only the numpy backend runs the last two."""
 
     lr: float = 1e-3
     b1: float = 0.9
     b2: float = 0.98
     eps: float = 1e-8
     grad_clip: Optional[float] = 0.001
+    weight_decay: float = 0.0
+    elementwise_clip: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -149,8 +171,9 @@ class AnalysisConfig:
     rollout_damping: float = 0.75
 
 
-TASKS = ("linear", "sine")
+TASKS = ("linear", "sine", "lds")
 _DATA_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DataConfig)}
+_OPTIM_DEFAULTS = {f.name: f.default for f in dataclasses.fields(OptimConfig)}
 
 GROUPS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "eval": EvalConfig,
           "baselines": BaselineConfig, "analysis": AnalysisConfig}
@@ -188,6 +211,11 @@ class TrainConfig:
         """GD++ has one (eta, gamma) when the model shares its layer (or has one)."""
         return self.model.recurrent or self.model.n_layers == 1
 
+    @property
+    def is_sequence(self):
+        """True for the mesa paper's sequence task (``data.task == "lds"``)."""
+        return self.data.task == "lds"
+
     def layout(self):
         """The tokens and readout of the run: ``arch().layout(d, d_y)`` (a TokenLayout,
         or an EmbeddedLayout when the layers change the token width); with
@@ -195,6 +223,10 @@ class TrainConfig:
         if self.data.tokens == "classic":
             return classic_layout(self.arch(), self.data.d, self.data.d_y)
         return self.arch().layout(self.data.d, self.data.d_y)
+
+    def seq_token_width(self):
+        """lds task: the width 4 d_obs of the code's constructed tokens [0, x_t, x_t, x_{t-1}]."""
+        return 4 * self.task_spec(1).d_obs
 
     def arch(self):
         m = self.model
@@ -205,6 +237,10 @@ class TrainConfig:
 
     def task_spec(self, B=None):
         t = self.data
+        if t.task == "lds":
+            from .sequences import SequenceSpec
+
+            return SequenceSpec(t.seq_variant, T=t.seq_len, B=t.batch if B is None else B, d=t.seq_dim)
         if t.task == "sine":
             return SineTaskSpec(N=t.N, B=t.batch if B is None else B, x_range=(t.x_low, t.x_high),
                                 amp_range=(t.amp_low, t.amp_high), phase=t.sine_phase)
@@ -213,7 +249,8 @@ class TrainConfig:
 
     def adam_hp(self):
         o = self.optim
-        return AdamHP(lr=o.lr, b1=o.b1, b2=o.b2, eps=o.eps, clip_norm=o.grad_clip)
+        return AdamHP(lr=o.lr, b1=o.b1, b2=o.b2, eps=o.eps, clip_norm=o.grad_clip, weight_decay=o.weight_decay,
+                      clip_value=o.elementwise_clip)
 
     # names and values ------------------------------------------------------------
     def get(self, name):
@@ -377,10 +414,11 @@ def _config_errors(c):
         need(v[name] >= 1, f"{name}: must be >= 1, got {v[name]}")
     for name in ("key_size", "value_size"):
         need(v[name] is None or v[name] >= 1, f"{name}: must be >= 1 or None (= D), got {v[name]}")
-    for name in ("seed", "eval_seed", "n_distractors", "gdpp_steps"):
+    for name in ("seed", "eval_seed", "n_distractors", "gdpp_steps", "input_mask"):
         need(v[name] >= 0, f"{name}: must be >= 0, got {v[name]}")
     floats = ("x_low", "x_high", "amp_low", "amp_high", "w_scale", "noise_std", "init_scale", "lr", "b1", "b2", "eps", "gdpp_lr",
-              "gdpp_b2", "rollout_damping", "token_clip", "grad_clip", "diverge_factor")
+              "gdpp_b2", "rollout_damping", "token_clip", "grad_clip", "diverge_factor", "weight_decay",
+              "elementwise_clip", "init_std")
     for name in floats:
         need(v[name] is None or np.isfinite(v[name]), f"{name}: must be finite, got {v[name]}")
     if errs:
@@ -396,11 +434,23 @@ def _config_errors(c):
         need(0 <= v[name] < 1, f"{name}: must be in [0, 1), got {v[name]}")
     need(v["eps"] > 0, f"eps: must be > 0 (0 gives 0/0 on a zero gradient), got {v['eps']}")
     need(v["diverge_factor"] > 1, f"diverge_factor: must be > 1, got {v['diverge_factor']}")
-    for name in ("token_clip", "grad_clip"):
+    for name in ("token_clip", "grad_clip", "elementwise_clip", "init_std"):
         need(v[name] is None or v[name] > 0, f"{name}: must be > 0 or None (off), got {v[name]}")
+    need(v["weight_decay"] >= 0, f"weight_decay: must be >= 0, got {v['weight_decay']}")
+    for name in ("weight_decay", "elementwise_clip"):
+        if v[name] != _OPTIM_DEFAULTS[name]:
+            need(v["backend"] == "numpy", f"{name}: only the numpy backend implements it; set backend=numpy "
+                                          f"(got backend={v['backend']!r})")
     need(v["task"] in TASKS, f"task: must be one of {TASKS}, got {v['task']!r}")
     need(v["sine_phase"] in SINE_PHASES, f"sine_phase: must be one of {SINE_PHASES}, got {v['sine_phase']!r}")
     need(v["amp_low"] < v["amp_high"], f"amp_low, amp_high: need amp_low < amp_high, got ({v['amp_low']}, {v['amp_high']})")
+    if v["task"] == "lds":
+        errs += _sequence_errors(c, v)
+    else:
+        for name in ("seq_variant", "seq_len", "seq_dim", "input_mask"):
+            default = _DATA_DEFAULTS.get(name, 0)
+            need(v[name] == default, f"{name}: read by the lds task only (task={v['task']!r}); leave it at "
+                                     f"{default!r}, got {v[name]!r}")
     if v["task"] == "sine":
         for name in ("d", "d_y"):
             need(v[name] == 1, f"{name}: the sine task has scalar inputs and labels, so {name} must be 1, got {v[name]}")
@@ -430,6 +480,36 @@ def _config_errors(c):
     return errs
 
 
+def _sequence_errors(c, v):
+    """Problems with an lds-task config: the unused fields, the sequence fields, the
+    backend (the reference only), causal attention and the input mask."""
+    from .sequences import VARIANTS
+
+    errs = []
+    for name in ("d", "N", "d_y", "x_low", "x_high", "w_scale", "noise_std", "n_distractors", "amp_low", "amp_high",
+                 "sine_phase", "tokens"):
+        if v[name] != _DATA_DEFAULTS[name]:
+            errs.append(f"{name}: not used by the lds task (its sizes are seq_variant, seq_dim and seq_len); leave it "
+                        f"at {_DATA_DEFAULTS[name]!r}, got {v[name]!r}")
+    if v["seq_variant"] not in VARIANTS:
+        errs.append(f"seq_variant: must be one of {VARIANTS}, got {v['seq_variant']!r}")
+    if v["seq_len"] < 1:
+        errs.append(f"seq_len: must be >= 1, got {v['seq_len']}")
+    low = 2 if v["seq_variant"] == "contracting" else 1
+    if v["seq_dim"] is not None and v["seq_dim"] < low:
+        errs.append(f"seq_dim: must be >= {low} or None (the variant's default), got {v['seq_dim']}")
+    if v["backend"] != "numpy":
+        errs.append(f"backend: the lds task is trained by the numpy reference only (reference.seq_training); "
+                    f"set backend=numpy, got {v['backend']!r}")
+    if v["layers"] is None and not v["causal"]:
+        errs.append("causal: the lds task needs causal attention (token t sees tokens s <= t); set causal=true")
+    if errs:
+        return errs
+    D = c.seq_token_width()
+    if v["input_mask"] > D:
+        errs.append(f"input_mask: must be <= the token width {D}, got {v['input_mask']}")
+    return errs
+
 def arch_from_text(text):
     """The :class:`Arch` of a ``model.layers`` JSON text: a list of layer dicts
     (separate weights) or ``{"layers": [...], "tie": [...]}``. Raises ValueError."""
@@ -451,13 +531,24 @@ def _layers_errors(c):
         arch = arch_from_text(m.layers)
         classic = c.data.tokens == "classic"
         D = c.data.d if classic else c.data.d + c.data.d_y          # the width of the tokens the layout builds
+        T = 2 * c.data.N + 1 if classic else c.data.N + 1
+        if c.is_sequence:
+            D, T = c.seq_token_width(), c.data.seq_len
         widths = arch.widths(D)
         for s in dict.fromkeys(arch.layers):
-            s.check_tokens(2 * c.data.N + 1 if classic else c.data.N + 1)
+            s.check_tokens(T)
     except (ValueError, TypeError, KeyError) as exc:
         return [f"layers: {type(exc).__name__}: {exc}"]
     errs = []
-    if widths[-1] <= c.data.d_y:
+    if c.is_sequence:
+        d_obs = D // 4
+        if widths[-1] < d_obs:
+            errs.append(f"layers: the last layer's token width is {widths[-1]}, the readout needs the first "
+                        f"d_obs = {d_obs} channels")
+        for k, s in enumerate(arch.layers):
+            if s.kind in ("lsa", "softmax") and s.opts.get("causal") is not True:
+                errs.append(f"layers: layer {k} ({s.kind}) must be causal for the lds task (option causal: true)")
+    elif widths[-1] <= c.data.d_y:
         errs.append(f"layers: the last layer's token width is {widths[-1]}, the readout needs more than "
                     f"d_y = {c.data.d_y} features")
     if arch.param_floats(D) == 0:

@@ -1,4 +1,5 @@
-"""Global-norm gradient clipping and Adam, as used to train the LSA models.
+"""Global-norm gradient clipping and Adam, as used to train the LSA models; element-wise
+clipping and AdamW's decoupled weight decay for the mesa paper's sequence models.
 
 Official code (von Oswald et al. 2023): optax chain(clip_by_global_norm(c), adam(lr,
 b1=0.9, b2=0.98, eps=1e-8)), no weight decay, no schedule. Equations, for a step
@@ -9,6 +10,19 @@ t = 1, 2, ... over every parameter array p with gradient g:
     m  <- b1 m + (1 - b1) g
     v  <- b2 v + (1 - b2) g^2
     p  <- p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+
+The mesa paper's code (arXiv 2309.05858; paper-settings.md 8a) trains with
+optax chain(clip(c_e), adamw(lr, b1, b2, eps, weight_decay=wd)): before everything the
+gradient is clipped element-wise, g <- clip(g, -c_e, c_e) (``clip_value``; None = off),
+and the update gains the decoupled decay term, applied with the learning rate after the
+Adam direction (optax.adamw: updates = m_hat / (sqrt(v_hat) + eps) + wd p, p <- p - lr updates):
+
+    p  <- p - lr * ((m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps) + wd * p)
+
+With the defaults (clip_value None, weight_decay 0) the update is the Adam above,
+computed by the same expressions (bit-identical). The reported norm ``n`` is always that
+of the raw gradient (before either clip); with both clips set, the element-wise clip comes
+first and the global norm of the clipped gradient decides the global clip.
 
 Parameters, gradients and both moments are parameter trees (``reference.tree``: a
 tuple of per-layer NamedTuples such as LSAParams or MergedParams); these functions
@@ -37,6 +51,8 @@ class AdamHP(NamedTuple):
     b2: float = 0.98
     eps: float = 1e-8
     clip_norm: object = None   # None: no clipping
+    weight_decay: float = 0.0  # AdamW's decoupled decay (0: Adam)
+    clip_value: object = None  # element-wise clip |g| <= clip_value before everything (None: off)
 
     def validate(self):
         check_float("lr", self.lr, 0.0, allow_equal_min=False)
@@ -47,6 +63,9 @@ class AdamHP(NamedTuple):
         check_float("eps", self.eps, 0.0, allow_equal_min=False)   # eps = 0 gives 0/0 on a zero gradient
         if self.clip_norm is not None:
             check_float("clip_norm", self.clip_norm, 0.0, allow_equal_min=False)
+        check_float("weight_decay", self.weight_decay, 0.0)
+        if self.clip_value is not None:
+            check_float("clip_value", self.clip_value, 0.0, allow_equal_min=False)
         return self
 
 
@@ -204,12 +223,35 @@ def adam_init(params):
     return AdamState(zeros, tree_map(lambda p: xp.zeros_like(p), params), 0)
 
 
+def clip_by_value(grads, clip_value):
+    """Element-wise clip (optax.clip): every entry g <- min(max(g, -c), c)."""
+    check_tree("grads", grads)
+    c = check_float("clip_value", clip_value, 0.0, allow_equal_min=False)
+    return _clip_value(grads, c)
+
+
+def _clip_value(grads, c):
+    if c is None:
+        return grads
+    xp = get_xp(*tree_leaves(grads))
+    return tree_map(lambda g: xp.clip(g, g.dtype.type(-c), g.dtype.type(c)), grads)
+
+
+def _clipped(grads, hp, norm):
+    """The gradient Adam sees: element-wise clip (if set), then the global-norm clip.
+    ``norm`` is the raw gradient's global norm."""
+    if hp.clip_value is None:
+        return _clip(grads, hp.clip_norm, norm)
+    grads = _clip_value(grads, hp.clip_value)
+    return _clip(grads, hp.clip_norm, norm if hp.clip_norm is None else _global_norm(grads))
+
+
 def adam_apply(params, grads, state, hp):
     """One clipped Adam step without checks, for training steps whose gradients come from
     checked inputs. A gradient norm that overflows the dtype is returned as it is (inf),
     which the training loop reports as divergence. Returns (params, state, norm)."""
     norm = _global_norm(grads)
-    return _adam(params, _clip(grads, hp.clip_norm, norm), state, hp) + (norm,)
+    return _adam(params, _clipped(grads, hp, norm), state, hp) + (norm,)
 
 
 def adam_update(params, grads, state, hp):
@@ -220,7 +262,7 @@ def adam_update(params, grads, state, hp):
     with np.errstate(over="ignore"):                                   # an overflow is refused just below
         norm = _global_norm(grads)
     check_grad_norm(norm, _tree_dtype(grads))
-    return _adam(params, _clip(grads, hp.clip_norm, norm), state, hp) + (norm,)
+    return _adam(params, _clipped(grads, hp, norm), state, hp) + (norm,)
 
 
 def _adam(params, grads, state, hp):
@@ -230,8 +272,13 @@ def _adam(params, grads, state, hp):
     v = tree_map(lambda v_, g: b2 * v_ + (1 - b2) * g * g, state.v, grads)
     c1, c2 = 1 - b1 ** t, 1 - b2 ** t
     xp = get_xp(*tree_leaves(params))
-    new = tree_map(lambda p, m_, v_: (p - hp.lr * (m_ / c1) / (xp.sqrt(v_ / c2) + hp.eps)).astype(p.dtype),
-                   params, m, v)
+    wd = hp.weight_decay
+    if wd == 0:
+        new = tree_map(lambda p, m_, v_: (p - hp.lr * (m_ / c1) / (xp.sqrt(v_ / c2) + hp.eps)).astype(p.dtype),
+                       params, m, v)
+    else:   # AdamW (optax.adamw): the decay joins the update direction, both scaled by lr
+        new = tree_map(lambda p, m_, v_: (p - hp.lr * ((m_ / c1) / (xp.sqrt(v_ / c2) + hp.eps) + wd * p))
+                       .astype(p.dtype), params, m, v)
     m = tree_map(lambda a, p: a.astype(p.dtype), m, params)
     v = tree_map(lambda a, p: a.astype(p.dtype), v, params)
     return new, AdamState(m, v, t)

@@ -23,6 +23,11 @@ of a :class:`reference.config.TrainConfig`:
    row; its state is part of :class:`TrainState`, so a resumed run decides as an
    uninterrupted one.
 
+The mesa paper's sequence task (``data.task == "lds"``, ``cfg.is_sequence``) has its own
+initial draw, evaluation set, baselines, evaluation and stepper in
+``reference.seq_training``; the functions below hand those over to it, and the loop,
+the divergence rule and the state are shared.
+
 The loop reports to an observer (:class:`Observer`: ``after_step``, ``after_eval``),
 which is where an application writes checkpoints, metrics and progress; this module
 writes no files. The end-of-run analyses are ``analysis.final_analyses``.
@@ -88,7 +93,14 @@ class EvalSet(NamedTuple):
 
 def init_params(cfg):
     """The paper's initialisation (variance scaling, init_scale / K over fan-in,
-    truncated normal), from ``stream_rng(seed, STREAM_INIT)``."""
+    truncated normal), from ``stream_rng(seed, STREAM_INIT)``; with ``init_std`` set,
+    normal(0, init_std) weight matrices (``seq_training.init_normal``)."""
+    if cfg.model.init_std is not None:
+        from . import seq_training
+
+        D_in = seq_training.layout_of(cfg).D_in if cfg.is_sequence else cfg.layout().D_in
+        return seq_training.init_normal(cfg.arch(), D_in, cfg.model.init_std, stream_rng(cfg.seed, STREAM_INIT),
+                                        cfg.np_dtype)
     settings = InitSettings(cfg.model.init_scale, cfg.model.n_layers, cfg.np_dtype)
     return cfg.arch().init(stream_rng(cfg.seed, STREAM_INIT), cfg.layout().D_in, settings)
 
@@ -100,12 +112,21 @@ def init_state(cfg):
 
 def eval_tasks(cfg):
     """The fixed evaluation set (float64; independent of the training seed)."""
+    if cfg.is_sequence:
+        from . import seq_training
+
+        return seq_training.eval_sequences(cfg)
     return cfg.task_spec(cfg.eval.eval_tasks).sample(stream_rng(cfg.eval.eval_seed, STREAM_EVAL))
 
 
 def compute_baselines(cfg, evals, log=None):
     """GD-K (line-searched eta), GD++ (meta-trained), least squares, on the eval set.
-    ``log(text)``: optional progress lines. Returns a JSON-able dict."""
+    ``log(text)``: optional progress lines. Returns a JSON-able dict. (lds task:
+    ``seq_training.compute_baselines``.)"""
+    if cfg.is_sequence:
+        from . import seq_training
+
+        return seq_training.compute_baselines(cfg, evals, log)
     t0 = time.perf_counter()
     K, b = cfg.model.n_layers, cfg.baselines
     ls = cfg.task_spec(b.line_search_tasks).sample(stream_rng(cfg.eval.eval_seed, STREAM_LINE_SEARCH))
@@ -152,6 +173,10 @@ class _GDPPLog:
 
 def eval_set(cfg, evals, baselines):
     """:class:`EvalSet` of the run: tokens in the model dtype and the GD / GD++ references."""
+    if cfg.is_sequence:
+        from . import seq_training
+
+        return seq_training.eval_set(cfg, evals, baselines)
     evals_m = analysis.cast_tasks(evals, cfg.np_dtype)
     E = cfg.layout().build(evals_m.X, evals_m.Y, evals_m.x_q)                     # (B_eval, T, D)
     refs = {"gd": _reference(analysis.gd_reference, evals, baselines["gd_eta"], cfg.model.n_layers),
@@ -173,7 +198,12 @@ def _reference(fn, evals, *args):
 
 def evaluate(params, cfg, es):
     """Eval loss and the alignment metrics against GD and GD++ (one forward+backward of
-    the reference on host params). Returns dict(loss, preds_diff_gd, model_cos_gd, ...)."""
+    the reference on host params). Returns dict(loss, preds_diff_gd, model_cos_gd, ...).
+    (lds task: ``seq_training.evaluate``, with per-time-step losses.)"""
+    if cfg.is_sequence:
+        from . import seq_training
+
+        return seq_training.evaluate(params, cfg, es)
     pred, g = analysis.sensitivity(es.E, params, cfg.arch(), cfg.layout())
     row = {"loss": analysis.mean_loss(pred, es.tasks.y_q)}
     for name, (p_ref, g_ref) in es.refs.items():
@@ -199,6 +229,10 @@ class Observer:
 
 def make_stepper(cfg):
     """The configured backend's stepper for this run, after checking the backend can run it."""
+    if cfg.is_sequence:
+        from . import seq_training
+
+        return seq_training.make_stepper(cfg)
     backend = get_backend(cfg.backend)
     backend.check_available()
     arch = cfg.arch()
@@ -283,6 +317,10 @@ def memory_estimate(cfg):
     the evaluation forward and backward (also the GD++ reference's, in float64), the
     line search, a GD++ meta-training step and an OOD point. The fused backends keep
     less than the reference's caches, so this is an upper bound for them."""
+    if cfg.is_sequence:
+        from . import seq_training
+
+        return seq_training.memory_estimate(cfg)
     t, arch, item = cfg.data, cfg.arch(), cfg.np_dtype.itemsize
     D, T = cfg.layout().D_in, cfg.layout().n_tokens(t.N)
     task = t.N * (t.d + t.d_y) + t.d + t.d_y + t.d_y * t.d          # floats per task (X, Y, x_q, y_q, W)

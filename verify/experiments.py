@@ -1,5 +1,5 @@
-"""The named training experiments of the ICML paper (paper-settings.md sections 5 and 7),
-each a TrainConfig. ``icgd train NAME`` and the ``training.*`` claims start from these."""
+"""The named training experiments of the ICML paper (paper-settings.md sections 5 and 7)
+and the mesa paper's sequence models (``seq_*``, sections 8, 8a), each a TrainConfig. ``icgd train NAME`` and the ``training.*`` claims start from these."""
 
 import difflib
 import json
@@ -82,6 +82,50 @@ EXPERIMENTS = {e.name: e for e in [
          "otherwise as sine.",
          layers=_layers(*SINE_FEATURES, {"kind": "gd", "eta": 0.1}), lr=3e-4, **SINE_DATA),
 ]}
+
+# The mesa paper's constructed-token sequence models (paper-settings.md 8, 8a, 8b; SPEC.md
+# section 17): the code's tokens [0, x_t, x_t, x_{t-1}] (width 40), causal LSA with token
+# clip 4 or one mesa layer, init normal(0, 0.0002), element-wise gradient clip 1 then AdamW
+# (b2 0.999, weight decay 0.1), batch 256 fresh sequences per step, no schedule; a fixed
+# evaluation set of 2048 sequences (the code: 10 fresh batches).
+SEQ_COMMON = dict(task="lds", seq_len=50, batch=256, b2=0.999, eps=1e-8, grad_clip=None, elementwise_clip=1.0,
+                  weight_decay=0.1, init_std=0.0002, backend="numpy", dtype="float32", eval_tasks=2048,
+                  line_search_tasks=2048, eval_every=100, checkpoint_every=500, causal=True)
+SEQ_LSA = dict(key_size=20, value_size=20, token_clip=4.0)
+SEQ_MESA = _layers({"kind": "mesa", "heads": 4, "key_size": 20, "value_size": 20})
+
+
+def _seq(name, description, **fields):
+    return _exp(name, description, **{**SEQ_COMMON, **fields})
+
+
+EXPERIMENTS.update({e.name: e for e in [
+    _seq("seq_lsa1",
+         "Mesa paper: one causal LSA layer (2 heads, key 20, first 20 input channels masked) on the linear LDS; "
+         "matches the causal Prop. 1 GD construction per time step. lr 1e-4, 5000 steps.",
+         n_layers=1, heads=2, input_mask=20, lr=1e-4, steps=5000, **SEQ_LSA),
+    _seq("seq_lsa2", "Mesa paper: two causal LSA layers (4 heads, key 20) vs the 2-layer Prop. 2 construction. "
+                     "lr 1e-4, 5000 steps.", n_layers=2, heads=4, lr=1e-4, steps=5000, **SEQ_LSA),
+    _seq("seq_lsa4", "Mesa paper: four causal LSA layers (4 heads, key 20) vs the 4-layer Prop. 2 construction "
+                     "(Neumann, line-searched step). lr 1e-4, 10,000 steps.",
+         n_layers=4, heads=4, lr=1e-4, steps=10_000, **SEQ_LSA),
+    _seq("seq_lsa6", "Mesa paper: six causal LSA layers (4 heads, key 20) vs the 6-layer Prop. 2 construction and "
+                     "the code's 6-step Chebyshev. lr 1e-4, 15,000 steps.",
+         n_layers=6, heads=4, lr=1e-4, steps=15_000, **SEQ_LSA),
+    _seq("seq_mesa", "Mesa paper: one mesa layer (4 heads, key 20, lam init 1, first 20 input channels masked): "
+                     "close to ridge at late t, beats six LSA layers. lr 4e-4, 5000 steps.",
+         layers=SEQ_MESA, input_mask=20, lr=4e-4, steps=5000, causal=False),
+    _seq("seq_fixed_lsa1", "Mesa paper, fixed teacher (one W for every sequence): one causal LSA layer as seq_lsa1; "
+                           "beats GD by a large factor at late t. lr 1e-4, 5000 steps.",
+         seq_variant="fixed", n_layers=1, heads=2, input_mask=20, lr=1e-4, steps=5000, **SEQ_LSA),
+    _seq("seq_contracting_mesa", "Mesa paper, contracting dynamics (data clip 2): one mesa layer as seq_mesa; close "
+                                 "to ridge at t = 50. lr 4e-4, 20,000 steps.",
+         seq_variant="contracting", layers=SEQ_MESA, input_mask=20, lr=4e-4, steps=20_000, causal=False),
+    _seq("seq_contracting_lsa6", "Mesa paper, contracting dynamics: six causal LSA layers as seq_lsa6. lr 1e-4, "
+                                 "20,000 steps.", seq_variant="contracting", n_layers=6, heads=4, lr=1e-4,
+         steps=20_000, **SEQ_LSA),
+]})
+SEQ_EXPERIMENTS = tuple(n for n in EXPERIMENTS if n.startswith("seq_"))
 
 
 def get_experiment(name):

@@ -35,6 +35,10 @@ def make_plots(run_dir):
     base = next((r for r in rows if r.get("kind") == "baselines"), None)
     hist = [r for r in rows if r.get("kind") == "eval"]
     paths = []
+    if cfg.is_sequence:                    # the lds task: per-time-step curves (verify.seq_plots)
+        from . import seq_plots
+
+        return seq_plots.make_seq_plots(cfg, params, hist, base, summary, out)
     if hist and base:
         paths.append(plot_loss(cfg, hist, base, summary, os.path.join(out, "loss.png")))
         paths.append(plot_alignment(cfg, hist, os.path.join(out, "alignment.png")))

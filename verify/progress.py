@@ -20,7 +20,10 @@ class Progress:
 
     def start(self, step, baselines, n_layers):
         """Called once before the first step (``step``: where the run starts)."""
-        self.ref = f"GD-{n_layers} {baselines['gd_loss']:.4f}, GD++ {baselines['gdpp_loss']:.4f}"
+        if "gdpp_loss" in baselines:
+            self.ref = f"GD-{n_layers} {baselines['gd_loss']:.4f}, GD++ {baselines['gdpp_loss']:.4f}"
+        else:                                 # the lds task (reference.seq_training): GD and ridge
+            self.ref = f"GD {baselines['gd_loss']:.4f}, ridge {baselines['lstsq_loss']:.4f}"
         if self.tty:
             self.bar = tqdm(total=self.total, initial=step, file=self.stream, unit="step", dynamic_ncols=True,
                             mininterval=0.25, leave=True)
@@ -31,7 +34,8 @@ class Progress:
             self.bar.set_postfix_str(f"loss {loss:.5f}", refresh=False)
 
     def evaluated(self, row):
-        text = f"eval {row['loss']:.5f}, cos(GD) {row['model_cos_gd']:.3f} ({self.ref})"
+        cos = row["model_cos_gd"] if "model_cos_gd" in row else row["pred_cos_gd"]
+        text = f"eval {row['loss']:.5f}, cos(GD) {cos:.3f} ({self.ref})"
         if self.bar is not None:
             self.bar.set_description_str(text, refresh=False)
         elif self.enabled:

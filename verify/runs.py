@@ -602,7 +602,12 @@ def _finish(cfg, state, metrics, baselines, evals, files, paths, analyses, out_d
                "final": history[-1] if history else None, "seconds": files.seconds()}
     if analyses:
         t0 = time.perf_counter()
-        summary.update(A.final_analyses(cfg, params, baselines, evals))
+        if cfg.is_sequence:
+            from reference import seq_training
+
+            summary.update(seq_training.final_analyses(cfg, params, baselines, evals))
+        else:
+            summary.update(A.final_analyses(cfg, params, baselines, evals))
         summary["analysis_seconds"] = round(time.perf_counter() - t0, 2)
     if paths is not None:
         summary = jsonable(summary)

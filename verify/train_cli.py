@@ -29,6 +29,8 @@ import os
 import shlex
 import sys
 
+import numpy as np
+
 from reference.config import ConfigError, LEAVES, config_from_dict, dotted_name, field_path, type_name
 from reference.errors import TrainingDiverged
 from reference.trainer import BASELINE_NAMES
@@ -214,6 +216,8 @@ def interrupted_text(exc, out):
 
 
 def summary_text(res):
+    if res.config.is_sequence:
+        return seq_summary_text(res)
     b, f, s = res.baselines, res.summary.get("final") or {}, res.summary
     K = res.config.model.n_layers
     lines = [f"final eval loss {f.get('loss', float('nan')):.5f} after {res.config.steps} steps; "
@@ -242,6 +246,31 @@ def summary_text(res):
     elif i:
         lines.append(f"interpolated model loss {i['loss_interpolated']:.5f} (model {i['loss_model']:.5f}, "
                      f"construction {i['loss_construction']:.5f})")
+    if res.run_dir:
+        lines.append(f"wrote {res.run_dir}/: " + ", ".join(runs.RUN_FILES))
+    return "\n".join(lines)
+
+
+def seq_summary_text(res):
+    """The end-of-run lines of an lds-task run (``reference.seq_training``)."""
+    b, f, s = res.baselines, res.summary.get("final") or {}, res.summary
+    K = b.get("depth", res.config.model.n_layers)
+    pt = f.get("per_t") or []
+    late = lambda per_t: float(np.mean(per_t[-10:])) if per_t else float("nan")      # noqa: E731
+    refs = [("GD", "gd"), ("ridge", "lstsq"), (f"Prop. 2 ({K} layers)", "prop2"), ("Chebyshev as coded", "cheb")]
+    lines = [f"final eval loss {f.get('loss', float('nan')):.5f} after {res.config.steps} steps (t = 41..50: "
+             f"{late(pt):.5f}); " + ", ".join(f"{n} {b[k + '_loss']:.5f} ({late(b[k + '_per_t']):.5f})"
+                                               for n, k in refs if b.get(k + "_loss") is not None)]
+    if f:
+        lines.append("prediction alignment: " + ", ".join(
+            f"cos({r}) {f['pred_cos_' + r]:.4f}, diff({r}) {f['preds_diff_' + r]:.4f}" for r in ("gd", "prop2", "ridge")
+            if "pred_cos_" + r in f))
+    w = s.get("gd_weights")
+    if w:
+        lines.append(f"weights vs the Prop. 1 construction: tensor cos {w['tensor_cos']:.4f}, rel. err "
+                     f"{w['tensor_rel_err']:.4f}, learned eta {w['scale']:.4f} (line search {b['gd_eta']:.3f})")
+    if s.get("mesa_lam"):
+        lines.append(f"mesa lam: {np.round(s['mesa_lam'], 4).tolist()}")
     if res.run_dir:
         lines.append(f"wrote {res.run_dir}/: " + ", ".join(runs.RUN_FILES))
     return "\n".join(lines)
