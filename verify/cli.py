@@ -5,6 +5,8 @@ which provides ``add_arguments(parser)`` and ``run(args) -> exit code``.
     icgd prove ...           the symbolic proofs (symbolic.cli)
     icgd train ...           train an LSA model (verify.train_cli)
     icgd vectors write|check golden test vectors (verify.golden)
+    icgd sweep FILE|status   a grid of runs with a results store (verify.sweep)
+    icgd report SWEEP        a sweep's seed-aggregated tables and figures (verify.report_sweep)
 
 Exit codes shared by every subcommand: 0 done, 1 a check failed, 2 bad usage (an option's
 value, a config field, an output path; said before any work), 130 interrupted (Ctrl-C).
@@ -40,6 +42,8 @@ SUBCOMMANDS = {
     "train": ("verify.train_cli", "train an LSA transformer from scratch"),
     "vectors": ("verify.golden", "write or check the golden test vectors (under verify/vectors/)"),
     "conformance": ("verify.conformance", "check a port's adapter against the golden vectors (SPEC.md section 14)"),
+    "sweep": ("verify.sweep", "train a grid of runs (a sweep file or flags) into a results store"),
+    "report": ("verify.report_sweep", "aggregate a sweep across seeds: tables, figures, JSON"),
 }
 
 

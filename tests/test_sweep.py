@@ -1,0 +1,304 @@
+"""icgd sweep and icgd report (verify.sweep, verify.sweep_store, verify.report_sweep):
+the sweep file is checked before anything runs, a grid trains once per distinct config
+into a SQLite store, a re-run skips what is done and retries what failed, a killed
+driver or worker loses nothing finished, Dask (a real LocalCluster of two worker
+processes, one killed mid-sweep) gives bit-identical results to the local pool, and the
+report aggregates seeds with a 95% t interval."""
+
+import glob
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from verify import report_sweep as RS
+from verify import sweep as S
+from verify.sweep_store import SweepStore
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# tiny runs (about a second each on the NumPy reference)
+TINY_SET = {"d": 3, "N": 5, "batch": 64, "steps": 40, "eval_every": 20, "checkpoint_every": 20, "eval_tasks": 200,
+            "line_search_tasks": 200, "gdpp_steps": 5, "ood_tasks": 50, "backend": "numpy"}
+TINY = {"name": "tiny", "experiment": "one_layer", "seeds": [0, 1], "set": TINY_SET, "grid": {"lr": [1e-3, 3e-3]},
+        "baselines": {"ridge": True},
+        "report": {"figure": [{"name": "loss", "kind": "curves", "baselines": ["gd", "gdpp", "lstsq"]},
+                              {"name": "lr", "kind": "versus", "x": "lr", "logx": True, "baselines": ["gd"]},
+                              {"name": "ood", "kind": "ood"}]}}
+
+
+def tiny_spec(**changes):
+    return S.parse_spec({**TINY, **changes}, source="test")
+
+
+def comparable(store_path):
+    """{hash: (params sha256, final row, evaluation rows)} without wall-clock fields."""
+    with SweepStore(store_path, readonly=True) as st:
+        out = {}
+        for r in st.runs():
+            assert r["status"] == "done", r
+            strip = lambda row: {k: v for k, v in row.items() if k != "seconds"}  # noqa: E731
+            out[r["hash"]] = (r["params_sha"], strip(r["final"]), [strip(e) for e in st.history(r["hash"])],
+                              r["baselines"] | {"seconds": None})
+        return out
+
+
+@pytest.fixture(scope="module")
+def local_sweep(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("sweep") / "local")
+    counts = S.run_sweep(tiny_spec(), out, S.LocalEngine(2), threads=1, progress=False)
+    return out, counts
+
+
+# ---- the sweep file ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change, says", [
+    ({"colour": 1}, "unknown key 'colour'"),
+    ({"grid": {"learning_rate": [1]}}, "grid.learning_rate"),
+    ({"grid": {"lr": []}}, "grid.lr: expected a non-empty list"),
+    ({"grid": {"lr": [1e-3, 1e-3]}}, "grid.lr: a value is listed twice"),
+    ({"grid": {"steps": [10, 20]}}, "grid.steps: the same field is also in set.steps"),
+    ({"seeds": [0, 0]}, "seeds: a seed is listed twice"),
+    ({"seeds": [-1]}, "seeds must be integers >= 0"),
+    ({"experiment": "one_layr"}, "did you mean one_layer"),
+    ({"baselines": {"ridge": 1}}, "baselines.ridge: expected true or false"),
+    ({"baselines": {"gdpp_converged": {"tol": -1}}}, "gdpp_converged.tol"),
+    ({"baselines": {"lasso": True}}, "baselines.lasso: unknown baseline"),
+    ({"set": {**TINY_SET, "lr": [1, 2]}}, "set.lr: expected a number"),
+])
+def test_bad_sweep_file_names_the_key(change, says):
+    with pytest.raises(S.SweepError, match=says.replace("(", r"\(").replace(".", r"\.")):
+        tiny_spec(**change)
+
+
+def test_bad_value_is_refused_at_its_grid_point():
+    spec = tiny_spec(grid={"lr": [1e-3, -1.0]})
+    with pytest.raises(S.SweepError, match=r"grid point experiment=one_layer, lr=-1\.0, seed=0: (.|\n)*lr: must be > 0"):
+        S.expand(spec)
+
+
+def test_bad_report_table_names_the_key():
+    with pytest.raises(S.SweepError, match=r"report\.figure\[0\]\.kind"):
+        RS.check_report_table({"figure": [{"kind": "pie"}]}, "report")
+    with pytest.raises(S.SweepError, match=r"report\.figure\[0\]\.colour"):
+        RS.check_report_table({"figure": [{"kind": "curves", "colour": "red"}]}, "report")
+
+
+def test_toml_file_errors(tmp_path):
+    p = tmp_path / "s.toml"
+    p.write_text("experiment = 'one_layer'\n[grid]\nlr = [1e-3\n")
+    with pytest.raises(S.SweepError, match="not valid TOML"):
+        S.spec_from_file(str(p))
+    p.write_text("experiment = 'one_layer'\n[set]\nsteps = 10\n")
+    with pytest.raises(S.SweepError, match=r"--quick: this sweep file has no \[quick\] table"):
+        S.spec_from_file(str(p), quick=True)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "verify", "figures", "*.toml"))))
+@pytest.mark.parametrize("quick", [False, True])
+def test_committed_figure_sweeps_are_valid(path, quick):
+    spec = S.spec_from_file(path, quick=quick)
+    points = S.expand(spec)
+    assert points and len({p.key for p in points}) == len(points)
+
+
+def test_quick_and_cli_set_replace_set_values_only():
+    data = {**TINY, "quick": {"steps": 20, "seeds": [0]}}
+    spec = S.parse_spec(data, source="t", quick=True, cli_set={"batch": "32"})
+    assert spec.seeds == (0,) and spec.fixed["steps"] == "20" and spec.fixed["batch"] == "32"
+    with pytest.raises(S.SweepError, match="only \\[set\\] fields may be replaced"):
+        S.parse_spec(TINY, source="t", cli_set={"lr": "1e-2"})
+
+
+# ---- a local sweep -----------------------------------------------------------------------------------
+
+def test_local_sweep_stores_every_run(local_sweep):
+    out, counts = local_sweep
+    assert counts == {"pending": 0, "running": 0, "done": 4, "failed": 0}
+    with SweepStore(os.path.join(out, S.STORE_FILE), readonly=True) as st:
+        runs = st.runs()
+        assert len(runs) == 4 and len(st.points()) == 4
+        for r in runs:
+            assert r["final"]["step"] == 40 and r["seconds"] > 0 and r["params_sha"]
+            assert [e["step"] for e in st.history(r["hash"])] == [0, 20, 40]
+            assert r["analysis"]["extra_baselines"]["ridge"]["lambda"] == 0.0
+            assert os.path.exists(os.path.join(r["run_dir"], "summary.json"))
+
+
+def test_rerun_skips_done_runs(local_sweep, capsys):
+    out, _ = local_sweep
+    before = {r["hash"]: r["finished"] for r in SweepStore(os.path.join(out, S.STORE_FILE), readonly=True).runs()}
+    counts = S.run_sweep(tiny_spec(), out, S.LocalEngine(2), progress=True, stream=sys.stdout)
+    assert counts["done"] == 4
+    assert "0 to train" in capsys.readouterr().out
+    after = {r["hash"]: r["finished"] for r in SweepStore(os.path.join(out, S.STORE_FILE), readonly=True).runs()}
+    assert after == before
+
+
+def test_identical_configs_train_once(tmp_path):
+    cases = [{"label": "a", "lr": 1e-3}, {"label": "b", "lr": 0.001}]
+    spec = tiny_spec(grid={}, seeds=[0], case=cases)
+    points = S.expand(spec)
+    assert len(points) == 2 and points[0].config == points[1].config
+    out = str(tmp_path / "dup")
+    counts = S.run_sweep(spec, out, S.LocalEngine(1), progress=False)
+    assert counts["done"] == 1
+    with SweepStore(os.path.join(out, S.STORE_FILE), readonly=True) as st:
+        assert len(st.runs()) == 1 and len(st.points()) == 2
+
+
+def test_failed_run_is_recorded_and_retried(tmp_path):
+    spec = tiny_spec(grid={}, seeds=[0])
+    out = str(tmp_path / "fail")
+    (h,) = {S.R.config_hash(p.config) for p in S.expand(spec)}
+    os.makedirs(os.path.join(out, "runs"))
+    blocker = S.run_dir_of(out, h)
+    open(blocker, "w").close()                 # a file where the run directory should be: the run fails
+    assert S.run_sweep(spec, out, S.LocalEngine(1), progress=False)["failed"] == 1
+    with SweepStore(os.path.join(out, S.STORE_FILE), readonly=True) as st:
+        (r,) = st.runs()
+        assert r["status"] == "failed" and "ConfigError" in r["error"]
+    os.unlink(blocker)
+    assert S.run_sweep(spec, out, S.LocalEngine(1), progress=False)["failed"] == 1      # not retried by default
+    assert S.run_sweep(spec, out, S.LocalEngine(1), retry_failed=True, progress=False)["done"] == 1
+
+
+def test_killed_sweep_loses_nothing_finished(tmp_path, local_sweep):
+    """The driver is killed (SIGKILL) after its first finished run; the same command
+    again trains only the rest and every result equals the uninterrupted sweep's."""
+    f = tmp_path / "tiny.toml"
+    f.write_text(_toml(TINY))
+    out = str(tmp_path / "killed")
+    cmd = [sys.executable, "-m", "verify.cli", "sweep", str(f), "--out", out, "--workers", "1"]
+    p = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    for line in p.stderr:
+        if line.startswith("[1/4"):
+            p.kill()                           # SIGKILL: no clean-up; its workers die with it
+            break
+    p.wait()
+    with SweepStore(os.path.join(out, S.STORE_FILE), readonly=True) as st:
+        first = {r["hash"]: r["finished"] for r in st.runs() if r["status"] == "done"}
+        assert 1 <= len(first) < 4 and st.counts()["running"] >= 1          # left running by the dead driver
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "left running by a killed sweep" in r.stderr
+    with SweepStore(os.path.join(out, S.STORE_FILE), readonly=True) as st:
+        assert {h: t for h, t in ((r["hash"], r["finished"]) for r in st.runs()) if h in first} == first
+    assert comparable(os.path.join(out, S.STORE_FILE)) == comparable(os.path.join(local_sweep[0], S.STORE_FILE))
+
+
+def _toml(d):
+    """A minimal TOML writer for the test's sweep dicts."""
+    def val(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + " }"
+        return repr(v)
+    lines = [f"{k} = {val(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "report":
+            lines += [f"[{k}]"] + [f"{kk} = {val(vv)}" for kk, vv in v.items()]
+    for fig in d.get("report", {}).get("figure", []):
+        lines += ["[[report.figure]]"] + [f"{kk} = {val(vv)}" for kk, vv in fig.items()]
+    return "\n".join(lines) + "\n"
+
+
+# ---- engines: a killed worker ---------------------------------------------------------------------
+
+class _KillFirstWorker:
+    """Wrap an engine: after the first result, SIGKILL one of its worker processes."""
+
+    def __init__(self, engine, pids):
+        self.engine, self.pids, self.killed = engine, pids, None
+
+    def describe(self):
+        return self.engine.describe()
+
+    def run(self, tasks):
+        for h, res in self.engine.run(tasks):
+            if self.killed is None:
+                self.killed = self.pids()[0]
+                os.kill(self.killed, signal.SIGKILL)
+            yield h, res
+
+
+def _pool_worker_pids():
+    import psutil
+    return [c.pid for c in psutil.Process().children() if "resource_tracker" not in " ".join(c.cmdline())]
+
+
+def test_local_pool_survives_a_killed_worker(tmp_path, local_sweep):
+    eng = _KillFirstWorker(S.LocalEngine(2), _pool_worker_pids)
+    out = str(tmp_path / "lk")
+    counts = S.run_sweep(tiny_spec(), out, eng, progress=False)
+    assert eng.killed is not None and counts["done"] == 4
+    assert comparable(os.path.join(out, S.STORE_FILE)) == comparable(os.path.join(local_sweep[0], S.STORE_FILE))
+
+
+def test_dask_local_cluster_with_a_killed_worker_matches_the_local_pool(tmp_path, local_sweep):
+    """A real distributed LocalCluster (two worker processes, one thread each; not the
+    synchronous scheduler): one worker is killed after the first result; the sweep
+    completes, every run is recorded once, bit-identical to the local pool's."""
+    import distributed  # noqa: F401 - part of the test extra: missing is a failure, not a skip
+
+    eng = S.DaskEngine(2)
+    try:
+        assert len(eng.worker_pids()) == 2
+        killer = _KillFirstWorker(eng, eng.worker_pids)
+        out = str(tmp_path / "dask")
+        counts = S.run_sweep(tiny_spec(), out, killer, progress=False)
+    finally:
+        eng.close()
+    assert killer.killed is not None
+    assert counts == {"pending": 0, "running": 0, "done": 4, "failed": 0}
+    with SweepStore(os.path.join(out, S.STORE_FILE), readonly=True) as st:
+        assert len(st.runs()) == 4 and sorted(p["seed"] for p in st.points()) == [0, 0, 1, 1]
+    assert comparable(os.path.join(out, S.STORE_FILE)) == comparable(os.path.join(local_sweep[0], S.STORE_FILE))
+
+
+# ---- status and report -------------------------------------------------------------------------------
+
+def test_status_reads_the_store(local_sweep):
+    text = S.status_text(local_sweep[0])
+    assert "4 done" in text and text.count("done ") >= 4 and "lr=0.003, seed=1" in text
+
+
+def test_interval_is_the_student_t_interval():
+    iv = RS.interval([1.0, 2.0, 3.0])
+    assert iv["n"] == 3 and iv["mean"] == 2.0
+    assert math.isclose(iv["hi"] - 2.0, 4.303 / math.sqrt(3)) and math.isclose(2.0 - iv["lo"], 4.303 / math.sqrt(3))
+    assert RS.interval([5.0])["lo"] == 5.0 and RS.interval([None])["n"] == 0
+
+
+def test_report_writes_tables_figures_and_json(local_sweep, tmp_path):
+    out = str(tmp_path / "rep")
+    rep = RS.build(local_sweep[0], out)
+    assert [c["cell"] for c in rep["cells"]] == [{"lr": "0.001"}, {"lr": "0.003"}]
+    with SweepStore(os.path.join(local_sweep[0], S.STORE_FILE), readonly=True) as st:
+        losses = sorted(r["final"]["loss"] for r in st.runs() if r["config"]["optim"]["lr"] == 1e-3)
+    assert math.isclose(rep["cells"][0]["metrics"]["loss"]["mean"], sum(losses) / 2)
+    for name in ("report.md", "report.html", "report.json", "loss.png", "lr.png", "ood.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0
+    with open(os.path.join(out, "report.html")) as f:
+        assert f.read().count("data:image/png;base64,") == 3
+    with open(os.path.join(out, "report.json")) as f:
+        assert json.load(f)["cells"][1]["seeds"] == [0, 1]
+
+
+def test_cli_flags_sweep_dry_run(tmp_path, capsys):
+    from verify.cli import main
+    rc = main(["sweep", "--experiment", "one_layer", "--grid", "lr=1e-3,5e-4", "--seeds", "0-2", "--set", "steps=10",
+               "--out", str(tmp_path / "x"), "--dry-run"])
+    assert rc == 0 and "6 grid points" in capsys.readouterr().out
+    assert main(["sweep", "--experiment", "one_layer", "--grid", "lrr=1", "--dry-run"]) == 2
+    assert "grid.lrr" in capsys.readouterr().err

@@ -1,0 +1,73 @@
+"""Claims read from sweeps (issue #18): the committed sweep files under verify/figures/
+are run with ``verify.sweep`` into ``ctx.workdir/sweeps/NAME`` (a store that skips the
+runs already done there, so a second verify run trains nothing) and checked.
+
+Full mode only: the gamma-vs-N grid is 20 runs of the paper's 5000 steps (N up to 100)
+and the recurrent 10-layer grid 5 runs with GD++ meta-trained to convergence; neither
+part fits the quick mode's 1-minute budget.
+"""
+
+import os
+
+from . import sweep as S
+from .registry import Outcome, claim
+from .report_sweep import interval, load, value
+
+SRC = "von Oswald et al. ICML'23"
+FIGURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures")
+PAPER_GAMMA = {10: 0.179, 25: 0.099, 50: 0.056, 100: 0.029}     # Sec. 4, recurrent 2-layer
+
+
+def sweep_cells(ctx, name):
+    """Run (or finish) the committed sweep ``name`` in the work directory; its cells."""
+    spec = S.spec_from_file(os.path.join(FIGURES, name + ".toml"), quick=not ctx.full)
+    out = os.path.join(ctx.workdir, "sweeps", spec.name + ("-quick" if spec.quick else ""))
+    counts = S.run_sweep(spec, out, S.LocalEngine(S.default_workers("local")), progress=True)
+    if counts["failed"]:
+        raise RuntimeError(f"{counts['failed']} run(s) of sweep {name} failed; icgd sweep status {out} says why")
+    return load(out)[2]
+
+
+@claim("sweep.gamma_vs_N.matches_paper", source=f"{SRC}, Sec. 4 (gamma = 0.179, 0.099, 0.056, 0.029)",
+       statement="Read as a GD++ layer, the trained recurrent two-layer model has the paper's curvature correction "
+                 "gamma for N = 10, 25, 50 and 100",
+       method="sweep verify/figures/gamma_vs_N.toml (recurrent2, 5000 steps, 5 seeds per N); gamma = -mean diagonal "
+              "of the x-block of the rescaled W_PV; worst |mean gamma - paper| / paper over N (per-seed values, the "
+              "fixed-step and converged GD++ gammas in the details)",
+       modes=("full",))
+def _(ctx):
+    cells = sweep_cells(ctx, "gamma_vs_N")
+    rows = {}
+    for c in cells:
+        N = int(c["cell"]["N"])
+        iv = interval([value(r, "gamma") for r in c["runs"]])
+        rows[N] = {"paper": PAPER_GAMMA[N], "mean": iv["mean"], "lo": iv["lo"], "hi": iv["hi"],
+                   "per_seed": [value(r, "gamma") for r in c["runs"]],
+                   "gdpp_gamma": interval([value(r, "gdpp_gamma") for r in c["runs"]])["mean"],
+                   "gdpp_converged_gamma": interval([value(r, "gdpp_converged_gamma") for r in c["runs"]])["mean"],
+                   "rel_err": abs(iv["mean"] - PAPER_GAMMA[N]) / PAPER_GAMMA[N]}
+    worst = max(r["rel_err"] for r in rows.values())
+    return Outcome.at_most(worst, 0.15,
+                           "the paper gives two to three digits from its own runs; 15% separates the trained value "
+                           "from a GD-like model (gamma near 0) and from the neighbouring N's gamma (ratios 1.8, "
+                           "1.8, 1.9 between consecutive N)", by_N=rows)
+
+
+@claim("sweep.recurrent10.vs_converged_gdpp", source=f"{SRC}, Sec. 4 (recurrent K=10 vs GD++)",
+       statement="Against GD++ meta-trained to convergence (shared eta, gamma), the recurrent ten-layer model does "
+                 "not reach it: its loss stays above the converged GD++'s (the paper's 1000-step GD++ is beaten)",
+       method="sweep verify/figures/recurrent10.toml (5000 steps, 5 seeds); GD++ to convergence: relative eval-loss "
+              "improvement < 1e-4 over 1000 Adam steps (at most 30,000); smallest L_model / L_GD++conv over seeds",
+       modes=("full",))
+def _(ctx):
+    cells = sweep_cells(ctx, "recurrent10")
+    rs = [r for c in cells for r in c["runs"]]
+    ratio = [value(r, "loss") / value(r, "gdpp_converged") for r in rs]
+    return Outcome.at_least(min(ratio), 1.0,
+                            "an honest comparison: the model is compared with a GD++ that has stopped improving; a "
+                            "ratio below 1 would mean the model beats converged GD++",
+                            model=[value(r, "loss") for r in rs], gdpp_fixed=[value(r, "gdpp") for r in rs],
+                            gdpp_converged=[value(r, "gdpp_converged") for r in rs],
+                            gdpp_converged_steps=[value(r, "gdpp_converged_steps") for r in rs],
+                            converged=[(r["analysis"]["extra_baselines"]["gdpp_converged_shared"]["converged"])
+                                       for r in rs])

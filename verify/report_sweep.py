@@ -1,0 +1,457 @@
+"""``icgd report SWEEP``: aggregate a sweep's store across seeds and draw its figures.
+
+    icgd report SWEEP_DIR|SWEEP_FILE [--quick] [--out DIR]
+
+Reads only the store (``verify.sweep_store``: the run directories are not needed) and
+writes, under DIR (default SWEEP_DIR/report): ``report.md`` (tables, the figures linked),
+``report.html`` (the same with the PNGs embedded), ``report.json`` (every number of the
+tables and figures) and one PNG per figure. Each cell (a grid point without its seed)
+gets the mean over its seeds and a 95% interval, mean +- t_{0.975, n-1} s / sqrt(n)
+(Student's t; none for one seed).
+
+What is drawn comes from the sweep file's [report] table:
+
+    [report]
+    title = "..."
+    metrics = ["loss", "gd", "gdpp"]            # columns of the cell table (default below)
+    [[report.figure]]
+    name = "loss"                               # the PNG's name
+    kind = "curves"                             # an evaluation metric against the step
+    metric = "loss"                             # a key of the evaluation rows
+    baselines = ["gd", "gdpp", "gdpp_converged", "lstsq"]
+    logy = true                                 # logx too
+    [[report.figure]]
+    kind = "versus"                             # a final value against a grid field
+    x = "N"
+    metric = "gamma"
+    baselines = ["gdpp_gamma"]
+    reference = { x = [10, 25], y = [0.179, 0.099], label = "paper" }
+    [[report.figure]]
+    kind = "ood"                                # loss against the input or teacher scale
+    axis = "input"
+
+Values of a run (:data:`VALUES`): any key of its last evaluation row (``loss``,
+``model_cos_gd``, ...), ``gamma`` / ``eta`` (its first layer read as a GD++ layer), and
+the baselines ``gd``, ``gdpp``, ``lstsq`` (the paper's protocol), ``gdpp_converged``
+(shared) / ``gdpp_converged_per_layer``, ``ridge`` (Bayes-optimal lambda),
+``gdpp_gamma`` and ``gdpp_converged_gamma``.
+"""
+
+import base64
+import html
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+from reference.files import write_text_atomic
+
+from .sweep import STORE_FILE, SweepError, default_out, spec_from_file
+from .sweep_store import StoreError, SweepStore
+
+FIGURE_KINDS = {"curves": ("name", "kind", "metric", "baselines", "logy", "logx", "title", "cells"),
+                "versus": ("name", "kind", "x", "metric", "baselines", "logy", "logx", "title", "reference", "by"),
+                "ood": ("name", "kind", "axis", "logy", "title", "cells")}
+REPORT_KEYS = ("title", "metrics", "figure", "table")
+DEFAULT_METRICS = ("loss", "gd", "gdpp", "gdpp_converged", "lstsq", "ridge", "model_cos_gd", "model_cos_gdpp",
+                   "gamma")
+
+# Student's t quantile t_{0.975, df}, df = 1..30 (two-sided 95%); above 30: the normal 1.96
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+LABELS = {"gd": "GD-K (line-searched eta)", "gdpp": "GD++ (paper's fixed steps)",
+          "gdpp_converged": "GD++ meta-trained to convergence (shared)",
+          "gdpp_converged_per_layer": "GD++ to convergence (per layer)",
+          "lstsq": "least squares", "ridge": "ridge, lambda = sigma^2 / w_scale^2",
+          "gdpp_gamma": "GD++ gamma (paper's fixed steps)", "gdpp_converged_gamma": "GD++ gamma (converged)",
+          "loss": "trained LSA", "gamma": "trained LSA gamma"}
+STYLES = {"gd": "--", "gdpp": ":", "gdpp_converged": "-.", "gdpp_converged_per_layer": (0, (5, 1, 1, 1, 1, 1)),
+          "lstsq": (0, (1, 3)), "ridge": (0, (6, 2)), "gdpp_gamma": ":", "gdpp_converged_gamma": "-."}
+
+
+def check_report_table(report, where):
+    for k in report:
+        if k not in REPORT_KEYS:
+            raise SweepError(f"{where}.{k}: unknown key; known: {', '.join(REPORT_KEYS)}")
+    figs = report.get("figure", [])
+    if not isinstance(figs, list):
+        raise SweepError(f"{where}.figure: expected an array of tables ([[report.figure]])")
+    names = set()
+    for i, f in enumerate(figs):
+        w = f"{where}.figure[{i}]"
+        kind = f.get("kind")
+        if kind not in FIGURE_KINDS:
+            raise SweepError(f"{w}.kind: expected one of {', '.join(FIGURE_KINDS)}, got {kind!r}")
+        for k in f:
+            if k not in FIGURE_KINDS[kind]:
+                raise SweepError(f"{w}.{k}: unknown key for a {kind} figure; known: {', '.join(FIGURE_KINDS[kind])}")
+        if kind == "versus" and "x" not in f:
+            raise SweepError(f"{w}.x: missing (the grid field on the x axis)")
+        if kind == "ood" and f.get("axis", "input") not in ("input", "teacher"):
+            raise SweepError(f"{w}.axis: expected 'input' or 'teacher', got {f.get('axis')!r}")
+        name = f.get("name", f"{kind}{i}")
+        if name in names:
+            raise SweepError(f"{w}.name: {name!r} is used twice")
+        names.add(name)
+        ref = f.get("reference")
+        if ref is not None and (not isinstance(ref, dict) or len(ref.get("x", [])) != len(ref.get("y", [1]))):
+            raise SweepError(f"{w}.reference: expected {{x = [...], y = [...], label = '...'}} of equal lengths")
+
+
+# ---- values of a run ------------------------------------------------------------------------------
+
+def _extra(run, key):
+    return ((run.get("analysis") or {}).get("extra_baselines") or {}).get(key) or {}
+
+
+def value(run, name):
+    """The named value of a done run row (None when the run does not have it)."""
+    f, b, a = run.get("final") or {}, run.get("baselines") or {}, run.get("analysis") or {}
+    w = (a.get("weights") or [{}])[0] if a.get("weights") else {}
+    table = {
+        "gd": lambda: b.get("gd_loss"), "gdpp": lambda: b.get("gdpp_loss"), "lstsq": lambda: b.get("lstsq_loss"),
+        "zero": lambda: b.get("zero_loss"),
+        "gdpp_gamma": lambda: (b.get("gdpp_gammas") or [None])[0],
+        "gamma": lambda: w.get("gamma_equiv"),
+        "eta": lambda: None if w.get("eta_over_N") is None else w["eta_over_N"] * run["config"]["data"]["N"],
+        "gdpp_converged": lambda: _extra(run, "gdpp_converged_shared").get("loss"),
+        "gdpp_converged_per_layer": lambda: _extra(run, "gdpp_converged_per_layer").get("loss"),
+        "gdpp_converged_gamma": lambda: (_extra(run, "gdpp_converged_shared").get("gammas") or [None])[0],
+        "gdpp_converged_steps": lambda: _extra(run, "gdpp_converged_shared").get("steps"),
+        "ridge": lambda: _extra(run, "ridge").get("loss"),
+    }
+    v = table[name]() if name in table else f.get(name)
+    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
+
+
+def interval(values):
+    """{n, mean, std, lo, hi} of ``values`` (the 95% t interval; lo = hi = mean for n = 1)."""
+    x = np.asarray([v for v in values if v is not None], dtype=float)
+    n = len(x)
+    if n == 0:
+        return {"n": 0, "mean": None, "std": None, "lo": None, "hi": None}
+    m = float(x.mean())
+    if n == 1:
+        return {"n": 1, "mean": m, "std": None, "lo": m, "hi": m}
+    s = float(x.std(ddof=1))
+    t = T975[n - 2] if n - 1 <= len(T975) else 1.96
+    return {"n": n, "mean": m, "std": s, "lo": m - t * s / math.sqrt(n), "hi": m + t * s / math.sqrt(n)}
+
+
+# ---- the aggregate --------------------------------------------------------------------------------
+
+def load(out_dir):
+    """(name, spec dict, cells) of the store in ``out_dir``: cells is a list of
+    {cell, key, runs (done run rows with their history), points, failed, pending}."""
+    path = os.path.join(out_dir, STORE_FILE)
+    if not os.path.exists(path):
+        raise SweepError(f"{out_dir}: no sweep store ({STORE_FILE}) there; run icgd sweep first")
+    with SweepStore(path, readonly=True) as store:
+        runs = {r["hash"]: r for r in store.runs()}
+        for h, r in runs.items():
+            r["history"] = store.history(h) if r["status"] == "done" else []
+        cells = {}
+        for p in store.points():
+            key = json.dumps(p["cell"])
+            c = cells.setdefault(key, {"cell": p["cell"], "key": key, "runs": [], "points": 0, "failed": 0,
+                                       "pending": 0})
+            c["points"] += 1
+            r = runs[p["hash"]]
+            if r["status"] == "done":
+                c["runs"].append(r)
+            elif r["status"] == "failed":
+                c["failed"] += 1
+            else:
+                c["pending"] += 1
+        return store.meta("name"), json.loads(store.meta("spec") or "{}"), list(cells.values())
+
+
+def cell_label(cell):
+    return ", ".join(f"{k}={v}" for k, v in cell.items()) or "all"
+
+
+def aggregate(cells, metrics):
+    return [{"cell": c["cell"], "seeds": sorted(r["seed"] for r in c["runs"]), "failed": c["failed"],
+             "pending": c["pending"], "metrics": {m: interval([value(r, m) for r in c["runs"]]) for m in metrics}}
+            for c in cells]
+
+
+def curves(cell, metric):
+    """{step: interval} of an evaluation metric over the cell's seeds (steps all runs have)."""
+    by_step = {}
+    for r in cell["runs"]:
+        for row in r["history"]:
+            by_step.setdefault(row["step"], []).append(row.get(metric))
+    n = len(cell["runs"])
+    return {s: interval(v) for s, v in sorted(by_step.items()) if len(v) == n}
+
+
+# ---- figures --------------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _x_of(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v
+
+
+def figure_curves(fig_spec, cells, title, path):
+    plt = _plt()
+    metric = fig_spec.get("metric", "loss")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    data = []
+    many = len(cells) > 1
+    for i, c in enumerate(cells):
+        cv = curves(c, metric)
+        if not cv:
+            continue
+        steps = np.array(list(cv))
+        mean = np.array([cv[s]["mean"] for s in cv], dtype=float)
+        lo = np.array([cv[s]["lo"] for s in cv], dtype=float)
+        hi = np.array([cv[s]["hi"] for s in cv], dtype=float)
+        color = f"C{i}"
+        n = len(c["runs"])
+        ax.plot(steps, mean, color=color, lw=1.8,
+                label=f"trained LSA{' ' + cell_label(c['cell']) if many else ''} (mean of {n} seed{'s' * (n > 1)})")
+        if n > 1:
+            ax.fill_between(steps, lo, hi, color=color, alpha=0.25, lw=0)
+        base = {}
+        logy = fig_spec.get("logy", metric == "loss")
+        floor = 1e-3 * np.nanmin(lo) if logy else -np.inf
+        for b in fig_spec.get("baselines", []):
+            v = interval([value(r, b) for r in c["runs"]])["mean"]
+            if v is None:
+                continue
+            base[b] = v
+            label = LABELS.get(b, b) + (f" ({cell_label(c['cell'])})" if many else "") + f": {v:.4g}"
+            style = dict(color=color if many else "k", ls=STYLES.get(b, "--"), lw=1.2)
+            if v < floor:       # e.g. least squares at rounding level: named, not drawn, so the axis stays readable
+                ax.plot([], [], label=label + " (below the axis)", **style)
+            else:
+                ax.axhline(v, label=label, **style)
+        data.append({"cell": c["cell"], "steps": steps.tolist(), "mean": mean.tolist(), "lo": lo.tolist(),
+                     "hi": hi.tolist(), "baselines": base})
+    ax.set(xlabel="training step", ylabel=_metric_label(metric), title=fig_spec.get("title", title))
+    if fig_spec.get("logy", metric == "loss"):
+        ax.set_yscale("log")
+    if fig_spec.get("logx"):
+        ax.set_xscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    _save(fig, path)
+    return {"kind": "curves", "metric": metric, "series": data}
+
+
+def figure_versus(fig_spec, cells, title, path):
+    plt = _plt()
+    xkey, metric = fig_spec["x"], fig_spec.get("metric", "loss")
+    by = fig_spec.get("by")
+    groups = {}
+    for c in cells:
+        if xkey not in c["cell"]:
+            raise SweepError(f"report figure {fig_spec.get('name')}: x = {xkey!r} is not a grid field of this sweep "
+                             f"(cells have {', '.join(c['cell'])})")
+        g = c["cell"].get(by, "") if by else ""
+        groups.setdefault(g, []).append(c)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series = []
+    names = [metric] + list(fig_spec.get("baselines", []))
+    for gi, (g, cs) in enumerate(groups.items()):
+        cs = sorted(cs, key=lambda c: _x_of(c["cell"][xkey]))
+        xs = np.array([_x_of(c["cell"][xkey]) for c in cs], dtype=float)
+        for j, m in enumerate(names):
+            iv = [interval([value(r, m) for r in c["runs"]]) for c in cs]
+            mean = np.array([np.nan if v["mean"] is None else v["mean"] for v in iv])
+            if np.all(np.isnan(mean)):
+                continue
+            lo = np.array([np.nan if v["lo"] is None else v["lo"] for v in iv])
+            hi = np.array([np.nan if v["hi"] is None else v["hi"] for v in iv])
+            label = LABELS.get(m, m) + (f" ({by}={g})" if by else "")
+            color = f"C{gi * len(names) + j}" if by else f"C{j}"
+            if fig_spec.get("logy") and m != metric and series and np.nanmax(mean) < 1e-3 * np.nanmin(series[0]["lo"]):
+                ax.plot([], [], "s", ls=STYLES.get(m, "--"), color=color, label=label + f" ({np.nanmax(mean):.2g}, below the axis)")
+                continue
+            if m == metric:
+                ax.plot(xs, mean, "o-", color=color, lw=2, label=label)
+                if max(v["n"] for v in iv) > 1:
+                    ax.fill_between(xs, lo, hi, color=color, alpha=0.25, lw=0)
+            else:
+                ax.plot(xs, mean, "s", ls=STYLES.get(m, "--"), color=color, lw=1.2, ms=4, label=label)
+            series.append({"group": g, "value": m, "x": xs.tolist(), "mean": mean.tolist(), "lo": lo.tolist(),
+                           "hi": hi.tolist(), "n": [v["n"] for v in iv]})
+    ref = fig_spec.get("reference")
+    if ref:
+        ax.plot(ref["x"], ref["y"], "k*", ms=10, label=ref.get("label", "reference"))
+    ax.set(xlabel=xkey, ylabel=_metric_label(metric), title=fig_spec.get("title", title))
+    if fig_spec.get("logy"):
+        ax.set_yscale("log")
+    if fig_spec.get("logx"):
+        ax.set_xscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    _save(fig, path)
+    return {"kind": "versus", "x": xkey, "metric": metric, "series": series, "reference": ref}
+
+
+def figure_ood(fig_spec, cells, title, path):
+    plt = _plt()
+    axis = fig_spec.get("axis", "input")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series = []
+    many = len(cells) > 1
+    for i, c in enumerate(cells):
+        rs = [r for r in c["runs"] if ((r.get("analysis") or {}).get("ood") or {}).get(axis)]
+        if not rs:
+            continue
+        alpha = np.array(rs[0]["analysis"]["ood"][axis]["alpha"], dtype=float)
+        for j, m in enumerate(("model", "gd", "gdpp", "lstsq")):
+            ys = np.array([r["analysis"]["ood"][axis][m] for r in rs], dtype=float)
+            mean = ys.mean(0)
+            iv = [interval(ys[:, k]) for k in range(ys.shape[1])]
+            color = f"C{i}" if many else f"C{j}"
+            label = {"model": "trained LSA", "gd": LABELS["gd"], "gdpp": LABELS["gdpp"], "lstsq": "least squares"}[m]
+            ax.plot(alpha, mean, color=color, ls="-" if m == "model" else STYLES[m], lw=1.8 if m == "model" else 1.2,
+                    label=label + (f" ({cell_label(c['cell'])})" if many else ""))
+            if m == "model" and len(rs) > 1:
+                ax.fill_between(alpha, [v["lo"] for v in iv], [v["hi"] for v in iv], color=color, alpha=0.25, lw=0)
+            series.append({"cell": c["cell"], "value": m, "alpha": alpha.tolist(), "mean": mean.tolist(),
+                           "lo": [v["lo"] for v in iv], "hi": [v["hi"] for v in iv]})
+    ax.set(xlabel=f"{'input' if axis == 'input' else 'teacher'} scale alpha "
+                  f"({'x ~ alpha U(x_low, x_high)' if axis == 'input' else 'W ~ alpha w_scale N(0, I)'})",
+           ylabel="loss", title=fig_spec.get("title", title))
+    ax.set_yscale("log" if fig_spec.get("logy", True) else "linear")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    _save(fig, path)
+    return {"kind": "ood", "axis": axis, "series": series}
+
+
+def _metric_label(m):
+    return {"loss": "loss 0.5 E||y_hat - y_q||^2 (eval set)", "gamma": "gamma (curvature correction)",
+            "model_cos_gd": "model cosine vs GD", "model_cos_gdpp": "model cosine vs GD++",
+            "preds_diff_gd": "prediction difference vs GD", "model_diff_gd": "model difference vs GD"}.get(m, m)
+
+
+def _save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+
+
+DRAW = {"curves": figure_curves, "versus": figure_versus, "ood": figure_ood}
+
+
+# ---- the report -----------------------------------------------------------------------------------
+
+def _fmt(iv):
+    if iv["mean"] is None:
+        return "-"
+    if iv["n"] == 1 or iv["std"] is None:
+        return f"{iv['mean']:.4g}"
+    return f"{iv['mean']:.4g} [{iv['lo']:.4g}, {iv['hi']:.4g}]"
+
+
+def build(out_dir, report_dir):
+    name, spec, cells = load(out_dir)
+    rep_cfg = spec.get("report") or {}
+    metrics = list(rep_cfg.get("metrics", DEFAULT_METRICS))
+    agg = aggregate(cells, metrics)
+    metrics = [m for m in metrics if any(a["metrics"][m]["n"] for a in agg)]
+    title = rep_cfg.get("title", name)
+    if spec.get("quick"):
+        title += " (quick settings: fewer steps than the paper; see the config)"
+    os.makedirs(report_dir, exist_ok=True)
+    figures = []
+    for i, f in enumerate(rep_cfg.get("figure", [])):
+        fname = f.get("name", f"{f['kind']}{i}") + ".png"
+        sel = cells if "cells" not in f else [c for c in cells if cell_label(c["cell"]) in f["cells"]]
+        data = DRAW[f["kind"]](f, sel, title, os.path.join(report_dir, fname))
+        figures.append({"file": fname, **data})
+    n_runs = sum(len(c["runs"]) for c in cells)
+    rep = {"name": name, "title": title, "description": spec.get("description", ""), "quick": spec.get("quick", False),
+           "sweep_dir": out_dir, "experiments": spec.get("experiments"), "seeds": spec.get("seeds"),
+           "fixed": spec.get("fixed"), "grid": spec.get("grid"), "baselines": spec.get("baselines"),
+           "runs_done": n_runs, "interval": "95% Student-t interval over seeds", "cells": agg, "figures": figures}
+    write_text_atomic(os.path.join(report_dir, "report.json"), json.dumps(rep, indent=1) + "\n")
+    md = to_markdown(rep, metrics)
+    write_text_atomic(os.path.join(report_dir, "report.md"), md)
+    write_text_atomic(os.path.join(report_dir, "report.html"), to_html(rep, metrics, report_dir))
+    return rep
+
+
+def _table(rep, metrics):
+    head = ["cell", "seeds"] + [LABELS.get(m, m) if m in ("gd", "gdpp", "lstsq", "ridge") else m for m in metrics]
+    rows = []
+    for a in rep["cells"]:
+        note = (f" ({a['failed']} failed)" if a["failed"] else "") + (f" ({a['pending']} pending)" if a["pending"] else "")
+        rows.append([cell_label(a["cell"]), f"{len(a['seeds'])}{note}"] + [_fmt(a["metrics"][m]) for m in metrics])
+    return head, rows
+
+
+def to_markdown(rep, metrics):
+    lines = [f"# {rep['title']}", "", rep["description"], "",
+             f"Sweep `{rep['name']}`: experiments {rep['experiments']}, seeds {rep['seeds']}, grid "
+             f"`{json.dumps(rep['grid'])}`, fixed `{json.dumps(rep['fixed'])}`"
+             + (f", extra baselines `{json.dumps(rep['baselines'])}`" if rep["baselines"] else "") + ".",
+             f"Each entry: mean over seeds [{rep['interval']}].", ""]
+    head, rows = _table(rep, metrics)
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines.append("")
+    for f in rep["figures"]:
+        lines += [f"![{f['file']}]({f['file']})", ""]
+    return "\n".join(lines)
+
+
+def to_html(rep, metrics, report_dir):
+    head, rows = _table(rep, metrics)
+    e = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(rep['title'])}</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}</style></head><body>",
+             f"<h1>{e(rep['title'])}</h1><p>{e(rep['description'])}</p>",
+             f"<p>Sweep <code>{e(rep['name'])}</code>, seeds {e(str(rep['seeds']))}, grid "
+             f"<code>{e(json.dumps(rep['grid']))}</code>, fixed <code>{e(json.dumps(rep['fixed']))}</code>. "
+             f"Each entry: mean over seeds [{e(rep['interval'])}].</p><table><tr>"
+             + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>"]
+    parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows]
+    parts.append("</table>")
+    for f in rep["figures"]:
+        with open(os.path.join(report_dir, f["file"]), "rb") as fh:
+            b64 = base64.b64encode(fh.read()).decode()
+        parts.append(f"<h3>{e(f['file'])}</h3><img alt='{e(f['file'])}' src='data:image/png;base64,{b64}'>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def add_arguments(p):
+    p.add_argument("sweep", metavar="SWEEP", help="a sweep directory, or a sweep file (its default directory)")
+    p.add_argument("--quick", action="store_true", help="with a sweep file: its --quick directory (NAME-quick)")
+    p.add_argument("--sweep-dir", metavar="DIR", help="with a sweep file: the sweep directory (icgd sweep --out)")
+    p.add_argument("--out", metavar="DIR", help="where to write the report (default SWEEP_DIR/report)")
+
+
+def run(args):
+    try:
+        if os.path.isfile(args.sweep):
+            sweep_dir = args.sweep_dir or default_out(spec_from_file(args.sweep, quick=args.quick))
+        else:
+            sweep_dir = args.sweep
+        rep = build(sweep_dir, args.out or os.path.join(sweep_dir, "report"))
+    except (SweepError, StoreError) as exc:
+        print(f"icgd report: {exc}", file=sys.stderr)
+        return 2
+    out = args.out or os.path.join(sweep_dir, "report")
+    print(f"icgd report {rep['name']}: {rep['runs_done']} runs in {len(rep['cells'])} cells, "
+          f"{len(rep['figures'])} figures -> {out}/report.md, report.html, report.json")
+    return 0

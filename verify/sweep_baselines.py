@@ -1,0 +1,88 @@
+"""Baselines a sweep can add to each run, beyond the paper's fixed-step protocol that
+``reference.trainer.compute_baselines`` computes for every run:
+
+* GD++ meta-trained **to convergence** (shared and per layer), under a stated stopping
+  rule measured on the run's fixed evaluation set: Adam as in
+  ``reference.solvers.meta_train_gdpp`` (same initialisation, coordinates, batches and
+  task stream, so its first ``gdpp_steps`` steps are the paper's protocol), evaluated
+  every ``window`` steps; it stops when the evaluation loss improved by less than
+  ``tol`` (relative) over the last window, or at ``max_steps`` (reported as not
+  converged). A baseline that cannot flatter the trained model.
+* ridge regression with the Bayes-optimal lambda = sigma^2 / w_scale^2 (the posterior
+  mean for a teacher W ~ w_scale N(0, I) and label noise N(0, sigma^2)), next to least
+  squares; with sigma = 0 it is least squares.
+
+Both are computed in the worker that trained the run, on that run's evaluation set.
+"""
+
+import time
+
+import numpy as np
+
+from reference import analysis as A
+from reference.errors import TrainingDiverged
+from reference.optim import AdamHP, adam_init, adam_update
+from reference.solvers import GDPPParams, gdpp_expand, gdpp_loss_and_grads, gdpp_predict, least_squares_predict
+from reference.tasks import STREAM_GDPP, stream_rng
+
+CONVERGED_DEFAULTS = {"tol": 1e-4, "window": 1000, "max_steps": 100_000}
+
+
+def gdpp_eval_loss(evals, etas, gammas):
+    with np.errstate(over="ignore", invalid="ignore"):
+        return A.mean_loss(gdpp_predict(evals.X, evals.Y, evals.x_q, etas, gammas), evals.y_q)
+
+
+def converged_gdpp(cfg, evals, eta0, *, shared, tol, window, max_steps):
+    """GD++ meta-trained until its evaluation loss improves by less than ``tol``
+    (relative) over ``window`` steps. Returns a dict: loss, etas, gammas, steps,
+    converged (False: stopped at max_steps), the evaluation-loss curve (step, loss) every
+    window, and the rule as text."""
+    t0 = time.perf_counter()
+    b, K, N = cfg.baselines, cfg.model.n_layers, cfg.data.N
+    spec = cfg.task_spec(b.gdpp_batch)
+    n = 1 if shared else K
+    p = (GDPPParams(np.full(n, float(eta0) / N), np.full(n, float(eta0) / N ** 2)),)
+    hp = AdamHP(lr=b.gdpp_lr, b1=0.9, b2=b.gdpp_b2, eps=1e-8, clip_norm=None)
+    state = adam_init(p)
+    curve = [(0, gdpp_eval_loss(evals, *gdpp_expand(p[0], K, N)))]
+    converged = False
+    for s in range(max_steps):
+        t = spec.sample(stream_rng(cfg.eval.eval_seed, STREAM_GDPP, s + 1))
+        etas, gammas = gdpp_expand(p[0], K, N)
+        L, de, dg = gdpp_loss_and_grads(t, etas, gammas, recurrent=shared)
+        if not np.isfinite(L):
+            raise TrainingDiverged(f"converged GD++ meta-training diverged at step {s + 1} (loss {L})", s + 1)
+        p, state, _ = adam_update(p, (GDPPParams(N * de, dg),), state, hp)   # dL/da = N dL/deta, a = eta / N
+        if (s + 1) % window == 0:
+            curve.append((s + 1, gdpp_eval_loss(evals, *gdpp_expand(p[0], K, N))))
+            prev, now = curve[-2][1], curve[-1][1]
+            if np.isfinite(now) and (prev - now) / prev < tol:
+                converged = True
+                break
+    etas, gammas = gdpp_expand(p[0], K, N)
+    return {"loss": gdpp_eval_loss(evals, etas, gammas), "etas": etas, "gammas": gammas, "steps": curve[-1][0],
+            "converged": converged, "curve": curve, "seconds": round(time.perf_counter() - t0, 2),
+            "rule": f"relative eval-loss improvement < {tol:g} over {window} steps (at most {max_steps} steps)"}
+
+
+def ridge_bayes(cfg, evals):
+    """Ridge with lambda = sigma^2 / w_scale^2 on the evaluation set: {lambda, loss}."""
+    lam = (cfg.data.noise_std / cfg.data.w_scale) ** 2
+    pred = least_squares_predict(evals.X, evals.Y, evals.x_q, ridge=lam)
+    return {"lambda": lam, "loss": A.mean_loss(pred, evals.y_q)}
+
+
+def extra_baselines(cfg, evals, baselines, want):
+    """The extra baselines ``want`` asks for ({'gdpp_converged': {tol, window,
+    max_steps} or absent, 'ridge': bool}) for a finished run with ``baselines``."""
+    out = {}
+    rule = want.get("gdpp_converged")
+    if rule:
+        kinds = ("shared",) if cfg.model.n_layers == 1 else ("shared", "per_layer")
+        for kind in kinds:
+            out[f"gdpp_converged_{kind}"] = converged_gdpp(cfg, evals, baselines["gd_eta"], shared=kind == "shared",
+                                                           **rule)
+    if want.get("ridge"):
+        out["ridge"] = ridge_bayes(cfg, evals)
+    return out
