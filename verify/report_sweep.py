@@ -320,6 +320,10 @@ def figure_ood(fig_spec, cells, title, path):
             iv = [interval(ys[:, k]) for k in range(ys.shape[1])]
             color = f"C{i}" if many else f"C{j}"
             label = {"model": "trained LSA", "gd": LABELS["gd"], "gdpp": LABELS["gdpp"], "lstsq": "least squares"}[m]
+            model_min = np.nanmin(np.array([r["analysis"]["ood"][axis]["model"] for r in rs], dtype=float))
+            if m != "model" and np.nanmax(mean) < 1e-3 * model_min:    # rounding level: named, not drawn
+                ax.plot([], [], color=color, ls=STYLES[m], label=label + f" (<= {np.nanmax(mean):.2g}, below the axis)")
+                continue
             ax.plot(alpha, mean, color=color, ls="-" if m == "model" else STYLES[m], lw=1.8 if m == "model" else 1.2,
                     label=label + (f" ({cell_label(c['cell'])})" if many else ""))
             if m == "model" and len(rs) > 1:
