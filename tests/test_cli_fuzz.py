@@ -141,7 +141,16 @@ def out_of_range(name):
         return wrong_type(bool)
     if name == "layers":
         return st.sampled_from(["[", "[]", "{}", "[1]", '[{"kind": "no_such_kind"}]', '[{"kind": "lsa", "heads": 0}]',
-                                '[{"kind": "embed", "width": 3}]', '[{"kind": "posenc"}]'])
+                                '[{"kind": "embed", "width": 1}]', '[{"kind": "posenc"}]'])
+    if name in ("task", "sine_phase", "tokens"):
+        from reference.config import SINE_PHASES, TASKS, TOKEN_KINDS
+
+        known = {"task": TASKS, "sine_phase": SINE_PHASES, "tokens": TOKEN_KINDS}[name]
+        return st.text(max_size=8).filter(lambda s: s.strip() not in known)
+    if name == "amp_low":        # above amp_high, and read by the sine task only
+        return st.floats(min_value=BASE.data.amp_high, **finite).map(repr)
+    if name == "amp_high":
+        return st.floats(max_value=BASE.data.amp_low, **finite).map(repr)
     raise AssertionError(f"no out-of-range values for field {name!r}: add them here")
 
 

@@ -266,5 +266,11 @@ def test_prefetch_trains_the_experiments_of_the_selected_claims():
     assert selected(["training.layers5.x", "training.one_layer.loss_equals_gd1", "prop1.float64"]) == [
         "layers5", "one_layer"]
     assert selected(["prop1.float64", "training.no_such.claim"]) == []
-    assert selected(None) == sorted(EXPERIMENTS)
+    from verify.claims_training import QUICK
+
+    assert selected(None) == sorted(e for e in EXPERIMENTS if e in QUICK)      # quick mode: quick experiments only
+    full = lambda ids: _selected_experiments(registry.Context(mode="full", selected=ids))
+    assert full(None) == sorted(EXPERIMENTS)
+    assert full(["training.sine.partial_cosine"]) == ["sine", "sine_mlp_gd"]  # the claim also reads MLP + GD
+    assert full(["training.softmax1.misses_gd1"]) == ["softmax1"] and selected(["training.softmax1.misses_gd1"]) == []
 
