@@ -60,6 +60,7 @@ from ..layers.mlp import MLPParams
 from ..layers.posenc import positional_encoding
 from ..layers.pre_ln import block_spec, split_params
 from ..layers.softmax import SoftmaxParams, check_logits
+from . import _numba_layers as K_
 from .config import DRIVER, KERNEL
 
 KINDS = ("embed", "mlp", "lsa", "softmax", "gd", "posenc", "pre_ln")
@@ -243,37 +244,23 @@ def attention_backward(dout, X, pre, S, U, W, A, Bm, softmax, causal, q0, has_cl
 def rows_times(X, M, bias, has_bias, mul, has_mul, out):
     """out[r] = (sum_c X[r, c] M[c] (+ bias)) (* mul[r]) for X (R, C), M (C, O): every
     row of a batch through one shared matrix (X W^T with M = W^T; dout W with M = W),
-    rows in parallel, vectorised over O, four rows of M per pass over out[r]."""
-    R, C = X.shape
+    blocks of rows in parallel, each block one ``_numba_layers.sl`` product (vectorised
+    over O, four rows of M per pass)."""
+    R = X.shape[0]
     O = M.shape[1]
+    n = max(1, min(R // 64, 64))
     zero = np.zeros(1, X.dtype)[0]
-    for r in prange(R):
-        o = out[r]
-        x = X[r]
-        for k in range(O):
-            o[k] = bias[k] if has_bias else zero
-        c = 0
-        while c + 4 <= C:
-            x0 = x[c]
-            x1 = x[c + 1]
-            x2 = x[c + 2]
-            x3 = x[c + 3]
-            m0 = M[c]
-            m1 = M[c + 1]
-            m2 = M[c + 2]
-            m3 = M[c + 3]
+    for ch in prange(n):
+        r0 = ch * R // n
+        r1 = (ch + 1) * R // n
+        for r in range(r0, r1):
             for k in range(O):
-                o[k] += x0 * m0[k] + x1 * m1[k] + x2 * m2[k] + x3 * m3[k]
-            c += 4
-        while c < C:
-            x0 = x[c]
-            m0 = M[c]
-            for k in range(O):
-                o[k] += x0 * m0[k]
-            c += 1
+                out[r, k] = bias[k] if has_bias else zero
+        K_.sl(X[r0:r1], M, out[r0:r1], True)
         if has_mul:
-            for k in range(O):
-                o[k] *= mul[r, k]
+            for r in range(r0, r1):
+                for k in range(O):
+                    out[r, k] *= mul[r, k]
 
 
 @njit(**KERNEL)
