@@ -209,7 +209,22 @@ def evaluate(params, cfg, es):
     for name, (p_ref, g_ref) in es.refs.items():
         for k, v in analysis.alignment(pred, g, p_ref, g_ref).items():
             row[f"{k}_{name}"] = v
+    if cfg.data.tokens == "classic":
+        row.update(copy_metrics(params, cfg, es.tasks))
     return row
+
+
+COPY_TASKS = 64   # eval tasks the copy sensitivities of a classic-token run are taken on
+
+
+def copy_metrics(params, cfg, tasks):
+    """The first attention layer's copy sensitivities on the first COPY_TASKS eval tasks
+    (``copy_analysis.copy_sensitivities``, complex step): copy_self, copy_next, copy_other."""
+    from .copy_analysis import copy_sensitivities
+
+    sub = analysis.cast_tasks(type(tasks)(*(a[:COPY_TASKS] for a in tasks)), cfg.np_dtype)
+    s = copy_sensitivities(params, cfg.arch(), cfg.layout(), sub)
+    return {f"copy_{k}": s[k] for k in ("self", "next", "other")}
 
 
 class Observer:

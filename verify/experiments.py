@@ -71,6 +71,20 @@ EXPERIMENTS = {e.name: e for e in [
          "placement), vs GD-2: worse in distribution, better for large input scales (App. A.9).",
          layers=_layers({"kind": "lsa"}, {"kind": "pre_ln", "block": "lsa"}), n_layers=2, steps=5000, lr=1e-3,
          grad_clip=0.001),
+    _exp("induction",
+         "Classic tokens x_1, (0, y_1), ..., x_N, (0, y_N), x_q with sin/cos encodings of width 10 concatenated "
+         "(width 20), layer 1 softmax, layer 2 linear, one head, key size 20 (ICML Sec. 4): the first layer learns "
+         "to copy each label into its input's token, the second does one GD step. Init 0.01, Adam lr 1e-3 (b2 0.98), "
+         "batch 2048, global-norm clip 10, 10,000 steps, evaluation every 500 steps; n_layers 1 makes the GD "
+         "baseline GD-1 and the init scale 0.01 itself.",
+         tokens="classic", layers=_layers({"kind": "posenc", "mode": "concat", "width": 10},
+                                          {"kind": "softmax", "key_size": 20}, {"kind": "lsa", "key_size": 20}),
+         init_scale=0.01, steps=10_000, lr=1e-3, grad_clip=10.0, eval_every=500, checkpoint_every=1000, backend="numpy"),
+    _exp("induction_linear",
+         "As induction with both layers linear (the paper could not train this model to GD-1).",
+         tokens="classic", layers=_layers({"kind": "posenc", "mode": "concat", "width": 10},
+                                          {"kind": "lsa", "key_size": 20}, {"kind": "lsa", "key_size": 20}),
+         init_scale=0.01, steps=10_000, lr=1e-3, grad_clip=10.0, eval_every=500, checkpoint_every=1000, backend="numpy"),
     _exp("sine",
          "Sine regression (y = a sin(x + rho), x ~ U(-5, 5), N = 10; a ~ U(0.1, 0.5) with rho tied to a, as the "
          "code): embedding 2 -> 40, residual MLP 40 -> 160 -> 40, one LSA layer (key 40), readout minus feature 39. "
