@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 import reference as R
 import strategies as S
 import test_conformance as C
-from reference.backends import _cupy_step, backend_names, numba_backend
+from reference.backends import _cupy_step, _numba_mixed, backend_names, numba_backend
 from reference.backends._cupy_kernels import HostKernels
 from reference.layers import InitSettings, LayerSpec, layer_types
 from reference.model import Arch, model_backward, model_forward
@@ -341,6 +341,8 @@ def no_kernels():
     with contextlib.ExitStack() as stack:
         for name in ("run_batch", "run_batch_dspace", "adam_flat", "sample_to_arrays"):
             stack.enter_context(mock.patch.object(numba_backend, name, _tripwire(f"numba kernel {name}")))
+        for name in ("forward", "backward"):                      # every mixed-stack kernel runs under these
+            stack.enter_context(mock.patch.object(_numba_mixed, name, _tripwire(f"numba mixed-stack {name}")))
         stack.enter_context(mock.patch.object(_cupy_step._cupy_lsa, "loss_and_grads", _tripwire("CuPy LSA math")))
         stack.enter_context(mock.patch.object(_cupy_step, "reference_loss_and_grads", _tripwire("CuPy causal math")))
         for name in ("adam", "l2norm"):

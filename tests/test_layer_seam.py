@@ -143,11 +143,11 @@ def test_fused_backends_refuse_what_they_cannot_run(token_map):
     arch = _mixed_arch()
     nb = get_backend("numba")
     assert "token_map" in nb.supports(arch)
-    with pytest.raises(ValueError, match="cannot run this model.*'lsa' layers only"):
+    with pytest.raises(ValueError, match="cannot run this model.*has kind 'token_map'"):
         require_support(nb, arch)
     assert get_backend("numpy").supports(arch) is None
-    with pytest.raises(ValueError, match="'clip'"):
-        require_support(nb, Arch((LayerSpec("lsa", (("clip", 1.0),)), LayerSpec("lsa"))))
+    # lsa layers of different clip values: the numba backend runs them as a mixed stack
+    require_support(nb, Arch((LayerSpec("lsa", (("clip", 1.0),)), LayerSpec("lsa"))))
 
 
 def test_tie_and_spec_validation():

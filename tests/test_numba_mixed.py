@@ -248,3 +248,28 @@ def test_overflowing_softmax_logits_are_refused_as_the_reference_refuses_them(en
         ref(*args)                                                     # the reference's matmul overflows first
     with pytest.raises(NonFiniteError):
         fast(*args)
+
+
+@pytest.mark.parametrize("model", [MODELS[0], MODELS[4]], ids=str)
+def test_results_do_not_depend_on_the_thread_count(model):
+    """Weight-gradient sums run over a fixed partition of rows or tasks, added in order:
+    1 and 2 threads give the same bits."""
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2 or numba.config.DISABLE_JIT:
+        pytest.skip("needs the JIT and NUMBA_NUM_THREADS >= 2")
+    E, y_q, params, layout = data(model, np.float32)
+    E, y_q = np.repeat(E, 40, axis=0), np.repeat(y_q, 40, axis=0)     # several chunks of tasks and rows
+    before = numba.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            results.append(nb.loss_and_grads(E, y_q, params, model.arch, layout))
+    finally:
+        numba.set_num_threads(before)
+    (L1, g1, a1), (L2, g2, a2) = results
+    assert L1 == L2
+    np.testing.assert_array_equal(a1["dE"], a2["dE"])
+    for a, b in zip(tree_leaves(g1), tree_leaves(g2)):
+        np.testing.assert_array_equal(a, b)
