@@ -44,7 +44,7 @@ from .tasks import STREAM_EVAL, STREAM_INIT, STREAM_LINE_SEARCH, step_rng, strea
 from .train_step import StepResult, check_step_state
 
 EVAL_CHUNK = 256          # sequences per evaluation forward (bounds the caches' memory)
-OMEGA_GRID = np.geomspace(1e-3, 1.0, 121)   # Prop. 2 Neumann step candidates
+OMEGA_GRID = np.geomspace(1e-4, 1.0, 81)   # Prop. 2 Neumann step candidates
 CHEBYSHEV_CODED = {2: CC.CHEBYSHEV_2, 6: CC.CHEBYSHEV_6}   # depths with the code's learned coefficients
 COS_EPS = 1e-12
 
@@ -156,10 +156,11 @@ def line_search_sequences(cfg):
     return cfg.task_spec(cfg.baselines.line_search_tasks).sample(stream_rng(cfg.eval.eval_seed, STREAM_LINE_SEARCH))
 
 
-def neumann_matrix_predict(X, omega, K, ridge=CC.RIDGE):
+def neumann_matrix_predict(X, omega, K, ridge=CC.RIDGE, system=None):
     """M_t u_t with u_t = omega sum_{j<K} (I - omega A_t)^j x_t (K Richardson steps from 0),
-    by matrices: what the K-layer Prop. 2 construction computes (SPEC 15), for the search."""
-    A, M = CC.ridge_system(X, ridge)                                   # (B, T, d, d) each
+    by matrices: what the K-layer Prop. 2 construction computes (SPEC 15), for the search.
+    ``system``: (A, M) of ``ridge_system(X, ridge)`` when already built."""
+    A, M = CC.ridge_system(X, ridge) if system is None else system    # (B, T, d, d) each
     u = np.zeros_like(X)
     for _ in range(K):
         u = u + omega * (X - np.einsum("btij,btj->bti", A, u))        # (B, T, d)
@@ -169,10 +170,11 @@ def neumann_matrix_predict(X, omega, K, ridge=CC.RIDGE):
 def line_search_omega(X, Y, K, grid=OMEGA_GRID):
     """The grid omega whose K-layer Neumann construction has the least sequence loss
     (first on ties; a non-finite loss never wins). Returns (omega, losses)."""
+    system = CC.ridge_system(X)
     losses = []
     for w in grid:
         with np.errstate(over="ignore", invalid="ignore"):
-            L = seq_loss_forward(neumann_matrix_predict(X, float(w), K), Y)[0]
+            L = seq_loss_forward(neumann_matrix_predict(X, float(w), K, system=system), Y)[0]
         losses.append(L if np.isfinite(L) else np.inf)
     losses = np.asarray(losses)
     return float(grid[int(np.argmin(losses))]), losses

@@ -151,6 +151,18 @@ def out_of_range(name):
         return st.floats(min_value=BASE.data.amp_high, **finite).map(repr)
     if name == "amp_high":
         return st.floats(max_value=BASE.data.amp_low, **finite).map(repr)
+    if name == "seq_variant":    # not a variant (and read by the lds task only)
+        from reference.sequences import VARIANTS
+
+        return st.text(max_size=8).filter(lambda s: s.strip() not in VARIANTS)
+    if name in ("seq_len", "seq_dim"):
+        return st.integers(max_value=0).map(str)
+    if name == "input_mask":
+        return st.integers(max_value=-1).map(str)
+    if name in ("init_std", "elementwise_clip"):
+        return st.floats(max_value=0.0, **finite).map(repr)
+    if name == "weight_decay":
+        return st.floats(max_value=-1e-6, **finite).map(repr)
     raise AssertionError(f"no out-of-range values for field {name!r}: add them here")
 
 
