@@ -60,13 +60,7 @@ def sample_tasks(rng, B, d, N, d_y=1, *, x_range=(-0.5, 0.5), w_scale=1.0,
 
 
 def _check_range(x_range):
-    try:
-        low, high = (float(v) for v in x_range)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"x_range must be a pair (low, high) of numbers, got {x_range!r}") from exc
-    if not (np.isfinite(low) and np.isfinite(high)) or not low < high:
-        raise ValueError(f"x_range must satisfy low < high (finite), got ({low}, {high})")
-    return low, high
+    return _check_named_range("x_range", x_range)
 
 
 def uniform_moments(x_range=(-0.5, 0.5)):
@@ -188,6 +182,8 @@ def sample_sine_tasks(rng, B, N, *, x_range=(-5.0, 5.0), amp_range=(0.1, 0.5), p
 
 
 def _check_named_range(name, r):
+    """(low, high) as floats; TypeError unless r is a pair of numbers, ValueError unless
+    finite with low < high (the messages name ``name``)."""
     try:
         low, high = (float(v) for v in r)
     except (TypeError, ValueError) as exc:
