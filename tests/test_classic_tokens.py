@@ -130,8 +130,9 @@ def test_config_selects_the_classic_layout_and_refuses_what_cannot_train_it():
     cfg = TrainConfig(backend="numpy").replace(tokens="classic", layers=CLASSIC_LAYERS)
     lay = cfg.layout()
     assert isinstance(lay, ClassicLayout) and (lay.D_in, lay.D, lay.n_tokens(10)) == (10, 16, 21)
-    with pytest.raises(ConfigError, match="backend: backend 'numba' trains the layouts .* not 'classic'"):
-        TrainConfig(backend="numba").replace(tokens="classic", layers=CLASSIC_LAYERS)
+    TrainConfig(backend="numba").replace(tokens="classic", layers=CLASSIC_LAYERS)    # the mixed-stack kernels
+    with pytest.raises(ConfigError, match="backend: backend 'cupy' trains the layouts .* not 'classic'"):
+        TrainConfig(backend="cupy").replace(tokens="classic", layers=CLASSIC_LAYERS)
     with pytest.raises(ConfigError, match="layers: classic tokens need an explicit layer list"):
         TrainConfig(backend="numpy").replace(tokens="classic")
     with pytest.raises(ConfigError, match="tokens: must be one of"):

@@ -79,12 +79,12 @@ EXPERIMENTS = {e.name: e for e in [
          "baseline GD-1 and the init scale 0.01 itself.",
          tokens="classic", layers=_layers({"kind": "posenc", "mode": "concat", "width": 10},
                                           {"kind": "softmax", "key_size": 20}, {"kind": "lsa", "key_size": 20}),
-         init_scale=0.01, steps=10_000, lr=1e-3, grad_clip=10.0, eval_every=500, checkpoint_every=1000, backend="numpy"),
+         init_scale=0.01, steps=10_000, lr=1e-3, grad_clip=10.0, eval_every=500, checkpoint_every=1000),
     _exp("induction_linear",
          "As induction with both layers linear (the paper could not train this model to GD-1).",
          tokens="classic", layers=_layers({"kind": "posenc", "mode": "concat", "width": 10},
                                           {"kind": "lsa", "key_size": 20}, {"kind": "lsa", "key_size": 20}),
-         init_scale=0.01, steps=10_000, lr=1e-3, grad_clip=10.0, eval_every=500, checkpoint_every=1000, backend="numpy"),
+         init_scale=0.01, steps=10_000, lr=1e-3, grad_clip=10.0, eval_every=500, checkpoint_every=1000),
     _exp("sine",
          "Sine regression (y = a sin(x + rho), x ~ U(-5, 5), N = 10; a ~ U(0.1, 0.5) with rho tied to a, as the "
          "code): embedding 2 -> 40, residual MLP 40 -> 160 -> 40, one LSA layer (key 40), readout minus feature 39. "

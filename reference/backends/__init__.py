@@ -44,7 +44,7 @@ DEFAULT_TRAIN_BACKEND = "numba"
 # ``make_stepper(..., layout=...)`` is passed only for the other kinds ("classic").
 LAYOUT_KINDS = {
     "numpy": ("regression", "embedded", "classic"),
-    "numba": ("regression", "embedded"),
+    "numba": ("regression", "embedded", "classic"),
     "cupy": ("regression", "embedded"),
 }
 

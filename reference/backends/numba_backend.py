@@ -76,11 +76,16 @@ def supports(arch):
     return _numba_mixed.mixed_reason(arch, NAME)
 
 
-def _mixed(arch):
+def _mixed(arch, layout=None):
     """True when ``arch`` runs on the mixed-stack kernels (an Arch this backend supports
-    that is not a uniform LSA stack); ValueError with :func:`supports`'s reason for an
-    Arch it cannot run. A non-Arch gives False (the LSA path's checks refuse it)."""
-    if not isinstance(arch, Arch) or lsa_stack_reason(arch, NAME) is None:
+    that is not a uniform LSA stack, or any supported Arch on a layout other than the
+    regression ones: classic tokens, whose readout the mixed kernels share); ValueError
+    with :func:`supports`'s reason for an Arch it cannot run. A non-Arch gives False (the
+    LSA path's checks refuse it)."""
+    if not isinstance(arch, Arch):
+        return False
+    other = layout is not None and getattr(layout, "kind", None) not in ("regression", "embedded")
+    if not other and lsa_stack_reason(arch, NAME) is None:
         return False
     reason = _numba_mixed.mixed_reason(arch, NAME)
     if reason is not None:
@@ -313,7 +318,7 @@ def loss_and_grads(E, y_q, params, arch, layout, *, path=None, need_dE=True):
     fallback_tasks)). ``path`` forces the computation (None = config, 'tokens',
     'dspace'; 'dspace' applies only without dE, and ``path`` only to uniform LSA stacks);
     aux has dE only if ``need_dE``."""
-    if _mixed(arch):
+    if _mixed(arch, layout):
         _check_real(E)
         lay = check_loss_inputs(E, y_q, params, arch, layout)
         L, grads, pred, dE = _numba_mixed.loss_and_grads(E, y_q, params, arch, lay.d_y, need_dE=need_dE)
@@ -375,12 +380,15 @@ def _step_on_tokens(params, state, E, y_q, arch, hp, dtype, d):
     return StepResult(new, st, res["loss"], norm)
 
 
-def train_step(params, state, tasks, arch, hp):
+def train_step(params, state, tasks, arch, hp, layout=None):
     """One clipped Adam step on ``tasks``, like ``reference.train_step.train_step``
-    (its checks, ``check_step_inputs``, before any kernel runs)."""
-    if _mixed(arch):
-        layout, dtype = check_step_inputs(params, state, tasks, arch, hp)
+    (its checks, ``check_step_inputs``, before any kernel runs); ``layout``: as the
+    reference's (a ``ClassicLayout``: the mixed-stack kernels)."""
+    if _mixed(arch, layout):
+        layout, dtype = check_step_inputs(params, state, tasks, arch, hp, layout)
         return _mixed_step_on(params, state, tasks, arch, hp, layout, dtype)
+    if layout is not None:                                             # a regression layout: checked, then as arch.layout
+        check_step_inputs(params, state, tasks, arch, hp, layout)
     lsa_stack_of(arch, NAME)
     layout, dtype = check_step_inputs(params, state, tasks, arch, hp)
     E = build_tokens(tasks.X, tasks.Y, tasks.x_q)
@@ -448,9 +456,11 @@ class MixedStepper:
     """The stepper of a mixed stack: ``.step(params, state, step)`` draws step ``step``'s
     tasks on the host exactly as the NumPy backend does (``spec.sample(step_rng(seed,
     step), dtype=dtype)``; ``spec`` a TaskSpec or any spec with that ``sample``), then
-    updates as ``.step_on(params, state, tasks)`` does; ``.sample(step)`` returns them."""
+    updates as ``.step_on(params, state, tasks)`` does; ``.sample(step)`` returns them.
+    ``layout``: the token layout to train with (None: ``arch.layout``; a ``ClassicLayout``
+    for classic tokens), as the NumPy backend's stepper."""
 
-    def __init__(self, arch, hp, spec, seed, dtype=np.float32):
+    def __init__(self, arch, hp, spec, seed, dtype=np.float32, layout=None):
         if not isinstance(hp, AdamHP):
             raise TypeError(f"hp must be an AdamHP, got {type(hp).__name__}")
         if not callable(getattr(spec, "sample", None)):
@@ -458,6 +468,7 @@ class MixedStepper:
         self.arch, self.hp, self.spec = arch, hp.validate(), spec
         self.seed = check_int("seed", seed, 0)
         self.dtype = check_dtype("dtype", dtype)
+        self.layout = layout
 
     def sample(self, step):
         return self.spec.sample(step_rng(self.seed, check_int("step", step, 0)), dtype=self.dtype)
@@ -466,7 +477,7 @@ class MixedStepper:
         return self.step_on(params, state, self.sample(step))
 
     def step_on(self, params, state, tasks):
-        layout, dtype = check_step_inputs(params, state, tasks, self.arch, self.hp)
+        layout, dtype = check_step_inputs(params, state, tasks, self.arch, self.hp, self.layout)
         _check_stepper_dtype(dtype, self.dtype)
         return _mixed_step_on(params, state, tasks, self.arch, self.hp, layout, dtype)
 
@@ -479,11 +490,12 @@ def rng_kernels():
     return normal_pairs, stream_key, task_key, uniforms_lanes
 
 
-def make_stepper(arch, hp, spec, seed, dtype=np.float32):
+def make_stepper(arch, hp, spec, seed, dtype=np.float32, layout=None):
     """A :class:`Stepper` for ``arch`` (Arch), ``hp`` (AdamHP), ``spec`` (TaskSpec); a
-    :class:`MixedStepper` for the Archs that run on the mixed-stack kernels."""
-    if _mixed(arch):
-        return MixedStepper(arch, hp, spec, seed, dtype)
+    :class:`MixedStepper` for the Archs that run on the mixed-stack kernels and for every
+    Arch on classic tokens (``layout`` a ``ClassicLayout``; None: ``arch.layout``)."""
+    if _mixed(arch, layout):
+        return MixedStepper(arch, hp, spec, seed, dtype, layout)
     return Stepper(arch, hp, spec, seed, dtype)
 
 
