@@ -3,6 +3,7 @@
     python -m benchmarks.gpu --json gpu.json                  all configs, all impls
     python -m benchmarks.gpu --configs a,c --impls icgd-cupy  a subset
     python -m benchmarks.gpu --check-peers-cpu                verify the peers on the CPU only
+    python -m benchmarks.gpu --large                          the configs that fill the GPU
 
 One training step = draw B fresh tasks, forward, loss, backward, global-norm clip,
 Adam (b2 = 0.98), for K separate LSA layers (1 head, key = value = D = d + 1),
@@ -13,6 +14,10 @@ the paper's settings for K: grad clip 0.001 if K <= 2 else 10, lr 1e-3 if K <= 3
     b      d=10  N=10   B=2048  K=6
     c      d=40  N=80   B=1024  K=4
     large  d=64  N=512  B=4096  K=8     (meant to fill the GPU)
+    a64k   d=10  N=10   B=65536 K=1     (config a at a batch that fills the GPU)
+
+--large selects the configurations that fill the GPU (large, a64k): each is verified
+against the float64 reference at --verify-batch tasks only, and timed at full size.
 
 Implementations (float32, TF32 off everywhere):
 
@@ -57,7 +62,10 @@ CONFIGS = {
     "b": dict(d=10, N=10, B=2048, K=6),
     "c": dict(d=40, N=80, B=1024, K=4),
     "large": dict(d=64, N=512, B=4096, K=8),
+    "a64k": dict(d=10, N=10, B=65536, K=1),
 }
+DEFAULT_CONFIGS = ("a", "b", "c", "large")
+LARGE_CONFIGS = ("large", "a64k")   # --large: fill the GPU (verified at --verify-batch, timed at full size)
 ICGD_IMPLS = ("icgd-cupy", "icgd-cupy-reference")
 PEER_IMPLS = ("torch-eager", "torch-compile", "jax-jit")
 
@@ -568,7 +576,9 @@ def main(argv=None):
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", help="write {machine, rows} to this file")
-    ap.add_argument("--configs", default="a,b,c,large", help=f"comma list of {', '.join(CONFIGS)}")
+    ap.add_argument("--configs", help=f"comma list of {', '.join(CONFIGS)} (default {','.join(DEFAULT_CONFIGS)})")
+    ap.add_argument("--large", action="store_true",
+                    help=f"the configurations that fill the GPU ({','.join(LARGE_CONFIGS)}) instead of the default list")
     ap.add_argument("--impls", default=",".join(ICGD_IMPLS + PEER_IMPLS), help="comma list of implementations")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=30)
@@ -586,6 +596,10 @@ def main(argv=None):
         v = getattr(args, option[2:].replace("-", "_"))
         if v is not None and not (np.isfinite(v) and v > 0):
             ap.error(f"argument {option}: must be finite and > 0, got {v}")
+    if args.large and args.configs is not None:
+        ap.error("argument --large: not together with --configs (--large means --configs " + ",".join(LARGE_CONFIGS) + ")")
+    if args.configs is None:
+        args.configs = ",".join(LARGE_CONFIGS if args.large else DEFAULT_CONFIGS)
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     args.impls = [i.strip() for i in args.impls.split(",") if i.strip()]
     for option, names, known in (("--configs", args.configs, list(CONFIGS)),
