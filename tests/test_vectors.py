@@ -104,6 +104,11 @@ PINNED = {1: {
     "delta-H1-chunked3-beta0.6": "61e6a3ba72deb997",
     # added in format version 1 with classic tokens and the Prop. 3 copy construction (issue #15, SPEC.md section 5b)
     "classic-loss-P4": "ecd53954b32594f1", "copy-construction-N1-P4": "aa0f873e195f8ce9",
+    # added in format version 1 with the Prop. 2 causal constructions and the LDS sampler (issue #16, SPEC.md section 15)
+    "causal-prop2-neumann-K2": "b774d370064e5d3d", "causal-prop2-richardson-K2": "336d7d74355718eb",
+    "causal-prop2-chebyshev-K2": "11e8b632c6700476", "lds-sampler-linear": "8a39b7e3bfdfd850",
+    "lds-sampler-contracting": "7cfa9344f5264bf9", "lds-sampler-partial": "1efd00bba9e10ab1",
+    "lds-sampler-nonlinear": "99aeef754175b445", "lds-sampler-fixed": "480c8a9810c8108e",
 }}
 
 

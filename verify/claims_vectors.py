@@ -605,6 +605,153 @@ INDEPENDENT["classic_loss"] = _ind_classic_loss
 INDEPENDENT["copy_construction"] = _ind_copy_construction
 
 
+def _ind_causal_prop2(a):
+    """The scalars by their closed forms (Chebyshev: the coefficients by interpolation at K + 1
+    points of the scalar recursion, no numpy.polynomial), the tokens and weights by hand, the
+    layers by the loop oracle, pred by the iteration written out per t (verify.claims_sequences'
+    loop helpers: A_t, M_t by sums, u by the Richardson / Neumann / Chebyshev recursion), never
+    the layer machinery; pred_ridge by one solve per t."""
+    from . import claims_sequences as V
+
+    X, K, r, it = a["X"], int(a["K"]), float(a["ridge"]), int(a["iteration"])
+    B, T, d = X.shape
+    D = (3 + K) * d
+    if it in (0, 1):
+        om = [float(a["omega"])] * (K + 1) if it == 0 else [float(w) for w in a["omegas"]]
+        gammas = [om[i] / (1 - om[i] * r) for i in range(K)]
+        coeffs = []
+        for j in range(K + 1):
+            c = om[j]
+            for i in range(j):
+                c *= 1 - om[i] * r
+            coeffs.append(c)
+    else:
+        alphas, betas, nu = [float(x) for x in a["alphas"]], [float(x) for x in a["betas"]], float(a["nu"])
+        gammas = [1.0 / nu] * K
+        lams = [r + (j + 0.5) * nu / (K + 1) for j in range(K + 1)]       # K + 1 distinct points
+        Bm = np.array([[math.prod(1 - g * (lam - r) for g in gammas[:j]) for j in range(K + 1)] for lam in lams])
+        pv = np.array([V.loop_chebyshev(np.array([[lam]]), alphas, betas, nu)[-1][0, 0] for lam in lams])
+        coeffs = list(np.linalg.solve(Bm, pv))
+
+    def sel(slot, scale=1.0):
+        S = np.zeros((d, D))
+        S[:, slot * d:(slot + 1) * d] = scale * np.eye(d)
+        return S
+
+    zs = lambda j: 1 if j == 0 else 2 + j
+    layers = []
+    for k in range(1, K + 1):
+        P = np.zeros((D, d))
+        for j in range(k, K + 1):
+            P[zs(j) * d:(zs(j) + 1) * d] = -gammas[k - 1] * np.eye(d)
+        layers.append((sel(zs(k - 1)), sel(2), sel(2), P))
+    layers.append((sum(sel(zs(j), c) for j, c in enumerate(coeffs)), sel(2), sel(1), sel(0).T))
+    E = np.zeros((B, T, D))
+    for b in range(B):
+        for t in range(T):
+            E[b, t, d:2 * d] = X[b, t]
+            E[b, t, 2 * d:3 * d] = V.loop_prev(X, b, t)
+            for j in range(1, K + 1):
+                E[b, t, zs(j) * d:(zs(j) + 1) * d] = X[b, t]
+    h, outs = E, []
+    for q, k_, v, P in layers:
+        h = oracle_lsa_layer(h, R.LSAParams(q[None], k_[None], v[None], P[None]), causal=True)
+        outs.append(h)
+    pred, ridge = np.zeros((B, T, d)), np.zeros((B, T, d))
+    for b in range(B):
+        for t in range(T):
+            A, M = V.loop_system(X, b, t, r)
+            x = X[b, t]
+            if it in (0, 1):
+                u = V.loop_richardson(A, x, om)[-1]
+            else:
+                u = V.loop_chebyshev(A, alphas, betas, nu)[-1] @ x
+            pred[b, t] = M @ u
+            ridge[b, t] = M @ np.linalg.solve(A, x)
+    rows = [("E", E, "algebra"), ("gammas", np.array(gammas), "algebra"),
+            ("coeffs", np.array(coeffs), "algebra" if it in (0, 1) else "construction"),
+            ("outs", np.stack(outs), "algebra" if it in (0, 1) else "construction"), ("pred", pred, "construction"),
+            ("pred_ridge", ridge, "algebra")]
+    for k, (q, k_, v, P) in enumerate(layers):
+        kt = "algebra" if it in (0, 1) or k < K else "construction"
+        rows += [(f"layer{k}.W_Q", q[None], kt), (f"layer{k}.W_K", k_[None], "algebra"),
+                 (f"layer{k}.W_V", v[None], "algebra"), (f"layer{k}.P", P[None], "algebra")]
+    return rows
+
+
+_LDS_VARIANTS = ("linear", "partial", "nonlinear", "contracting", "fixed")
+_LDS_CLIP = {"linear": 10.0, "partial": 10.0, "nonlinear": None, "contracting": 2.0, "fixed": 10.0}
+
+
+def _haar_by_hand(rng, n, d):
+    """n Haar matrices: G ~ N(0, 1) (n, d, d), each QR'd alone, column j of Q times sign(R[j, j])."""
+    G = rng.standard_normal((n, d, d))
+    out = np.zeros((n, d, d))
+    for b in range(n):
+        Q, Rm = np.linalg.qr(G[b])
+        for j in range(d):
+            out[b, :, j] = Q[:, j] * (1.0 if Rm[j, j] >= 0 else -1.0)
+    return out
+
+
+def _gelu_tanh(x):
+    if abs(x) > 10.0:
+        return x if x > 0 else 0.0
+    return 0.5 * x * (1.0 + math.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _ind_lds_sampler(a):
+    """SPEC.md section 15's draw order re-drawn by hand from numpy.random.default_rng([seed, step]):
+    W (Haar per matrix; contracting U, lam, permuted, W = U diag(lam) inv(U); fixed: its own
+    stream), h_1, the state noise, C (partial), the observation noise; the recursion by loops."""
+    v = _LDS_VARIANTS[int(a["variant"])]
+    B, T, d, d_obs = int(a["B"]), int(a["T"]), int(a["d"]), int(a["d_obs"])
+    rng = np.random.default_rng([int(a["seed"]), int(a["step"])])
+    if v == "fixed":
+        W1 = _haar_by_hand(np.random.default_rng([int(a.get("teacher_seed", 0)), 2 ** 32 - 102, d]), 1, d)
+        W = np.repeat(W1, B, axis=0)
+    elif v == "contracting":
+        U = rng.standard_normal((B, d, d))
+        lam = np.concatenate([rng.uniform(0.3, 0.9, (B, d - 1)), np.full((B, 1), 0.9)], axis=1)
+        lam = rng.permuted(lam, axis=1)
+        W = np.stack([U[b] @ np.diag(lam[b]) @ np.linalg.inv(U[b]) for b in range(B)])
+    else:
+        W = _haar_by_hand(rng, B, d)
+    r = float(a["init_range"])
+    h1 = rng.uniform(-r, r, (B, d))
+    eps = rng.standard_normal((B, T, d))
+    clip = float(a["clip"]) if "clip" in a else _LDS_CLIP[v]
+    if v == "nonlinear":
+        mrng = np.random.default_rng([int(a.get("mlp_seed", 0)), 2 ** 32 - 101, d, 40])
+        Am, Bm = 1.1 * mrng.standard_normal((d, 40)), 1.1 * mrng.standard_normal((40, d))
+    H = np.zeros((B, T + 1, d))
+    for b in range(B):
+        h = h1[b].copy()
+        H[b, 0] = h
+        for t in range(T):
+            if v == "nonlinear":
+                g = np.array([sum(_gelu_tanh(sum(h[i] * Am[i, m] for i in range(d))) * Bm[m, j] for m in range(40))
+                              for j in range(d)])
+                f = g / math.sqrt(sum(x * x for x in g))
+            else:
+                f = h
+            h = np.array([sum(W[b, i, j] * f[j] for j in range(d)) + float(a["noise_std"]) * eps[b, t, i]
+                          for i in range(d)])
+            if clip is not None:
+                h = np.minimum(np.maximum(h, -clip), clip)
+            H[b, t + 1] = h
+    C = 0.5 * rng.standard_normal((B, d_obs, d)) if v == "partial" else np.repeat(np.eye(d)[None], B, axis=0)
+    O = np.einsum("bij,btj->bti", C, H)
+    if float(a["obs_noise_std"]) > 0:
+        O = O + float(a["obs_noise_std"]) * rng.standard_normal((B, T + 1, d_obs))
+    return [("X", O[:, :T], "algebra"), ("Y", O[:, 1:], "algebra"), ("H", H, "algebra"), ("W", W, "algebra"),
+            ("C", C, "algebra")]
+
+
+INDEPENDENT["causal_prop2"] = _ind_causal_prop2
+INDEPENDENT["lds_sampler"] = _ind_lds_sampler
+
+
 def load_committed(directory=golden.DEFAULT_DIR):
     """[(manifest entry, inputs, outputs)] of the vectors in ``directory``."""
     man = json.loads((Path(directory) / golden.MANIFEST).read_text())

@@ -442,6 +442,13 @@ def _case_table():
     # Added with classic tokens and the Prop. 3 copy construction (issue #15, SPEC.md section 5b):
     t.append(CaseSpec("classic-loss-P4", "classic_loss", build_classic_loss))
     t.append(CaseSpec("copy-construction-N1-P4", "copy_construction", build_copy_construction))
+    # Added with the Prop. 2 causal constructions and the LDS sampler (issue #16, SPEC.md section 15):
+    # (d = 1, K = 2: tokens of width (3 + K) d = 5, the D <= 5 of section 12)
+    t.append(CaseSpec("causal-prop2-neumann-K2", "causal_prop2", lambda r: build_causal_prop2(r, 0, 2, 1)))
+    t.append(CaseSpec("causal-prop2-richardson-K2", "causal_prop2", lambda r: build_causal_prop2(r, 1, 2, 1)))
+    t.append(CaseSpec("causal-prop2-chebyshev-K2", "causal_prop2", lambda r: build_causal_prop2(r, 2, 2, 1)))
+    for k, v in enumerate(("linear", "contracting", "partial", "nonlinear", "fixed")):
+        t.append(CaseSpec(f"lds-sampler-{v}", "lds_sampler", lambda r, k=k, v=v: build_lds_sampler(k, v)))
     return t
 
 
@@ -469,6 +476,49 @@ def build_copy_construction(rng):
     W = rng.standard_normal((2, 1, 3))
     X, x_q = rng.uniform(-1.0, 1.0, (2, 1, 3)), rng.uniform(-1.0, 1.0, (2, 3))
     return {"X": X, "Y": np.einsum("bij,bnj->bni", W, X), "x_q": x_q, "eta": _f(0.7), "width": _i(4)}
+
+
+def build_causal_prop2(rng, iteration, K, d):
+    """B = 2 sequences of T = 5 inputs x ~ U(-1, 1)^d, K preconditioning layers, ridge 0.05 (larger than the code's 1e-3 so
+    that A_0 is well conditioned); Neumann: omega = 0.8 / lam_max(A_T); Richardson:
+    omega_k = (1 + 0.6 cos((2k+1) pi / (2K + 2))) / lam_max(A_T); Chebyshev: the code's 2-step
+    coefficients CHEBYSHEV_2 with nu = ||A_T||_F of sequence 0. Drawn from its own generator
+    default_rng([SEED, 16, iteration]), not the index-salted ``rng``."""
+    from reference import causal_constructions as CC
+
+    rng = np.random.default_rng([SEED, 16, iteration])
+    X = rng.uniform(-1.0, 1.0, (2, 5, d))
+    r = 0.05
+    A, _ = CC.ridge_system(X, r)
+    lam_max = float(np.max(np.linalg.eigvalsh(A[:, -1])))
+    a = {"X": X, "ridge": _f(r), "iteration": _i(iteration), "K": _i(K)}
+    if iteration == 0:
+        a["omega"] = _f(round(0.8 / lam_max, 6))
+    elif iteration == 1:
+        a["omegas"] = _f([round((1 + 0.6 * np.cos((2 * k + 1) * np.pi / (2 * K + 2))) / lam_max, 6)
+                          for k in range(K + 1)])
+    else:
+        alphas, betas = CC.CHEBYSHEV_2
+        a.update(alphas=_f(alphas), betas=_f(betas), nu=_f(round(float(np.linalg.norm(A[0, -1])), 6)))
+    return a
+
+
+def build_lds_sampler(k, variant):
+    """B = 2, T = 5, d = 3 (partial: d_obs = 2), seed 5, step k; the variant's paper settings
+    otherwise (noise 0.01; partial: obs noise 0.01; contracting: clip 2; nonlinear: h_1 in
+    +-0.25, no clip; fixed: teacher_seed 3; nonlinear: mlp_seed 4). No draw from the salted rng."""
+    a = {"seed": _i(5), "step": _i(k), "variant": _i(("linear", "partial", "nonlinear", "contracting",
+                                                        "fixed").index(variant)),
+         "B": _i(2), "T": _i(5), "d": _i(3), "d_obs": _i(2 if variant == "partial" else 3),
+         "init_range": _f(0.25 if variant == "nonlinear" else 1.0), "noise_std": _f(0.01),
+         "obs_noise_std": _f(0.01 if variant == "partial" else 0.0)}
+    if variant != "nonlinear":
+        a["clip"] = _f(2.0 if variant == "contracting" else 10.0)
+    if variant == "nonlinear":
+        a["mlp_seed"] = _i(4)
+    if variant == "fixed":
+        a["teacher_seed"] = _i(3)
+    return a
 
 
 def build_causal_gd(rng):

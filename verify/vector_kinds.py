@@ -644,6 +644,98 @@ def compute_copy_construction(a):
 COMPUTE["classic_loss"] = compute_classic_loss
 COMPUTE["copy_construction"] = compute_copy_construction
 
+# The Prop. 2 causal constructions and the LDS sequence sampler (issue #16, SPEC.md section 15).
+PROP2_ITERATIONS = ("neumann", "richardson", "chebyshev")
+KINDS["causal_prop2"] = Kind(
+    "Prop. 2 on sequence tokens [0, x_t, x_{t-1}, z_1 .. z_K] (every z_j = x_t): K causal preconditioning layers "
+    "(layer k: z_j -= gamma_k C_t z_{k-1}, j >= k) and the causal GD readout layer (slot 0 += M_t sum_j c_j z_j); "
+    "iteration 0 Neumann (omega, K + 1 terms), 1 Richardson (omegas, K + 1 steps), 2 the code's Chebyshev-type "
+    "recursion with a fixed normaliser nu (alphas, betas: K pairs; gamma_k = 1/nu); the tokens after every layer, "
+    "the readout (+ first d channels) and exact ridge M_t A_t^{-1} x_t per token (SPEC.md section 15)",
+    ("X",),
+    {"ridge": Config("float64", lo=0.0, hi=1e6, strict=True),
+     "iteration": Config("int64", lo=0, hi=len(PROP2_ITERATIONS) - 1), "K": Config("int64", lo=0, hi=8),
+     "omega": Config("float64", lo=-1e6, hi=1e6, default="absent unless iteration = 0"),
+     "omegas": Config("float64", "(n,)", -1e6, 1e6, default="absent unless iteration = 1 (K + 1 entries)"),
+     "alphas": Config("float64", "(n,)", -1e6, 1e6, default="absent unless iteration = 2 (K entries)"),
+     "betas": Config("float64", "(n,)", -1e6, 1e6, default="absent unless iteration = 2 (K entries)"),
+     "nu": Config("float64", lo=0.0, hi=1e6, strict=True, default="absent unless iteration = 2")},
+    ("E", "gammas", "coeffs", "layer<k>.<param>", "outs", "pred", "pred_ridge"))
+KINDS["lds_sampler"] = Kind(
+    "sample_sequences(default_rng([seed, step]), SequenceSpec(...)): the LDS draws in the documented order "
+    "(W or U and lam, h_1, state noise, C, observation noise) for variant 0 linear, 1 partial, 2 nonlinear, "
+    "3 contracting, 4 fixed; inputs X, targets Y, states H, W, C (SPEC.md section 15)",
+    (), {"seed": _SEED, "step": _SEED, "variant": Config("int64", lo=0, hi=4), "B": _SIZE, "T": _SIZE, "d": _SIZE,
+         "d_obs": _SIZE, "init_range": Config("float64", lo=0.0, hi=1e6, strict=True), "noise_std": _NONNEG,
+         "obs_noise_std": _NONNEG,
+         "clip": Config("float64", lo=0.0, hi=1e6, strict=True, default="the variant's (nonlinear: no clipping)"),
+         "mlp_seed": Config("int64", lo=0, hi=2 ** 63 - 1, default="0"),
+         "teacher_seed": Config("int64", lo=0, hi=2 ** 63 - 1, default="0")},
+    ("X", "Y", "H", "W", "C"))
+
+
+def prop2_scalars(a):
+    """(gammas (K,), coeffs (K+1,)) of a causal_prop2 case, from reference.causal_constructions."""
+    from reference import causal_constructions as CC
+
+    K, r, it = int(a["K"]), float(a["ridge"]), PROP2_ITERATIONS[int(a["iteration"])]
+    if it == "neumann":
+        return CC.neumann_coefficients(float(a["omega"]), K, r)
+    if it == "richardson":
+        if a["omegas"].shape != (K + 1,):
+            raise ValueError(f"omegas must have K + 1 = {K + 1} entries, got {a['omegas'].shape}")
+        return CC.richardson_coefficients(a["omegas"], r)
+    alphas, betas, nu = a["alphas"], a["betas"], float(a["nu"])
+    if alphas.shape != (K,) or betas.shape != (K,):
+        raise ValueError(f"alphas and betas must have K = {K} entries, got {alphas.shape} and {betas.shape}")
+    gammas = np.full(K, 1.0 / nu)
+    return gammas, CC.polynomial_coefficients(CC.chebyshev_polynomial(alphas, betas, nu), gammas, r)
+
+
+def compute_causal_prop2(a):
+    """precond_tokens, prop2_stack with the iteration's scalars, the tokens after each layer,
+    the readout and ridge_predict."""
+    from reference import causal_constructions as CC
+
+    X, K = a["X"], int(a["K"])
+    d = X.shape[2]
+    gammas, coeffs = prop2_scalars(a)
+    params, arch = CC.prop2_stack(d, gammas, coeffs)
+    E = CC.precond_tokens(X, K)
+    h, outs = E, []
+    for p in params:
+        h, _ = R.lsa_forward(h, p, causal=True)
+        outs.append(h)
+    arch_out = R.model_forward(E, params, arch)[0]
+    if not np.array_equal(arch_out, h):
+        raise AssertionError("prop2_stack's model_forward differs from its layers applied in turn")
+    return {"E": E, "gammas": np.asarray(gammas, np.float64), "coeffs": np.asarray(coeffs, np.float64),
+            **stack_arrays(params), "outs": np.stack(outs), "pred": h[..., :d],
+            "pred_ridge": CC.ridge_predict(X, float(a["ridge"]))}
+
+
+def lds_spec(a):
+    """The SequenceSpec of an lds_sampler case (clip absent: the variant's)."""
+    from reference import sequences as S
+
+    return S.SequenceSpec(variant=S.VARIANTS[int(a["variant"])], T=int(a["T"]), B=int(a["B"]), d=int(a["d"]),
+                          d_obs=int(a["d_obs"]), init_range=float(a["init_range"]), noise_std=float(a["noise_std"]),
+                          obs_noise_std=float(a["obs_noise_std"]), clip=float(a["clip"]) if "clip" in a else None,
+                          mlp_seed=int(a.get("mlp_seed", 0)), teacher_seed=int(a.get("teacher_seed", 0)))
+
+
+def compute_lds_sampler(a):
+    """sample_sequences(step_rng(seed, step), spec, B) in float64."""
+    from reference import sequences as S
+
+    spec = lds_spec(a)
+    s = S.sample_sequences(R.step_rng(int(a["seed"]), int(a["step"])), spec, spec.B)
+    return {k: np.ascontiguousarray(v) for k, v in zip(s._fields, s)}
+
+
+COMPUTE["causal_prop2"] = compute_causal_prop2
+COMPUTE["lds_sampler"] = compute_lds_sampler
+
 assert set(KINDS) == set(COMPUTE)
 
 

@@ -265,3 +265,41 @@ def copy_construction(X, Y, x_q, eta, width):
     out, _ = R.model_forward(E, params, arch)
     return {"E": E, "layer1": _arrays(params[1]), "layer2": _arrays(params[2]), "out": out,
             "pred": layout.readout(out), "pred_gd": R.gd_predict(X, Y, x_q, eta, 1)[0]}
+
+
+def causal_prop2(X, ridge, iteration, K, omega=None, omegas=None, alphas=None, betas=None, nu=None):
+    """Prop. 2 on sequence tokens: K preconditioning layers and the GD readout layer;
+    ``iteration`` 0 Neumann (omega), 1 Richardson (omegas, K + 1), 2 fixed-normaliser
+    Chebyshev (alphas, betas: K each; nu; gamma_k = 1/nu) (SPEC.md section 15)."""
+    from reference import causal_constructions as CC
+
+    d = X.shape[2]
+    if iteration == 0:
+        gammas, coeffs = CC.neumann_coefficients(omega, K, ridge)
+    elif iteration == 1:
+        gammas, coeffs = CC.richardson_coefficients(omegas, ridge)
+    else:
+        gammas = np.full(K, 1.0 / nu)
+        coeffs = CC.polynomial_coefficients(CC.chebyshev_polynomial(alphas, betas, nu), gammas, ridge)
+    params, _ = CC.prop2_stack(d, gammas, coeffs)
+    E = CC.precond_tokens(X, K)
+    h, outs = E, []
+    for p in params:
+        h, _ = R.lsa_forward(h, p, causal=True)
+        outs.append(h)
+    return {"E": E, "gammas": np.asarray(gammas, np.float64), "coeffs": np.asarray(coeffs, np.float64),
+            "layer": [_arrays(p) for p in params], "outs": np.stack(outs), "pred": h[..., :d],
+            "pred_ridge": CC.ridge_predict(X, ridge)}
+
+
+def lds_sampler(seed, step, variant, B, T, d, d_obs, init_range, noise_std, obs_noise_std, clip=None, mlp_seed=0,
+                teacher_seed=0):
+    """sample_sequences(default_rng([seed, step]), ...) for variant 0 linear, 1 partial,
+    2 nonlinear, 3 contracting, 4 fixed; clip None: the variant's (SPEC.md section 15)."""
+    from reference import sequences as S
+
+    spec = S.SequenceSpec(variant=S.VARIANTS[variant], T=T, B=B, d=d, d_obs=d_obs, init_range=init_range,
+                          noise_std=noise_std, obs_noise_std=obs_noise_std, clip=clip, mlp_seed=mlp_seed,
+                          teacher_seed=teacher_seed)
+    s = S.sample_sequences(R.step_rng(seed, step), spec, B)
+    return dict(zip(s._fields, s))
