@@ -24,7 +24,7 @@ from typing import Optional
 
 import numpy as np
 
-from .backends import DEFAULT_TRAIN_BACKEND, backend_names, layout_support
+from .backends import DEFAULT_TRAIN_BACKEND, SEQ_BACKENDS, backend_names, layout_support, seq_support
 from .classic_tokens import TOKEN_KINDS, classic_layout
 from .layers import LayerSpec
 from .model import Arch, lsa_stack
@@ -439,8 +439,9 @@ def _config_errors(c):
     need(v["weight_decay"] >= 0, f"weight_decay: must be >= 0, got {v['weight_decay']}")
     for name in ("weight_decay", "elementwise_clip"):
         if v[name] != _OPTIM_DEFAULTS[name]:
-            need(v["backend"] == "numpy", f"{name}: only the numpy backend implements it; set backend=numpy "
-                                          f"(got backend={v['backend']!r})")
+            need(v["backend"] == "numpy" or (v["task"] == "lds" and v["backend"] in SEQ_BACKENDS),
+                 f"{name}: only the numpy backend implements it (and, for the lds task, the sequence steps of "
+                 f"{list(SEQ_BACKENDS)}); set backend=numpy (got backend={v['backend']!r})")
     need(v["task"] in TASKS, f"task: must be one of {TASKS}, got {v['task']!r}")
     need(v["sine_phase"] in SINE_PHASES, f"sine_phase: must be one of {SINE_PHASES}, got {v['sine_phase']!r}")
     need(v["amp_low"] < v["amp_high"], f"amp_low, amp_high: need amp_low < amp_high, got ({v['amp_low']}, {v['amp_high']})")
@@ -482,7 +483,7 @@ def _config_errors(c):
 
 def _sequence_errors(c, v):
     """Problems with an lds-task config: the unused fields, the sequence fields, the
-    backend (the reference only), causal attention and the input mask."""
+    backend (one with a sequence step that computes the model), causal attention and the input mask."""
     from .sequences import VARIANTS
 
     errs = []
@@ -498,9 +499,9 @@ def _sequence_errors(c, v):
     low = 2 if v["seq_variant"] == "contracting" else 1
     if v["seq_dim"] is not None and v["seq_dim"] < low:
         errs.append(f"seq_dim: must be >= {low} or None (the variant's default), got {v['seq_dim']}")
-    if v["backend"] != "numpy":
-        errs.append(f"backend: the lds task is trained by the numpy reference only (reference.seq_training); "
-                    f"set backend=numpy, got {v['backend']!r}")
+    if v["backend"] not in SEQ_BACKENDS:
+        errs.append(f"backend: the lds task trains on the backends with a sequence step, {list(SEQ_BACKENDS)} "
+                    f"(reference.seq_training); got {v['backend']!r}")
     if v["layers"] is None and not v["causal"]:
         errs.append("causal: the lds task needs causal attention (token t sees tokens s <= t); set causal=true")
     if errs:
@@ -508,6 +509,14 @@ def _sequence_errors(c, v):
     D = c.seq_token_width()
     if v["input_mask"] > D:
         errs.append(f"input_mask: must be <= the token width {D}, got {v['input_mask']}")
+    try:
+        arch = c.arch()
+    except (ValueError, TypeError, KeyError):                         # the layers check names the problem
+        arch = None
+    if arch is not None and v["backend"] != "numpy":
+        reason = seq_support(v["backend"], arch)
+        if reason is not None:
+            errs.append(f"backend: {reason}")
     return errs
 
 def arch_from_text(text):

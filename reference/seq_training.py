@@ -86,11 +86,10 @@ def check_sequences(seqs, d):
     return seqs.X.dtype
 
 
-def seq_train_step(params, state, seqs, arch, hp, mask=0):
-    """One training step on sequences: E = code_tokens(X) (B, T, 4d), the first ``mask``
-    channels zeroed, L and its gradients (``seq_loss_and_grads``), then the clipped
-    Adam/AdamW update. Returns :class:`reference.train_step.StepResult` (the loss before
-    the update; the raw gradient's global norm)."""
+def check_seq_step_inputs(params, state, seqs, arch, hp):
+    """What a sequence step refuses before any work (every backend's sequence step runs
+    it): sequences (:func:`check_sequences`) in the dtype of params and state that one
+    step can update (``train_step.check_step_state`` on the code layout). Returns (d, dtype)."""
     if not isinstance(seqs, Sequences):
         raise TypeError(f"seqs must be a reference.sequences.Sequences, got {type(seqs).__name__}")
     check_data("seqs.X", seqs.X, dims=("B", "T", "d"), allow_complex=False)
@@ -98,6 +97,15 @@ def seq_train_step(params, state, seqs, arch, hp, mask=0):
     dtype = check_step_state(params, state, arch, hp, SeqLayout(d))
     if check_sequences(seqs, d) != dtype:
         raise TypeError(f"seqs.X and seqs.Y must have the params' dtype {dtype}, got {seqs.X.dtype}")
+    return d, dtype
+
+
+def seq_train_step(params, state, seqs, arch, hp, mask=0):
+    """One training step on sequences: E = code_tokens(X) (B, T, 4d), the first ``mask``
+    channels zeroed, L and its gradients (``seq_loss_and_grads``), then the clipped
+    Adam/AdamW update. Returns :class:`reference.train_step.StepResult` (the loss before
+    the update; the raw gradient's global norm)."""
+    d, _ = check_seq_step_inputs(params, state, seqs, arch, hp)
     E = code_tokens(seqs.X)                                            # (B, T, 4d)
     L, grads, _ = seq_loss_and_grads(E, seqs.Y, params, arch, d, mask)
     params, state, norm = adam_apply(params, grads, state, hp)
@@ -124,7 +132,14 @@ class SeqStepper:
 
 
 def make_stepper(cfg):
-    return SeqStepper(cfg.arch(), cfg.adam_hp(), cfg.task_spec(), cfg.seed, cfg.np_dtype, cfg.model.input_mask)
+    """The configured backend's sequence stepper (``make_seq_stepper``; the NumPy
+    backend's is :class:`SeqStepper`), after checking that backend computes the model
+    (``seq_supports``: ValueError with its reason otherwise)."""
+    from .backends import seq_backend
+
+    backend = seq_backend(cfg.backend, cfg.arch())
+    return backend.make_seq_stepper(cfg.arch(), cfg.adam_hp(), cfg.task_spec(), cfg.seed, cfg.np_dtype,
+                                    cfg.model.input_mask)
 
 
 # ---- initialisation ------------------------------------------------------------------------

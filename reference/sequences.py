@@ -291,7 +291,23 @@ def seq_loss_and_grads(E, Y, params, arch, d=None, mask=0):
     against targets Y (B, T, d), reading the first d channels; ``mask``: input channels
     zeroed before the first layer (the code's one-layer masking, 2d). Returns
     (L, dparams, aux) with aux = dict(pred, per_t, dE)."""
-    from .model import check_model_inputs, model_backward, model_forward
+    from .model import model_backward, model_forward
+
+    d, Em, n = check_seq_loss_inputs(E, Y, params, arch, d, mask)
+    out, mcache = model_forward(Em, params, arch)
+    pred = out[:, :, :d]                                                # (B, T, d)
+    L, per_t, lcache = seq_loss_forward(pred, Y)
+    # backward: loss -> readout -> layers in reverse -> mask
+    dout = seq_readout_backward(seq_loss_backward(lcache), out.shape)
+    dEm, dparams = model_backward(dout, mcache)
+    return L, dparams, {"pred": pred, "per_t": per_t, "dE": mask_backward(dEm, n)}
+
+
+def check_seq_loss_inputs(E, Y, params, arch, d=None, mask=0):
+    """What :func:`seq_loss_and_grads` refuses before any work (every backend's sequence
+    loss runs it): E (B, T, D), Y (B, T, d) of one dtype, d <= D, the mask, the model's
+    inputs. Returns (d, the masked tokens, the number of masked channels)."""
+    from .model import check_model_inputs
 
     check_data("E", E, dims=("B", "T", "D"))
     check_data("Y", Y, dims=("B", "T", "d"))
@@ -303,13 +319,7 @@ def seq_loss_and_grads(E, Y, params, arch, d=None, mask=0):
     check_same_dtype(E=E, Y=Y)
     Em, n = mask_forward(E, mask)
     check_model_inputs(Em, params, arch)
-    out, mcache = model_forward(Em, params, arch)
-    pred = out[:, :, :d]                                                # (B, T, d)
-    L, per_t, lcache = seq_loss_forward(pred, Y)
-    # backward: loss -> readout -> layers in reverse -> mask
-    dout = seq_readout_backward(seq_loss_backward(lcache), out.shape)
-    dEm, dparams = model_backward(dout, mcache)
-    return L, dparams, {"pred": pred, "per_t": per_t, "dE": mask_backward(dEm, n)}
+    return d, Em, n
 
 
 def check_targets(X, Y):
@@ -322,4 +332,5 @@ def check_targets(X, Y):
 __all__ = ["Sequences", "SequenceSpec", "VARIANTS", "sample_sequences", "haar_orthogonal", "nonlinear_mlp",
            "nonlinear_features", "seq_tokens", "code_tokens", "shifted", "mask_forward", "mask_backward",
            "seq_readout", "seq_readout_backward", "seq_loss_forward", "seq_loss_backward", "seq_loss_and_grads",
+           "check_seq_loss_inputs",
            "check_dout"]

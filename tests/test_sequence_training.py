@@ -102,7 +102,7 @@ def test_clip_by_value_and_reported_norm():
 # ---- configuration --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("over,field", [
-    (dict(backend="numba"), "backend"), (dict(seq_variant="bogus"), "seq_variant"), (dict(d=4), "d:"),
+    (dict(backend="cupy"), "backend"), (dict(seq_variant="bogus"), "seq_variant"), (dict(d=4), "d:"),
     (dict(causal=False), "causal"), (dict(input_mask=99), "input_mask"), (dict(seq_len=0), "seq_len"),
     (dict(init_std=-1.0), "init_std"), (dict(weight_decay=-0.1), "weight_decay"), (dict(N=3), "N:"),
     (dict(elementwise_clip=0.0), "elementwise_clip")])

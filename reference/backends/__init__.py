@@ -15,6 +15,14 @@ A backend is a module in this folder, listed in ``BACKENDS``, that provides:
                               (with a ``layout=`` keyword too where LAYOUT_KINDS lists
                               a kind beyond the regression layouts)
 
+A backend that trains the lds task's sequences (``reference.seq_training``) also provides
+
+    seq_supports(arch)        None if its sequence step computes this Arch, else the reason
+    make_seq_stepper(arch, hp, spec, seed, dtype, mask) -> a stepper with .step, .step_on(params,
+                              state, seqs) and .sample, as ``seq_training.SeqStepper``
+
+(``SEQ_BACKENDS`` lists them; :func:`seq_backend` picks one and checks the Arch).
+
 Each is tested against ``reference`` (and through it against the loop oracle). A
 backend asked for an Arch it does not support raises ValueError with the reason
 (:func:`require_support`) instead of computing something else. ``get_backend(name)``
@@ -47,6 +55,26 @@ LAYOUT_KINDS = {
     "numba": ("regression", "embedded", "classic"),
     "cupy": ("regression", "embedded"),
 }
+
+
+# The backends with a sequence step (the lds task; ``seq_supports``, ``make_seq_stepper``).
+SEQ_BACKENDS = ("numpy", "numba")
+
+
+def seq_support(name, arch):
+    """None if backend ``name`` trains the lds task's sequences on ``arch``, else the reason."""
+    if name not in SEQ_BACKENDS:
+        return f"backend {name!r} has no sequence step (the lds task trains on the backends {list(SEQ_BACKENDS)})"
+    return get_backend(name).seq_supports(arch)
+
+
+def seq_backend(name, arch):
+    """The backend module ``name`` for a sequence run of ``arch``; ValueError with the reason
+    when it cannot run it."""
+    reason = seq_support(name, arch)
+    if reason is not None:
+        raise ValueError(f"backend {name!r} cannot train this sequence model: {reason}")
+    return get_backend(name)
 
 
 def layout_support(name, kind):

@@ -37,7 +37,15 @@ Every other Arch of the layer kinds embed, mlp, lsa, softmax, gd, posenc and pre
 mixed-stack kernels of ``_numba_mixed`` (its docstring says how); their ``stepper.step``
 draws its tasks on the host exactly as the NumPy backend does
 (``spec.sample(step_rng(seed, step))``), so for the same seed both backends train on
-the same tasks. Other layer kinds are refused by :func:`supports`.
+the same tasks. Other layer kinds are refused by :func:`supports`. Classic tokens
+(``ClassicLayout``, passed as ``layout=``) run on the mixed-stack kernels for every Arch,
+uniform LSA stacks included: their readout is the one those kernels compute.
+
+The lds task's sequence step (``seq_supports``, ``seq_loss_and_grads``, ``seq_train_step``,
+``make_seq_stepper``) runs uniform causal LSA stacks on ``_numba_seq`` (every token read,
+the per-time-step loss) and updates with the reference's ``optim.adam_apply``
+(element-wise clip, AdamW); its stepper draws the NumPy backend's sequences. The mesa
+layer and other Archs are refused with the reason (they train on 'numpy').
 
 JIT flags (parallel, fastmath, cache, lanes) come from ``config.py``. Complex inputs
 (complex-step checks) are not supported here: they run on the reference ('numpy').
@@ -53,7 +61,10 @@ from ..tasks import Tasks, TaskSpec, sample_tasks as reference_sample_tasks, ste
 from ..tokens import TokenLayout, build_tokens
 from ..train_step import StepResult, check_step_inputs, check_step_state
 from ..tree import from_vector, to_vector
-from . import _numba_mixed, config
+from ..optim import adam_apply
+from ..seq_training import check_seq_step_inputs
+from ..sequences import check_seq_loss_inputs, code_tokens, mask_forward
+from . import _numba_mixed, _numba_seq, config
 from ._lsa_stack import lsa_stack_of, lsa_stack_reason
 from ._numba_dspace import run_batch_dspace
 from ._numba_rng import run_key
@@ -84,7 +95,7 @@ def _mixed(arch, layout=None):
     LSA path's checks refuse it)."""
     if not isinstance(arch, Arch):
         return False
-    other = layout is not None and getattr(layout, "kind", None) not in ("regression", "embedded")
+    other = getattr(layout, "kind", "regression") not in ("regression", "embedded")   # a layout object (or d)
     if not other and lsa_stack_reason(arch, NAME) is None:
         return False
     reason = _numba_mixed.mixed_reason(arch, NAME)
@@ -482,6 +493,92 @@ class MixedStepper:
         return _mixed_step_on(params, state, tasks, self.arch, self.hp, layout, dtype)
 
 
+# ------------------------------------------------------- sequences (the lds task) ----
+
+def seq_supports(arch):
+    """None for uniform stacks of causal ``lsa`` layers (``_numba_seq``), else the reason
+    (the mesa layer and every other Arch train on backend 'numpy')."""
+    return _numba_seq.seq_reason(arch, NAME) if isinstance(arch, Arch) else f"arch must be an Arch, got {type(arch).__name__}"
+
+
+def _require_seq(arch):
+    if not isinstance(arch, Arch):
+        raise TypeError(f"arch must be an Arch, got {type(arch).__name__}")
+    reason = _numba_seq.seq_reason(arch, NAME)
+    if reason is not None:
+        raise ValueError(reason)
+    return lsa_stack_of(arch, NAME)
+
+
+def _seq_run(Em, Y, params, stack, need_grad=True, need_pred=False, path=None):
+    """Factored params: the stacked-heads kernels; merged (or ``path="merged"``): the
+    fused LSA kernels' causal layers in merged form (``_numba_seq``)."""
+    dt = np.dtype(Em.dtype)
+    lidx = np.array([stack.layer_index(k) for k in range(stack.n_layers)], dtype=np.int64)
+    if path != "merged" and all(isinstance(p, LSAParams) for p in params):
+        L, per_t, grads, pred = _numba_seq.factored_loss_and_grads(Em, Y, params, lidx, stack.clip, need_grad,
+                                                                   need_pred)
+        return L, per_t, grads, pred
+    A, Bm = _merged_stack(params, dt)
+    L, per_t, dA, dB, pred = _numba_seq.loss_and_merged_grads(Em, Y, A, Bm, lidx, stack.clip, need_grad, need_pred)
+    grads = factored_grads(params, dA, dB, dt) if need_grad else None
+    return L, per_t, grads, pred
+
+
+def seq_loss_and_grads(E, Y, params, arch, d=None, mask=0, *, path=None):
+    """``reference.sequences.seq_loss_and_grads`` (its checks first): (L, dparams, aux) with
+    aux = dict(pred, per_t); no dE (the step does not need it). ``path="merged"`` forces
+    the merged-form kernels for factored params too (tests)."""
+    stack = _require_seq(arch)
+    _check_real(E)
+    d, Em, _ = check_seq_loss_inputs(E, Y, params, arch, d, mask)
+    L, per_t, grads, pred = _seq_run(Em, Y, params, stack, need_pred=True, path=path)
+    dt = np.dtype(E.dtype)
+    return dt.type(L), grads, {"pred": pred, "per_t": per_t.astype(dt)}
+
+
+def seq_train_step(params, state, seqs, arch, hp, mask=0):
+    """``reference.seq_training.seq_train_step`` (its checks first): tokens ``code_tokens(X)``,
+    the mask, loss and gradients on the sequence kernels, then the reference's
+    ``optim.adam_apply`` (element-wise clip, AdamW). Returns StepResult."""
+    stack = _require_seq(arch)
+    check_seq_step_inputs(params, state, seqs, arch, hp)
+    Em, _ = mask_forward(code_tokens(seqs.X), mask)                    # (B, T, 4d)
+    L, _, grads, _ = _seq_run(Em, seqs.Y, params, stack)
+    params, state, norm = adam_apply(params, grads, state, hp)
+    return StepResult(params, state, L, norm)
+
+
+class SeqStepper:
+    """The lds task's stepper on the sequence kernels: ``.step(params, state, step)`` draws
+    the NumPy backend's sequences (``spec.sample(step_rng(seed, step), dtype=dtype)``), then
+    updates as ``.step_on(params, state, seqs)`` does; ``.sample(step)`` returns them."""
+
+    def __init__(self, arch, hp, spec, seed, dtype=np.float32, mask=0):
+        _require_seq(arch)
+        if not isinstance(hp, AdamHP):
+            raise TypeError(f"hp must be an AdamHP, got {type(hp).__name__}")
+        self.arch, self.hp, self.spec = arch, hp.validate(), spec
+        self.seed = check_int("seed", seed, 0)
+        self.dtype = check_dtype("dtype", dtype)
+        self.mask = check_int("mask", mask, 0)
+
+    def sample(self, step):
+        return self.spec.sample(step_rng(self.seed, check_int("step", step, 0)), dtype=self.dtype)
+
+    def step(self, params, state, step):
+        return self.step_on(params, state, self.sample(step))
+
+    def step_on(self, params, state, seqs):
+        return seq_train_step(params, state, seqs, self.arch, self.hp, self.mask)
+
+
+def make_seq_stepper(arch, hp, spec, seed, dtype=np.float32, mask=0):
+    """A :class:`SeqStepper` (ValueError with :func:`seq_supports`'s reason for an Arch the
+    sequence kernels do not compute)."""
+    return SeqStepper(arch, hp, spec, seed, dtype, mask)
+
+
 def rng_kernels():
     """The task generator's jitted building blocks (normal_pairs, stream_key, task_key,
     uniforms_lanes), for the benchmarks' random-number rate measurements."""
@@ -500,4 +597,5 @@ def make_stepper(arch, hp, spec, seed, dtype=np.float32, layout=None):
 
 
 __all__ = ["NAME", "HOST_ARRAYS", "check_available", "supports", "adam_update", "factored_grads", "NumbaRNG", "numba_rng", "sample_tasks", "loss_and_grads", "model_forward", "train_step",
-           "make_stepper", "Stepper", "MixedStepper", "BatchRun", "rng_kernels"]
+           "make_stepper", "Stepper", "MixedStepper", "BatchRun", "rng_kernels", "seq_supports", "seq_loss_and_grads",
+           "seq_train_step", "SeqStepper", "make_seq_stepper"]

@@ -50,4 +50,16 @@ def make_stepper(arch, hp, spec, seed, dtype=np.float32, layout=None):
     return Stepper(arch, hp, spec, seed, dtype, layout)
 
 
-__all__ = ["NAME", "HOST_ARRAYS", "check_available", "supports", "sample_tasks", "loss_and_grads", "model_forward", "train_step", "make_stepper"]
+def seq_supports(arch):
+    """The reference's sequence step (``reference.seq_training``) computes every Arch."""
+    return None
+
+
+def make_seq_stepper(arch, hp, spec, seed, dtype=np.float32, mask=0):
+    """``reference.seq_training.SeqStepper``: the lds task's step on sequences of ``spec``."""
+    from ..seq_training import SeqStepper
+
+    return SeqStepper(arch, hp, spec, seed, dtype, mask)
+
+
+__all__ = ["NAME", "seq_supports", "make_seq_stepper", "HOST_ARRAYS", "check_available", "supports", "sample_tasks", "loss_and_grads", "model_forward", "train_step", "make_stepper"]
