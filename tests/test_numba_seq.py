@@ -7,11 +7,13 @@ on the same sequences:
    tolerance, 1e-12 relative) and float32 (``reference.tolerances``), on the stacked-heads
    kernels (factored params) and the merged-form kernels; 1 and 3 layers, several heads,
    key and value sizes that differ, the token clip active, the input mask, weight tying,
-   a batch that is not a multiple of the lanes;
+   a batch that is not a multiple of the lanes; mesa stacks (form "sm": one and two
+   layers, heads and sizes that differ, tied, lam per head away from 1, lam's gradient);
 2. three AdamW steps with the element-wise clip (``SeqStepper.step_on``) and
    ``stepper.step`` (the NumPy backend's draws for the same seed and step);
-3. what the path refuses (the mesa layer, non-causal stacks) with the reason, and the
-   config routing an lds run to it.
+3. the mesa guards refusing (NonFiniteError) where the reference's refuse; what the path
+   does not compute (other mesa forms, forgetting, non-causal or mixed stacks) refused with
+   the reason, and the config routing an lds run to it.
 """
 
 import numpy as np
@@ -27,10 +29,14 @@ from reference.sequences import SequenceSpec, code_tokens, seq_loss_and_grads
 from reference.tolerances import assert_close
 
 SPEC = SequenceSpec(T=6, B=21, d=3)
+MESA = LayerSpec("mesa", (("heads", 2), ("key_size", 4), ("value_size", 3)))
 STACKS = {
     "1layer-mask": (lsa_stack(1, False, True, 4.0, heads=2, key_size=4, value_size=5), 6),
     "3layers-clip": (lsa_stack(3, False, True, 0.6, heads=2, key_size=4, value_size=3), 0),
     "2layers-tied": (lsa_stack(2, True, True, 1.0, heads=3, key_size=2, value_size=4), 0),
+    "mesa-1layer-mask": (Arch((MESA,)), 6),
+    "mesa-2layers": (Arch((MESA, LayerSpec("mesa", (("heads", 3), ("key_size", 2), ("value_size", 4))))), 0),
+    "mesa-2layers-tied": (Arch((MESA, MESA), tie=(0, 0)), 0),
 }
 DTYPES = {"f64": np.float64, "f32": np.float32}
 
@@ -39,6 +45,8 @@ def _setup(name, dtype, seed=0):
     arch, mask = STACKS[name]
     seqs = SPEC.sample(np.random.default_rng(seed), dtype=dtype)
     params = S.init_normal(arch, 4 * SPEC.d, 0.3, np.random.default_rng(seed + 1), dtype)
+    if name.startswith("mesa"):                                        # lam away from its init 1, per head
+        params = tuple(p._replace(lam=np.linspace(0.5, 2.0, p.lam.size).astype(dtype)) for p in params)
     return arch, mask, seqs, params
 
 
@@ -46,9 +54,8 @@ def close(a, b, dtype, what):
     assert_close(np.asarray(a), np.asarray(b, dtype=np.asarray(a).dtype), "algebra", dtype, what)
 
 
-@pytest.mark.parametrize("path", [None, "merged"])
 @pytest.mark.parametrize("dt", DTYPES)
-@pytest.mark.parametrize("name", STACKS)
+@pytest.mark.parametrize("name, path", [(n, None) for n in STACKS] + [(n, "merged") for n in STACKS if "mesa" not in n])
 def test_loss_and_grads_match_the_reference(name, dt, path):
     dtype = DTYPES[dt]
     arch, mask, seqs, params = _setup(name, dtype)
@@ -97,11 +104,30 @@ def test_adamw_steps_match_the_reference(name, dt):
     C.close_scalar(r1.loss, r0.loss, dtype, "step loss (the NumPy backend's draws)")
 
 
+@pytest.mark.parametrize("lam, words", [(1.0, "backward"), (1e7, "positive definiteness")])
+def test_the_mesa_guards_refuse_as_the_reference_refuses(lam, words):
+    """float32 keys of norm ~10 over T = 40 tokens: the reverse walk loses its precision
+    (lam 1); lam 1e7 makes k^T R k negative beyond rounding in the forward."""
+    from reference._checks import NonFiniteError
+
+    arch = Arch((LayerSpec("mesa", (("heads", 2), ("key_size", 4), ("value_size", 4))),))
+    spec = SequenceSpec(T=40, B=9, d=3)
+    seqs = spec.sample(np.random.default_rng(0), dtype=np.float32)
+    params = S.init_normal(arch, 12, 1.0, np.random.default_rng(1), np.float32)
+    params = (params[0]._replace(lam=np.full(2, lam, np.float32)),)
+    E = code_tokens(seqs.X)
+    for f in (seq_loss_and_grads, nb.seq_loss_and_grads):
+        with pytest.raises(NonFiniteError, match=words):
+            f(E, seqs.Y, params, arch, 3, 0)
+
+
 def test_what_the_sequence_kernels_do_not_compute_is_refused_with_the_reason():
-    mesa = Arch((LayerSpec("mesa", (("heads", 2), ("key_size", 4), ("value_size", 4))),))
+    direct = Arch((LayerSpec("mesa", (("form", "direct"),)),))
+    forget = Arch((LayerSpec("mesa", (("forget", 0.9),)),))
     acausal = lsa_stack(2, False, False, None)
+    mixed = Arch((LayerSpec("lsa", (("causal", True),)), MESA))
     hp = AdamHP()
-    for arch, words in ((mesa, "'mesa'"), (acausal, "causal")):
+    for arch, words in ((direct, "form='sm'"), (forget, "forget=None"), (acausal, "causal"), (mixed, "'mesa'")):
         reason = nb.seq_supports(arch)
         assert reason is not None and words in reason and "numpy" in reason, reason
         assert seq_support("numba", arch) == reason and seq_support("numpy", arch) is None
@@ -117,8 +143,26 @@ def test_the_config_routes_lds_runs_to_the_numba_sequence_step_only_where_it_app
     cfg = TrainConfig().replace(**base, backend="numba")
     assert isinstance(S.make_stepper(cfg), nb.SeqStepper)
     assert isinstance(S.make_stepper(TrainConfig().replace(**base, backend="numpy")), S.SeqStepper)
-    mesa = '[{"kind": "mesa", "heads": 2, "key_size": 4, "value_size": 4}]'
     kw = {k: v for k, v in base.items() if k not in ("heads", "key_size", "value_size", "token_clip", "causal")}
-    TrainConfig().replace(**kw, backend="numpy", layers=mesa)
-    with pytest.raises(ConfigError, match="backend: .*'mesa'"):
-        TrainConfig().replace(**kw, backend="numba", layers=mesa)
+    mesa = '[{"kind": "mesa", "heads": 2, "key_size": 4, "value_size": 4}]'
+    assert isinstance(S.make_stepper(TrainConfig().replace(**kw, backend="numba", layers=mesa)), nb.SeqStepper)
+    direct = '[{"kind": "mesa", "heads": 2, "form": "direct"}]'
+    TrainConfig().replace(**kw, backend="numpy", layers=direct)
+    with pytest.raises(ConfigError, match="backend: .*form='sm'"):
+        TrainConfig().replace(**kw, backend="numba", layers=direct)
+
+
+@pytest.mark.parametrize("model", ["lsa2", "mesa"])
+def test_a_short_run_on_numba_follows_the_numpy_run(tmp_path, model):
+    """30 steps of a tiny lds run (float64) on each backend: the same eval curve."""
+    from test_sequence_training import seq_tiny
+    from test_training import eval_rows, train
+
+    kw = dict(n_layers=2) if model == "lsa2" else dict(
+        layers='[{"kind": "mesa", "heads": 2, "key_size": 4, "value_size": 4}]', heads=1, key_size=None,
+        value_size=None, token_clip=None, causal=False)
+    runs = {b: eval_rows(train(seq_tiny(backend=b, **kw), tmp_path / b).history) for b in ("numpy", "numba")}
+    assert len(runs["numba"]) == len(runs["numpy"]) > 2
+    for r1, r0 in zip(runs["numba"], runs["numpy"]):
+        assert r1["loss"] == pytest.approx(r0["loss"], rel=1e-9)
+        np.testing.assert_allclose(r1["per_t"], r0["per_t"], rtol=1e-9)

@@ -189,7 +189,7 @@ def test_baselines_order_and_per_t():
 
 # ---- runs: resume bit for bit, divergence ----------------------------------------------------
 
-@pytest.mark.parametrize("kw", [dict(), dict(dtype="float32", n_layers=2)])
+@pytest.mark.parametrize("kw", [dict(), dict(dtype="float32", n_layers=2), dict(backend="numba", dtype="float32", n_layers=2)])
 def test_resume_equals_uninterrupted_sequence(tmp_path, monkeypatch, kw):
     cfg = seq_tiny(**kw)
     full = train(cfg, tmp_path / "full")

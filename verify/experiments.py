@@ -103,11 +103,12 @@ EXPERIMENTS = {e.name: e for e in [
 # (b2 0.999, weight decay 0.1), batch 256 fresh sequences per step, no schedule; a fixed
 # evaluation set of 2048 sequences (the code: 10 fresh batches).
 SEQ_COMMON = dict(task="lds", seq_len=50, batch=256, b2=0.999, eps=1e-8, grad_clip=None, elementwise_clip=1.0,
-                  weight_decay=0.1, init_std=0.0002, backend="numpy", dtype="float32", eval_tasks=2048,
+                  weight_decay=0.1, init_std=0.0002, backend="numba", dtype="float32", eval_tasks=2048,
                   line_search_tasks=2048, eval_every=100, checkpoint_every=500, causal=True)
-# The causal LSA stacks train on the Numba backend's sequence step (tests/test_numba_seq.py
-# checks it against reference.seq_training on the same sequences); the mesa layer on numpy.
-SEQ_LSA = dict(key_size=20, value_size=20, token_clip=4.0, backend="numba")
+# Every one trains on the Numba backend's sequence step (causal LSA stacks and the mesa
+# layer, form "sm"; tests/test_numba_seq.py checks it against reference.seq_training on the
+# same sequences); backend="numpy" runs the reference's.
+SEQ_LSA = dict(key_size=20, value_size=20, token_clip=4.0)
 SEQ_MESA = _layers({"kind": "mesa", "heads": 4, "key_size": 20, "value_size": 20})
 
 

@@ -42,10 +42,10 @@ the same tasks. Other layer kinds are refused by :func:`supports`. Classic token
 uniform LSA stacks included: their readout is the one those kernels compute.
 
 The lds task's sequence step (``seq_supports``, ``seq_loss_and_grads``, ``seq_train_step``,
-``make_seq_stepper``) runs uniform causal LSA stacks on ``_numba_seq`` (every token read,
-the per-time-step loss) and updates with the reference's ``optim.adam_apply``
-(element-wise clip, AdamW); its stepper draws the NumPy backend's sequences. The mesa
-layer and other Archs are refused with the reason (they train on 'numpy').
+``make_seq_stepper``) runs uniform causal LSA stacks and mesa stacks (form "sm", no
+forgetting) on ``_numba_seq`` (every token read, the per-time-step loss) and updates with
+the reference's ``optim.adam_apply`` (element-wise clip, AdamW); its stepper draws the
+NumPy backend's sequences. Other Archs are refused with the reason (they train on 'numpy').
 
 JIT flags (parallel, fastmath, cache, lanes) come from ``config.py``. Complex inputs
 (complex-step checks) are not supported here: they run on the reference ('numpy').
@@ -496,9 +496,17 @@ class MixedStepper:
 # ------------------------------------------------------- sequences (the lds task) ----
 
 def seq_supports(arch):
-    """None for uniform stacks of causal ``lsa`` layers (``_numba_seq``), else the reason
-    (the mesa layer and every other Arch train on backend 'numpy')."""
+    """None for uniform stacks of causal ``lsa`` layers and for stacks of mesa layers (form
+    "sm", no forgetting) (``_numba_seq``), else the reason (every other Arch trains on
+    backend 'numpy')."""
     return _numba_seq.seq_reason(arch, NAME) if isinstance(arch, Arch) else f"arch must be an Arch, got {type(arch).__name__}"
+
+
+class _SeqStack:
+    def __init__(self, arch):
+        self.mesa = _numba_seq.is_mesa(arch)
+        self.clip = None if self.mesa else arch.option("clip")
+        self.lidx = np.array([arch.tie[k] for k in range(arch.n_layers)], dtype=np.int64)
 
 
 def _require_seq(arch):
@@ -507,14 +515,16 @@ def _require_seq(arch):
     reason = _numba_seq.seq_reason(arch, NAME)
     if reason is not None:
         raise ValueError(reason)
-    return lsa_stack_of(arch, NAME)
+    return _SeqStack(arch)
 
 
 def _seq_run(Em, Y, params, stack, need_grad=True, need_pred=False, path=None):
-    """Factored params: the stacked-heads kernels; merged (or ``path="merged"``): the
-    fused LSA kernels' causal layers in merged form (``_numba_seq``)."""
+    """Mesa layers: their kernels; factored LSA params: the stacked-heads kernels; merged
+    (or ``path="merged"``): the fused LSA kernels' causal layers in merged form (``_numba_seq``)."""
     dt = np.dtype(Em.dtype)
-    lidx = np.array([stack.layer_index(k) for k in range(stack.n_layers)], dtype=np.int64)
+    lidx = stack.lidx
+    if stack.mesa:
+        return _numba_seq.mesa_loss_and_grads(Em, Y, params, lidx, need_grad, need_pred)
     if path != "merged" and all(isinstance(p, LSAParams) for p in params):
         L, per_t, grads, pred = _numba_seq.factored_loss_and_grads(Em, Y, params, lidx, stack.clip, need_grad,
                                                                    need_pred)
