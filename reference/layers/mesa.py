@@ -1,8 +1,10 @@
 """The mesa layer: causal softmax-free attention that solves a ridge regression per token.
 
-The readable spec (no fast backend runs it: the Numba and CuPy backends refuse it in
-``supports()``); tested against the loop oracle ``reference.oracle.oracle_mesa_layer``
-(explicit sums and Gaussian elimination per token) and complex-step derivatives.
+The readable spec (the Numba and CuPy backends refuse it in ``supports()``; the Numba
+backend's sequence step for the lds task runs form "sm" without forgetting,
+``reference/backends/_numba_seq.py``, tested against this module); tested against the
+loop oracle ``reference.oracle.oracle_mesa_layer`` (explicit sums and Gaussian
+elimination per token) and complex-step derivatives.
 Registered as layer kind ``"mesa"`` (:class:`Mesa` at the end).
 
 Equation (von Oswald et al., "Uncovering mesa-optimization algorithms in Transformers",
