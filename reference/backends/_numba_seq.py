@@ -292,6 +292,28 @@ def _pack_fm(E_in, Y_in, b0, nvalid, E0, Yb):
                 y[l] = Y_in[b0 + l, t, a]
 
 
+@njit(**KERNEL)
+def _loss_block(out, Yb, b0, nvalid, BT, need_pred, pred_out, per_t, dEa):
+    """Readout y_hat_t = out[:d, t] (out (D, T, L)), per_t[t] += sum 1/2 err^2 (float64),
+    dEa (D, T, L) = err / (B T) in the first d channels, 0 elsewhere."""
+    T, d, L = Yb.shape
+    dEa[:] = 0
+    for t in range(T):
+        acc = 0.0
+        for a in range(d):
+            o = out[a, t]
+            y = Yb[t, a]
+            g = dEa[a, t]
+            for l in range(nvalid):
+                err = o[l] - y[l]
+                acc += 0.5 * np.float64(err) * np.float64(err)
+                # backward: L = sum 1/2 err^2 / (B T), so dout_t[:d] = err / (B T)
+                g[l] = err / BT
+                if need_pred:
+                    pred_out[b0 + l, t, a] = o[l]
+        per_t[t] += acc
+
+
 @njit(**DRIVER)
 def seq_batch_factored(E_in, Y_in, WQ, WK, WV, PA, H, Kd, Vd, lidx, has_clip, clipv, BT, L, n_chunks, need_grad,
                        need_pred, per_t_out, gQ, gK, gV, gP, pred_out):
@@ -340,22 +362,7 @@ def seq_batch_factored(E_in, Y_in, WQ, WK, WV, PA, H, Kd, Vd, lidx, has_clip, cl
                 Pre[k] = Ein[k]
                 K_.sl(PA[p], Os[k].reshape((HV, TL)), Pre[k].reshape((D, TL)), True)
                 K_.clip_into(Pre[k], Ein[k + 1], has_clip, clipv)
-            out = Ein[K]
-            dEa[:] = 0
-            for t in range(T):
-                acc = 0.0
-                for a in range(d):
-                    o = out[a, t]
-                    y = Yb[t, a]
-                    g = dEa[a, t]
-                    for l in range(nvalid):
-                        err = o[l] - y[l]
-                        acc += 0.5 * np.float64(err) * np.float64(err)
-                        # backward: L = sum 1/2 err^2 / (B T), so dout_t[:d] = err / (B T)
-                        g[l] = err / BT
-                        if need_pred:
-                            pred_out[b0 + l, t, a] = o[l]
-                per_t[t] += acc
+            _loss_block(Ein[K], Yb, b0, nvalid, BT, need_pred, pred_out, per_t, dEa)
             if not need_grad:
                 continue
             cur = dEa
@@ -498,28 +505,6 @@ def mesa_loss_and_grads(E, Y, params, lidx, need_grad=True, need_pred=False):
 # reference's guards are computed per chunk (the forward's positive-definiteness margin,
 # the reverse denominators' relative error, R_0's drift) and refused on the host with its
 # NonFiniteError before anything is returned.
-
-@njit(**KERNEL)
-def _loss_block(out, Yb, b0, nvalid, BT, need_pred, pred_out, per_t, dEa):
-    """Readout y_hat_t = out[:d, t] (out (D, T, L)), per_t[t] += sum 1/2 err^2 (float64),
-    dEa (D, T, L) = err / (B T) in the first d channels, 0 elsewhere."""
-    T, d, L = Yb.shape
-    dEa[:] = 0
-    for t in range(T):
-        acc = 0.0
-        for a in range(d):
-            o = out[a, t]
-            y = Yb[t, a]
-            g = dEa[a, t]
-            for l in range(nvalid):
-                err = o[l] - y[l]
-                acc += 0.5 * np.float64(err) * np.float64(err)
-                # backward: L = sum 1/2 err^2 / (B T), so dout_t[:d] = err / (B T)
-                g[l] = err / BT
-                if need_pred:
-                    pred_out[b0 + l, t, a] = o[l]
-        per_t[t] += acc
-
 
 @njit(**KERNEL)
 def sm_forward(Q, Kk, lam, H, Kd, slack, R, c, QT, u, guard):
