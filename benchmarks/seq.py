@@ -1,0 +1,163 @@
+"""Sequence training steps (the mesa paper's lds task): ms per step of the Numba
+backend's sequence step against the NumPy reference's, float32, verified before timed.
+
+    python -m benchmarks.seq --json benchmarks/results/seq_provisional.json
+
+Configurations (the ``seq_*`` experiments' models: T = 50, token width 40, batch 256,
+key and value size 20, element-wise clip 1 then AdamW, weight decay 0.1):
+
+    lsa1   one causal LSA layer, 2 heads, token clip 4, the first 20 input channels masked
+    lsa2   two causal LSA layers, 4 heads, token clip 4
+    lsa6   six causal LSA layers, 4 heads, token clip 4
+    mesa   one mesa layer (form "sm"), 4 heads, the first 20 input channels masked
+
+One step = ``stepper.step_on`` on one drawn batch (tokens, mask, forward, loss over every
+time step, backward, clip, AdamW); the sequence sampler (the same for both: the NumPy
+backend's) is timed apart. Verification: at parameters drawn normal(0, 0.05) (the layers
+change the tokens; the experiments' init 0.0002 barely does), the Numba loss and
+gradients in float64 against the reference's (the float64 "algebra" tolerance) and in
+float32 against the reference's float64 ones (the float32 tolerance). Peers (JAX,
+PyTorch) are not in this table yet. Both implementations run in this one process, one
+after the other (no second threading runtime: NumPy's BLAS and Numba's threads).
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+CONFIGS = {
+    "lsa1": dict(kind="lsa", layers=1, heads=2, mask=20),
+    "lsa2": dict(kind="lsa", layers=2, heads=4, mask=0),
+    "lsa6": dict(kind="lsa", layers=6, heads=4, mask=0),
+    "mesa": dict(kind="mesa", layers=1, heads=4, mask=20),
+}
+
+
+def problem(cfg):
+    from reference.model import Arch, LayerSpec, lsa_stack
+    from reference.optim import AdamHP
+    from reference.sequences import SequenceSpec
+
+    if cfg["kind"] == "lsa":
+        arch = lsa_stack(cfg["layers"], False, True, 4.0, heads=cfg["heads"], key_size=20, value_size=20)
+    else:
+        arch = Arch((LayerSpec("mesa", (("heads", cfg["heads"]), ("key_size", 20), ("value_size", 20))),) * cfg["layers"])
+    hp = AdamHP(lr=1e-4, b2=0.999, eps=1e-8, clip_norm=None, clip_value=1.0, weight_decay=0.1)
+    return arch, hp, SequenceSpec(T=50, B=256)
+
+
+def verify(cfg):
+    """Worst relative error (max |x - x_ref| / max |x_ref| over loss and gradient leaves)
+    of the Numba float64 and float32 results against the reference's float64, and
+    whether each is within its tolerance."""
+    from reference import seq_training as S
+    from reference.backends import numba_backend as nb
+    from reference.sequences import code_tokens, seq_loss_and_grads
+    from reference.tolerances import tolerance
+    from reference.tree import tree_leaves
+
+    arch, _, spec = problem(cfg)
+    seqs = spec.sample(np.random.default_rng(7))
+    p64 = S.init_normal(arch, 40, 0.05, np.random.default_rng(8), np.float64)
+    L0, g0, _ = seq_loss_and_grads(code_tokens(seqs.X), seqs.Y, p64, arch, 10, cfg["mask"])
+    out = {}
+    for dt in (np.float64, np.float32):
+        p = tuple(type(q)(*(a.astype(dt) for a in q)) for q in p64)
+        X, Y = seqs.X.astype(dt), seqs.Y.astype(dt)
+        L1, g1, _ = nb.seq_loss_and_grads(code_tokens(X), Y, p, arch, 10, cfg["mask"])
+        tol = tolerance(dt, "algebra")
+        ok, worst = True, abs(float(L1) - float(L0)) / abs(float(L0))
+        for a, b in zip(tree_leaves(g1), tree_leaves(g0)):
+            diff = np.abs(a.astype(np.float64) - b)
+            ok &= bool(np.all(diff <= tol.atol + tol.rtol * np.abs(b).max()))
+            worst = max(worst, float(diff.max() / np.abs(b).max()))
+        out[np.dtype(dt).name] = (ok, worst)
+    return out
+
+
+def time_steps(cfg, impl, repeats, warmup):
+    from reference import seq_training as S
+    from reference.backends import numba_backend as nb
+    from reference.optim import adam_init
+
+    arch, hp, spec = problem(cfg)
+    params = S.init_normal(arch, 40, 0.0002, np.random.default_rng(1), np.float32)
+    state = adam_init(params)
+    make = nb.make_seq_stepper if impl == "numba" else S.SeqStepper
+    st = make(arch, hp, spec, 0, np.float32, cfg["mask"])
+    seqs = st.sample(0)
+    t0 = time.perf_counter()
+    st.step_on(params, state, seqs)
+    first = time.perf_counter() - t0
+    for _ in range(warmup):
+        st.step_on(params, state, seqs)
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        st.step_on(params, state, seqs)
+        ts.append(time.perf_counter() - t)
+    samp = []
+    for s in range(1, 4):
+        t = time.perf_counter()
+        st.sample(s)
+        samp.append(time.perf_counter() - t)
+    ts = np.asarray(ts) * 1e3
+    return dict(first_s=round(first, 3), median_ms=round(float(np.median(ts)), 3),
+                p10_ms=round(float(np.percentile(ts, 10)), 3), p90_ms=round(float(np.percentile(ts, 90)), 3),
+                sample_ms=round(float(np.median(samp)) * 1e3, 3))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--label", default="provisional")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    import numba
+
+    rows = []
+    bad = False
+    for name in a.configs.split(","):
+        cfg = CONFIGS[name]
+        ver = verify(cfg)
+        okv = all(v[0] for v in ver.values())
+        bad |= not okv
+        for impl in ("numba", "numpy"):
+            load0 = os.getloadavg()[0]
+            r = time_steps(cfg, impl, a.repeats, a.warmup) if (okv or impl == "numpy") else {}
+            r.update(config=name, impl=impl, load=f"{load0:.1f}/{os.getloadavg()[0]:.1f}",
+                     verified=(f"yes (f64 {ver['float64'][1]:.1e}, f32 {ver['float32'][1]:.1e})" if okv else "NO")
+                     if impl == "numba" else "reference")
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    head = (f"# Sequence training steps, ms per step ({a.label})\n\n"
+            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; Python "
+            f"{platform.python_version()}, numpy {np.__version__}, numba {numba.__version__}; Numba threads "
+            f"{numba.get_num_threads()}. Command: `python -m benchmarks.seq {' '.join(argv or sys.argv[1:])}`; "
+            f"{a.repeats} timed steps after {a.warmup} warm-up steps; 'first s' is the first timed-process step, after the "
+            "verification compiled the kernels (a cold compile with an empty Numba cache is ~16 s per kernel "
+            "family and dtype, measured apart).\n\n"
+            "| config | impl | ms/step median | p10 | p90 | sample ms | first s | load before/after | verified (worst rel err) |\n"
+            "|---|---|---:|---:|---:|---:|---:|---|---|\n")
+    lines = [f"| {r['config']} | {r['impl']} | {r.get('median_ms', 'nan')} | {r.get('p10_ms', 'nan')} | "
+             f"{r.get('p90_ms', 'nan')} | {r.get('sample_ms', 'nan')} | {r.get('first_s', 'nan')} | {r['load']} | "
+             f"{r['verified']} |" for r in rows]
+    md = head + "\n".join(lines) + "\n"
+    print(md)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+        with open(a.json[:-5] + ".md" if a.json.endswith(".json") else a.json + ".md", "w") as f:
+            f.write(md)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
