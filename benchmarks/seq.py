@@ -16,9 +16,10 @@ time step, backward, clip, AdamW); the sequence sampler (the same for both: the 
 backend's) is timed apart. Verification: at parameters drawn normal(0, 0.05) (the layers
 change the tokens; the experiments' init 0.0002 barely does), the Numba loss and
 gradients in float64 against the reference's (the float64 "algebra" tolerance) and in
-float32 against the reference's float64 ones (the float32 tolerance). Peers (JAX,
-PyTorch) are not in this table yet. Both implementations run in this one process, one
-after the other (no second threading runtime: NumPy's BLAS and Numba's threads).
+float32 against the reference's float64 ones (the float32 tolerance). Both run in this
+one process, one after the other. ``--peer-python PY`` (or ``ICGD_PEERS_PYTHON``) adds
+the JAX peer (``benchmarks/peers/seq_jax.py``: the same step jitted, verified in
+float64 against the reference first), run by PY in its own process. No PyTorch peer yet.
 """
 
 import argparse
@@ -112,6 +113,19 @@ def time_steps(cfg, impl, repeats, warmup):
                 sample_ms=round(float(np.median(samp)) * 1e3, 3))
 
 
+def _peer_row(a, name):
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    res = subprocess.run([a.peer_python, "-m", "benchmarks.peers.seq_jax", "--config", name, "--repeats",
+                          str(a.repeats), "--warmup", str(a.warmup)], capture_output=True, text=True, env=env, cwd=root)
+    try:
+        return json.loads(res.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return dict(config=name, impl="jax-jit", load="-", verified=f"NO (peer failed: {res.stderr.strip()[-200:]})")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", default=",".join(CONFIGS))
@@ -119,6 +133,9 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--label", default="provisional")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--peer-python", default=os.environ.get("ICGD_PEERS_PYTHON", ""),
+                    help="a Python with jax installed: adds the JAX peer's rows (benchmarks/peers/seq_jax.py, "
+                         "run in its own process with this repository on PYTHONPATH)")
     a = ap.parse_args(argv)
     import numba
 
@@ -137,6 +154,10 @@ def main(argv=None):
                      if impl == "numba" else "reference")
             rows.append(r)
             print(json.dumps(r), flush=True)
+        if a.peer_python:
+            rows.append(_peer_row(a, name))
+            print(json.dumps(rows[-1]), flush=True)
+            bad |= not rows[-1]["verified"].startswith("yes")
     head = (f"# Sequence training steps, ms per step ({a.label})\n\n"
             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; Python "
             f"{platform.python_version()}, numpy {np.__version__}, numba {numba.__version__}; Numba threads "
