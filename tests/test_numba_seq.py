@@ -27,6 +27,7 @@ from reference.model import Arch, LayerSpec, lsa_stack
 from reference.optim import AdamHP, adam_init
 from reference.sequences import SequenceSpec, code_tokens, seq_loss_and_grads
 from reference.tolerances import assert_close
+from reference.tree import tree_leaves
 
 SPEC = SequenceSpec(T=6, B=21, d=3)
 MESA = LayerSpec("mesa", (("heads", 2), ("key_size", 4), ("value_size", 3)))
@@ -166,3 +167,41 @@ def test_a_short_run_on_numba_follows_the_numpy_run(tmp_path, model):
     for r1, r0 in zip(runs["numba"], runs["numpy"]):
         assert r1["loss"] == pytest.approx(r0["loss"], rel=1e-9)
         np.testing.assert_allclose(r1["per_t"], r0["per_t"], rtol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["3layers-clip", "mesa-2layers"])
+def test_results_do_not_depend_on_the_thread_count(name):
+    """Blocks of lanes fixed by B, chunks a fixed partition added in order: 1 and 2
+    threads give the same bits."""
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2 or numba.config.DISABLE_JIT:
+        pytest.skip("needs the JIT and NUMBA_NUM_THREADS >= 2")
+    arch, mask, _, params = _setup(name, np.float32)
+    seqs = SequenceSpec(T=6, B=40, d=3).sample(np.random.default_rng(3), dtype=np.float32)   # 5 blocks of 8
+    E = code_tokens(seqs.X)
+    before = numba.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            results.append(nb.seq_loss_and_grads(E, seqs.Y, params, arch, SPEC.d, mask))
+    finally:
+        numba.set_num_threads(before)
+    (L1, g1, _), (L2, g2, _) = results
+    assert L1 == L2
+    for a, b in zip(tree_leaves(g1), tree_leaves(g2)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bad_input_is_refused_as_the_reference_refuses_it():
+    arch, mask, seqs, params = _setup("1layer-mask", np.float64)
+    hp = AdamHP()
+    bad = seqs._replace(X=seqs.X.astype(np.float32), Y=seqs.Y.astype(np.float32))
+    for f in (S.seq_train_step, nb.seq_train_step):
+        with pytest.raises(TypeError, match="params' dtype"):
+            f(params, adam_init(params), bad, arch, hp, mask)
+    E = code_tokens(seqs.X)
+    for f in (seq_loss_and_grads, nb.seq_loss_and_grads):
+        with pytest.raises(ValueError, match="n_masked"):
+            f(E, seqs.Y, params, arch, SPEC.d, 99)
