@@ -53,7 +53,7 @@ from .._checks import (NonFiniteError, check_all_finite, check_array, check_data
                        check_int, check_same_dtype)
 from ..xp import get_xp
 from . import LayerType
-from .lsa import attention_param_floats, check_factored_shapes, init_lsa_params
+from .lsa import attention_param_floats, check_factored_shapes, check_head_options, init_lsa_params
 
 FORMS = ("recurrent", "chunked")
 ALPHA_BIAS_INIT = 2.0     # b_alpha at init: alpha = sigmoid(2) = 0.88, a mild decay
@@ -349,10 +349,7 @@ class Delta(LayerType):
         if o["beta"] is not None:
             o["beta"] = float(o["beta"])
         o["chunk"] = int(o["chunk"])
-        o["heads"] = check_int("heads", o["heads"], 1)
-        for name in ("key_size", "value_size"):
-            if o[name] is not None:
-                o[name] = check_int(name, o[name], 1)
+        check_head_options(o)
         return o
 
     def param_type(self, *, beta=None, gate=False, **_):

@@ -278,6 +278,17 @@ def check_layer_inputs(E, params, causal, clip):
         raise TypeError(f"E and params must share one dtype, got {sorted(str(t) for t in dts)}")
 
 
+def check_head_options(o):
+    """Validate (in place) the options that shape an attention layer's heads: ``heads``
+    >= 1, ``key_size`` and ``value_size`` >= 1 or None (= D). Shared by every attention
+    kind (lsa, softmax, mesa, delta)."""
+    o["heads"] = check_int("heads", o["heads"], 1)
+    for name in ("key_size", "value_size"):
+        if o[name] is not None:
+            o[name] = check_int(name, o[name], 1)
+    return o
+
+
 def check_tokens(T, causal):
     """Context-only layers need a context token and the query (T >= 2)."""
     if not causal and T < 2:
@@ -302,10 +313,7 @@ class LSA(LayerType):
             raise TypeError(f"lsa option merged must be a bool, got {o['merged']!r}")
         if o["clip"] is not None:
             o["clip"] = check_float("clip", o["clip"], 0.0, allow_equal_min=False)
-        o["heads"] = check_int("heads", o["heads"], 1)
-        for name in ("key_size", "value_size"):
-            if o[name] is not None:
-                o[name] = check_int(name, o[name], 1)
+        check_head_options(o)
         return o
 
     def param_type(self, *, merged=False, **_):

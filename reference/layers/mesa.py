@@ -64,7 +64,7 @@ from .._checks import (NonFiniteError, check_all_finite, check_array, check_data
                        check_int, check_same_dtype)
 from ..xp import get_xp
 from . import LayerType
-from .lsa import attention_param_floats, check_factored_shapes, init_lsa_params
+from .lsa import attention_param_floats, check_factored_shapes, check_head_options, init_lsa_params
 
 FORMS = ("sm", "direct", "cg")
 CG_TOL = 1e-12           # default cg_tol
@@ -389,10 +389,7 @@ class Mesa(LayerType):
                 o[name] = float(o[name])
         if o["cg_iters"] is not None:
             o["cg_iters"] = int(o["cg_iters"])
-        o["heads"] = check_int("heads", o["heads"], 1)
-        for name in ("key_size", "value_size"):
-            if o[name] is not None:
-                o[name] = check_int(name, o[name], 1)
+        check_head_options(o)
         return o
 
     def param_type(self, **_):

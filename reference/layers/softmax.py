@@ -34,12 +34,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._checks import (NonFiniteError, check_all_finite, check_data, check_dout, check_float,
-                       check_int, check_same_dtype)
+from .._checks import NonFiniteError, check_all_finite, check_data, check_dout, check_float, check_same_dtype
 from ..xp import get_xp
 from . import LayerType
-from .lsa import (attention_cache_floats, attention_param_floats, causal_mask, check_factored_shapes, check_tokens,
-                  clip_backward, clip_tokens, init_lsa_params)
+from .lsa import (attention_cache_floats, attention_param_floats, causal_mask, check_factored_shapes, check_head_options,
+                  check_tokens, clip_backward, clip_tokens, init_lsa_params)
 
 
 class SoftmaxParams(NamedTuple):
@@ -202,10 +201,7 @@ class Softmax(LayerType):
             raise TypeError(f"softmax option causal must be a bool, got {o['causal']!r}")
         if o["clip"] is not None:
             o["clip"] = check_float("clip", o["clip"], 0.0, allow_equal_min=False)
-        o["heads"] = check_int("heads", o["heads"], 1)
-        for name in ("key_size", "value_size"):
-            if o[name] is not None:
-                o[name] = check_int(name, o[name], 1)
+        check_head_options(o)
         return o
 
     def param_type(self, **_):
