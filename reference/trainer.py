@@ -260,12 +260,14 @@ def make_stepper(cfg):
 def train_loop(cfg, state, es, observer=None, stepper=None):
     """Train from ``state`` until ``cfg.steps`` updates; returns the final TrainState
     (params may be device arrays on a device backend). Evaluates at step 0 when
-    ``state.step == 0``. Raises TrainingDiverged on a non-finite loss, gradient norm or
-    parameter (before the observer sees the bad state)."""
+    ``state.step == 0`` and no evaluation is recorded yet (``state.watch.reference`` is
+    None; a run resumed from its step-0 checkpoint has that evaluation already). Raises
+    TrainingDiverged on a non-finite loss, gradient norm or parameter (before the observer
+    sees the bad state)."""
     observer = Observer() if observer is None else observer
     stepper = make_stepper(cfg) if stepper is None else stepper
     every = cfg.eval.eval_every
-    if state.step == 0:
+    if state.step == 0 and state.watch.reference is None:   # not a resume from the step-0 checkpoint
         state, row = _evaluated(cfg, state, es)
         observer.after_eval(state, row, None, None)
     losses, norms = [], []

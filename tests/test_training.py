@@ -184,6 +184,22 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, kw):
     assert eval_rows(resumed.history) == eval_rows(full.history)
 
 
+def test_resume_from_the_step_0_checkpoint_does_not_evaluate_step_0_twice(tmp_path, monkeypatch):
+    """A run killed before its first checkpoint after step 0 resumes from the step-0 one
+    (written with the step-0 evaluation): the resumed history has step 0 once and equals
+    the uninterrupted run's (the sweep store's unique (run, step) key found this)."""
+    cfg = tiny()
+    full = train(cfg, tmp_path / "full")
+    run = str(tmp_path / "cut")
+    interrupted_run(monkeypatch, cfg, run, 5)
+    assert checkpoint_of(run).step == 0
+    resumed = train(cfg, run, resume=True)
+    steps = [r["step"] for r in resumed.history]
+    assert steps == sorted(set(steps)), steps
+    assert eval_rows(metrics_of(run)) == eval_rows(full.history)
+    assert same_params(full.params, resumed.params)
+
+
 def test_resume_may_extend_steps(tmp_path):
     run = str(tmp_path / "r")
     train(tiny(steps=20), run)
