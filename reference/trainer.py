@@ -119,6 +119,18 @@ def eval_tasks(cfg):
     return cfg.task_spec(cfg.eval.eval_tasks).sample(stream_rng(cfg.eval.eval_seed, STREAM_EVAL))
 
 
+def gd_k_baseline(cfg, K, evals=None):
+    """(loss, eta) of K GD steps from W = 0 on the eval set ``evals`` (default: the run's
+    eval set), eta line-searched for K steps on the run's line-search tasks: the GD-K
+    baseline of a run of ``cfg`` for any K (compute_baselines uses K = n_layers)."""
+    ls = cfg.task_spec(cfg.baselines.line_search_tasks).sample(stream_rng(cfg.eval.eval_seed, STREAM_LINE_SEARCH))
+    eta, _ = line_search_eta(ls.X, ls.Y, ls.x_q, ls.y_q, n_steps=K)
+    if evals is None:
+        evals = cfg.task_spec(cfg.eval.eval_tasks).sample(stream_rng(cfg.eval.eval_seed, STREAM_EVAL))
+    pred_gd, _ = analysis.gd_reference(evals, eta, K)
+    return analysis.mean_loss(pred_gd, evals.y_q), float(eta)
+
+
 def compute_baselines(cfg, evals, log=None):
     """GD-K (line-searched eta), GD++ (meta-trained), least squares, on the eval set.
     ``log(text)``: optional progress lines. Returns a JSON-able dict. (lds task:
@@ -129,10 +141,7 @@ def compute_baselines(cfg, evals, log=None):
         return seq_training.compute_baselines(cfg, evals, log)
     t0 = time.perf_counter()
     K, b = cfg.model.n_layers, cfg.baselines
-    ls = cfg.task_spec(b.line_search_tasks).sample(stream_rng(cfg.eval.eval_seed, STREAM_LINE_SEARCH))
-    eta, _ = line_search_eta(ls.X, ls.Y, ls.x_q, ls.y_q, n_steps=K)
-    pred_gd, _ = analysis.gd_reference(evals, eta, K)
-    gd_loss = analysis.mean_loss(pred_gd, evals.y_q)
+    gd_loss, eta = gd_k_baseline(cfg, K, evals)
     if log:
         log(f"baselines: GD-{K} eta {eta:.3f} (line search on {b.line_search_tasks} tasks), eval loss {gd_loss:.5f}")
     gdpp_log = _GDPPLog(log, b.gdpp_steps) if (log and b.gdpp_steps >= 2000) else None

@@ -6,6 +6,7 @@ and central differences), bad input refused naming the argument, and meta-tests 
 each check can fail."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -299,3 +300,28 @@ def test_wrong_statements_are_not_established(tid, kw):
     assert run_theorem(th).established, f"{tid} must hold for the reference's construction"
     res = run_theorem(th, **kw)
     assert res.error is None and not res.established and res.measured > 0
+
+
+# ---- the training run's plots and the loss-drop step --------------------------------------
+
+def test_a_classic_token_run_draws_the_induction_and_attention_plots(tmp_path):
+    from verify import plots, runs
+
+    cfg = TrainConfig(backend="numpy", steps=6, dtype="float64").replace(
+        tokens="classic", layers=CLASSIC_LAYERS, d=3, N=2, batch=8, eval_tasks=16, eval_every=3, checkpoint_every=3,
+        line_search_tasks=16, gdpp_steps=2, gdpp_batch=8, ood_tasks=4, rollout_steps=2)
+    runs.train_run(cfg, str(tmp_path / "c"), analyses=False)
+    drawn = {os.path.basename(p) for p in plots.make_plots(str(tmp_path / "c"))}
+    assert {"loss.png", "induction.png", "attention.png"} <= drawn
+    rows = [r for r in runs.read_metrics(str(tmp_path / "c" / runs.METRICS_FILE))[0] if r.get("kind") == "eval"]
+    assert all({"copy_self", "copy_next", "copy_other"} <= set(r) for r in rows)
+
+
+def test_loss_drop_step_is_halfway_from_the_zero_predictor_to_gd():
+    from verify.runs import loss_drop_step
+
+    base = {"zero_loss": 0.42, "gd_loss": 0.21}                       # midpoint 0.315
+    hist = [{"step": 0, "loss": 0.9}, {"step": 500, "loss": 0.421}, {"step": 1000, "loss": 0.32},
+            {"step": 1500, "loss": 0.315}, {"step": 2000, "loss": 0.22}]
+    assert loss_drop_step(hist, base) == 1500                        # not step 500: 0.9 -> 0.42 is the offset
+    assert loss_drop_step(hist[:3], base) is None

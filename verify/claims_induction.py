@@ -16,9 +16,10 @@ import numpy as np
 
 from reference import analysis as A
 from reference.copy_analysis import attention_maps
-from reference.solvers import line_search_eta
-from reference.tasks import STREAM_EVAL, STREAM_LINE_SEARCH, stream_rng
+from reference.tasks import STREAM_EVAL, stream_rng
+from reference.trainer import gd_k_baseline
 
+from . import runs as R
 from .claims_training import _final_loss, _per_seed, runs
 from .registry import Outcome, claim
 
@@ -28,11 +29,7 @@ MAP_TASKS = 256
 
 def gd2_loss(r):
     """GD-2 (line-searched eta, as the GD-K baselines) on the run's eval set."""
-    cfg = r.config
-    ls = cfg.task_spec(cfg.baselines.line_search_tasks).sample(stream_rng(cfg.eval.eval_seed, STREAM_LINE_SEARCH))
-    eta, _ = line_search_eta(ls.X, ls.Y, ls.x_q, ls.y_q, n_steps=2)
-    ev = cfg.task_spec(cfg.eval.eval_tasks).sample(stream_rng(cfg.eval.eval_seed, STREAM_EVAL))
-    return A.mean_loss(A.gd_reference(ev, eta, 2)[0], ev.y_q), float(eta)
+    return gd_k_baseline(r.config, 2)
 
 
 def copy_band(r):
@@ -53,13 +50,12 @@ def _history(r, key):
 
 
 def copy_timing(r):
-    """The first step where copy_next reaches 0.5 and the first step where the loss is
-    below the midpoint between its step-0 value and GD-1's."""
+    """The first step where copy_next reaches 0.5 and the loss-drop step
+    (:func:`verify.runs.loss_drop_step`: the loss at or below the midpoint between the
+    zero predictor's loss, the plateau before any copy, and GD-1's)."""
     nxt = _history(r, "copy_next")
-    loss = _history(r, "loss")
-    mid = 0.5 * (loss[0][1] + r.baselines["gd_loss"])
     s_copy = next((s for s, v in nxt if v >= 0.5), None)
-    s_loss = next((s for s, v in loss if v <= mid), None)
+    s_loss = R.loss_drop_step(r.history, r.baselines)
     return {"copy_next_reaches_0.5": s_copy, "loss_below_midpoint": s_loss, "eval_every": r.config.eval.eval_every}
 
 
@@ -122,7 +118,7 @@ def _(ctx):
 @claim("training.induction.copy_before_drop", source=f"{SRC}, Sec. 4 (the copy forms just before the loss drops)",
        modes=("full",),
        statement="The copy forms before the loss drops: copy_next reaches 0.5 no later than the loss falls halfway "
-                 "from its start to GD-1",
+                 "from the zero predictor's loss (the plateau before any copy) to GD-1",
        method="first evaluation step of each event; largest (copy step - loss step) over seeds, in evaluation "
               "intervals")
 def _(ctx):

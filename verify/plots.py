@@ -9,7 +9,11 @@ checkpoint of a run directory (``verify.runs``) and draws, under run_dir/plots/:
 * weights.png: heat maps of W_KQ = W_K^T W_Q and W_PV = P W_V per layer and head,
   next to the construction's;
 * rollout.png: the damped roll-out of a one-layer model against damped GD;
-* sine.png (sine task): the learned features and the predictions against the true sine.
+* sine.png (sine task): the learned features and the predictions against the true sine;
+* induction.png (classic tokens): the loss against GD-1 and GD-2, and the first attention
+  layer's copy sensitivities (self, next, other) over training;
+* attention.png (classic tokens): each attention layer's map (query token x key token,
+  per head, averaged over eval tasks) at the end of training.
 """
 
 import os
@@ -50,7 +54,75 @@ def make_plots(run_dir):
         paths.append(plot_rollout(cfg, summary["rollout"], os.path.join(out, "rollout.png")))
     if params is not None and cfg.data.task == "sine":
         paths.append(plot_sine(cfg, params, os.path.join(out, "sine.png")))
+    if cfg.data.tokens == "classic" and hist and base:
+        paths.append(plot_induction(cfg, hist, base, os.path.join(out, "induction.png")))
+    if cfg.data.tokens == "classic" and params is not None:
+        paths.append(plot_attention(cfg, params, os.path.join(out, "attention.png")))
     return paths
+
+
+def plot_induction(cfg, hist, base, path):
+    """Classic tokens: (left) the eval loss against GD-1 (the run's baseline) and GD-2
+    (line-searched for two steps on the same tasks); (right) the copy sensitivities that
+    every evaluation row carries (``copy_self``, ``copy_next``, ``copy_other``), with the
+    step where the loss drops (``runs.loss_drop_step``: halfway from the zero predictor's
+    loss, the plateau before any copy, to GD-1)."""
+    from reference.trainer import gd_k_baseline
+
+    gd2, eta2 = gd_k_baseline(cfg, 2)
+    steps = [r["step"] for r in hist]
+    loss = [r["loss"] for r in hist]
+    fig, (a0, a1) = plt.subplots(1, 2, figsize=(12, 4.2))
+    a0.plot(steps, loss, color=COLORS["model"], lw=2, label="trained model (eval set)")
+    a0.axhline(base["gd_loss"], color=COLORS["gd"], ls="--", label=f"GD-1, eta {base['gd_eta']:.2f}: {base['gd_loss']:.4f}")
+    a0.axhline(gd2, color=COLORS["gdpp"], ls=":", lw=2, label=f"GD-2, eta {eta2:.2f}: {gd2:.4f}")
+    a0.axhline(base["zero_loss"], color="0.3", ls="-.", lw=1, label=f"zero predictor: {base['zero_loss']:.4f}")
+    a0.set(yscale="log", xlabel="training step", ylabel="loss 0.5 (y_hat - y)^2", title="loss")
+    a0.grid(alpha=0.3, which="both")
+    drop = runs.loss_drop_step(hist, base)
+    for key, ls, label in (("copy_next", "-", "next token: |d t(e_j) / d e_j+1|"),
+                           ("copy_self", "--", "itself: |d t(e_j) / d e_j|"),
+                           ("copy_other", ":", "other tokens (mean): |d t(e_j) / d e_i|")):
+        pts = [(r["step"], r[key]) for r in hist if r.get(key) is not None]
+        if pts:
+            a1.plot(*zip(*pts), ls=ls, lw=2, label=label)
+    if drop is not None:
+        for ax in (a0, a1):
+            ax.axvline(drop, color="0.5", lw=1, label=f"loss halfway from zero predictor to GD-1 (step {drop})")
+    a0.legend(fontsize=8)
+    a1.set(xlabel="training step", ylabel="Frobenius norm, mean over x tokens j",
+           title="first attention layer: copy sensitivities")
+    a1.legend(fontsize=8)
+    a1.grid(alpha=0.3)
+    fig.suptitle(f"{_title(cfg)}: classic tokens", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_attention(cfg, params, path, n_tasks=256):
+    """Classic tokens: every attention layer's map at the end of training, per head,
+    averaged over the first ``n_tasks`` eval tasks (softmax weights; LSA scores)."""
+    from reference import copy_analysis as C
+    from reference.tasks import STREAM_EVAL, stream_rng
+
+    ev = A.cast_tasks(cfg.task_spec(n_tasks).sample(stream_rng(cfg.eval.eval_seed, STREAM_EVAL)), cfg.np_dtype)
+    arch = cfg.arch()
+    maps = C.attention_maps(params, arch, cfg.layout(), ev)
+    kinds = [arch.layers[k].kind for k in C.attention_layers(arch)]
+    panels = [(k, kind, h, m[h]) for k, (kind, m) in enumerate(zip(kinds, maps)) for h in range(m.shape[0])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 4.2), squeeze=False)
+    T = maps[0].shape[1]
+    names = [f"x{j // 2 + 1}" if j % 2 == 0 else f"y{j // 2 + 1}" for j in range(T - 1)] + ["x_q"]
+    for ax, (k, kind, h, M) in zip(axes[0], panels):
+        im = ax.imshow(M, cmap="viridis" if kind == "softmax" else "RdBu_r", aspect="auto",
+                       **({} if kind == "softmax" else {"vmin": -np.abs(M).max(), "vmax": np.abs(M).max()}))
+        ax.set(title=f"attention layer {k + 1} ({kind}), head {h + 1}", xlabel="key token", ylabel="query token")
+        tick = list(range(0, M.shape[0], 2))
+        ax.set_yticks(tick, [names[i] for i in tick], fontsize=6)
+        ax.set_xticks(list(range(0, M.shape[1], 2)), [names[i] for i in range(0, M.shape[1], 2)], fontsize=6,
+                      rotation=90)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(f"{_title(cfg)}: attention maps at step {cfg.steps} (mean over {n_tasks} eval tasks)", fontsize=10)
+    return _save(fig, path)
 
 
 def plot_sine(cfg, params, path, n_tasks=4, n_features=8, others=()):

@@ -721,6 +721,17 @@ def load_result(run_dir):
     return RunResult(cfg, ck.params, base, [r for r in rows if r.get("kind") == "eval"], summary, run_dir)
 
 
+def loss_drop_step(history, baselines):
+    """The first evaluation step whose loss is at or below the midpoint between the zero
+    predictor's loss and GD's (``baselines["zero_loss"]``, ``["gd_loss"]``), or None. On
+    classic tokens the zero predictor is the plateau before the copy forms (without x and
+    y in one token the best prediction is 0, by the symmetry w -> -w of the task
+    distribution), so this is when the loss drops; the step-0 loss is above it (the
+    readout's positional offset)."""
+    mid = 0.5 * (baselines["zero_loss"] + baselines["gd_loss"])
+    return next((row["step"] for row in history if row["loss"] <= mid), None)
+
+
 def train_to_dir(cfg_dict, out_dir):
     """Train a config given as a dict into ``out_dir`` (overwriting) without progress
     output; returns out_dir. A picklable entry point for worker processes."""
