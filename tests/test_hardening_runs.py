@@ -370,6 +370,26 @@ def test_the_pool_refuses_two_jobs_of_one_config(tmp_path):
         train_all([(cfg, str(tmp_path / "a")), (cfg, str(tmp_path / "b"))])
 
 
+def _numba_threads():
+    import numba
+    return numba.get_num_threads()
+
+
+def test_pool_workers_pin_their_numba_threads_to_cores_per_worker():
+    """verify.pool's initializer in a spawned worker, as train_all starts it: W workers on
+    C cores get C // W threads each (at least 1), so two workers on 2 cores run 1 each."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from verify.pool import pin_threads, threads_per_worker
+
+    assert threads_per_worker(os.cpu_count()) == 1 and threads_per_worker(1) == (os.cpu_count() or 1)
+    assert threads_per_worker(10 * (os.cpu_count() or 1)) == 1
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=pin_threads,
+                             initargs=(1,)) as pool:
+        assert pool.submit(_numba_threads).result() == 1
+
+
 def test_vectors_write_to_a_file_is_a_usage_error(tmp_path, capsys):
     from verify import cli
 

@@ -5,7 +5,8 @@ Each job is (TrainConfig, run directory). Jobs start longest first, by a cost es
 from the config alone (:func:`estimated_cost`); each worker trains one run with
 ``verify.runs.train_to_dir`` (spawned processes, so no state leaks between runs) and
 the results are read back from the run directories. A run is the same deterministic
-computation in a worker as in-process."""
+computation in a worker as in-process. Each worker pins its Numba thread count to
+cores // workers (:func:`pin_threads`)."""
 
 import multiprocessing
 import os
@@ -29,6 +30,21 @@ def estimated_cost(cfg):
     return train + gdpp + evals
 
 
+def pin_threads(n):
+    """Set this process's Numba thread count to ``n`` (at most what Numba started with;
+    None: leave it). Worker processes call it first, so that W workers on C cores run
+    C // W threads each and do not oversubscribe the cores (results do not depend on the
+    thread count: tests/test_numba_backend.py, test_numba_mixed.py, test_numba_seq.py)."""
+    if n is None:
+        return
+    import numba
+    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+
+
+def threads_per_worker(workers):
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
 def workers_for(n_jobs, max_workers=MAX_WORKERS):
     return max(1, min(n_jobs, os.cpu_count() or 1, max_workers))
 
@@ -45,7 +61,8 @@ def train_all(jobs, max_workers=MAX_WORKERS):
     out = {}
     if workers < 2:
         return out
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=pin_threads,
+                             initargs=(threads_per_worker(workers),)) as pool:
         futures = {cfg: pool.submit(runs.train_to_dir, cfg.to_dict(), run_dir) for cfg, run_dir in jobs}
         for cfg, f in futures.items():
             try:

@@ -66,6 +66,7 @@ from reference.config import ConfigError, field_path
 from . import runs as R
 from .cli import INTERRUPTED, int_at_least
 from .experiments import EXPERIMENTS, get_experiment
+from .pool import estimated_cost, pin_threads
 from .settings import apply_overrides, parse_set_args
 from .sweep_store import StoreError, SweepStore
 
@@ -353,14 +354,6 @@ def params_sha(params):
     return R.arrays_checksum(to_arrays(params, "params"))
 
 
-def pin_threads(n):
-    """Set this thread's Numba thread count to ``n`` (at most what Numba started with)."""
-    if n is None:
-        return
-    import numba
-    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
-
-
 def _train_or_reuse(cfg, run_dir):
     """A finished run already in ``run_dir`` for this config (a driver that died after
     the worker finished), else the run resumed from its checkpoint, else trained from
@@ -595,7 +588,6 @@ def run_sweep(spec, out_dir, engine, *, retry_failed=False, threads=None, progre
                 + (f"; {engine.describe()}" if todo else ""))
             tasks = [(h, {"config": by_hash[h].config.to_dict(), "run_dir": run_dir_of(out_dir, h),
                           "threads": threads, "baselines": spec.baselines}) for h in todo]
-            from .pool import estimated_cost
             tasks.sort(key=lambda t: -estimated_cost(by_hash[t[0]].config))
             store.mark_running([h for h, _ in tasks])
             bar = SweepProgress(len(tasks), stream, enabled=progress)
