@@ -661,7 +661,15 @@ def markdown(result):
                      f"| {fmt(s.get('numba_speedup_over_numpy'), '{:.1f}x')} | "
                      f"{fmt(rf.get('bound_ms'), '{:.3f}')} ({rf.get('bound_by', '-')}) | "
                      f"{fmt(s.get('numba_fraction_of_bound'), '{:.2f}')} |")
-    if result.get("roofline"):                          # LSA configurations only
+    lsa_roof = {c: rf for c, rf in result.get("roofline", {}).items() if c in CONFIGS}
+    if "sine" in result.get("roofline", {}):
+        rf = result["roofline"]["sine"]
+        lines.append("")
+        lines.append(f"Bound of the sine step (benchmarks/costs.py sine_step_cost): its dense products alone are "
+                     f"{rf['flops'] / 1e9:.2f} GFLOP, {rf['compute_ms']:.1f} ms at the measured matmul rate "
+                     f"({result['rates']['matmul_gflops']:.0f} GFLOP/s); at that rate no implementation of this step is faster, "
+                     f"so a lead over a peer cannot exceed that peer's time / {rf['compute_ms']:.1f} ms.")
+    if lsa_roof:                                        # LSA configurations
         lines.append("")
         lines.append("Roofline (numba algorithm, benchmarks/costs.py): " + "; ".join(
         f"{c}: {rf['path']} path, {rf['flops'] / 1e6:.1f} MFLOP, {rf['random_words'] / 1e6:.2f} M random words "
@@ -673,7 +681,7 @@ def markdown(result):
            + (f" (numba at {result['summary'][c]['numba_fraction_of_small_product_time']:.2f} of that)"
               if "numba_fraction_of_small_product_time" in result["summary"].get(c, {}) else "")
            if "compute_small_ms" in rf else "")
-        for c, rf in result.get("roofline", {}).items()) + ".")
+        for c, rf in lsa_roof.items()) + ".")
     bad = [r for r in result["rows"] if "ms_median" not in r]
     if bad:
         lines.append("")
@@ -758,7 +766,7 @@ def main(argv=None):
             row = time_worker(a.impl, a.config, a.repeats, a.warmup)
         print(json.dumps(row))
         return 0
-    from benchmarks.costs import bound, step_cost
+    from benchmarks.costs import bound, sine_step_cost, step_cost
     from benchmarks.peers import UNAVAILABLE_REASONS, available_peers
     from benchmarks.peers.mixed import MIXED_PEER_NAMES, available_mixed_peers
     from reference.files import OutputPathError, is_special, write_output
@@ -800,6 +808,10 @@ def main(argv=None):
             if small:
                 result["roofline"][config].update(small_matmul_gflops=small,
                                                   compute_small_ms=1e3 * cost["flops"] / (small * 1e9))
+        if "sine" in configs:                                           # dense products only: compute bound
+            cost = sine_step_cost(MIXED_CONFIGS["sine"]["N"], MIXED_CONFIGS["sine"]["B"])
+            ms = 1e3 * cost["flops"] / (result["rates"]["matmul_gflops"] * 1e9)
+            result["roofline"]["sine"] = dict(cost, compute_ms=ms, bound_ms=ms, bound_by="compute")
     result["summary"] = summarise(result)
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     md = markdown(result)

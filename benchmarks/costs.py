@@ -133,3 +133,24 @@ def bound(cost, rates):
     terms["bound_ms"] = max(terms.values())
     terms["bound_by"] = max((k for k in terms if k != "bound_ms"), key=terms.get).replace("_ms", "")
     return terms
+
+
+def sine_step_cost(N, B, width=40, hidden=160, key=40):
+    """FLOPs of the dense products of one sine-model training step (embed 2 -> width, MLP
+    width -> hidden -> width, one LSA layer of key size ``key``, readout of the query):
+    a lower bound on the work of any implementation of this step, so FLOPs / matmul rate
+    bounds the step time from below. Per task, T = N + 1 tokens, S = N context tokens:
+
+    * embed: forward T 2 width, dW T 2 width (the raw tokens need no gradient);
+    * each MLP product (up and down): forward T width hidden, dW and dX the same again;
+    * LSA, query row only (the loss reads the query): keys S width key, values
+      S width width, query width key, scores S key, weighted sum S width, output
+      projection width width; backward twice the forward (one product for each operand).
+
+    Elementwise work (GELU, biases, residual adds, Adam) is not counted: a bound."""
+    T, S, D = N + 1, N, width
+    embed = 2 * T * 2 * D
+    mlp = 2 * 3 * T * D * hidden
+    lsa = 3 * (S * D * key + S * D * D + D * key + S * key + S * D + D * D)
+    mac = embed + mlp + lsa
+    return dict(path="sine (dense products)", flops=2 * B * mac, macs_per_task=mac)

@@ -91,3 +91,14 @@ def test_path_rule_matches_the_backend():
     assert choose_path(40, 80, 4) == "dspace" and choose_path(10, 10, 6) == "tokens"
     assert choose_path(40, 80, 1) == "tokens" and choose_path(40, 20, 4) == "tokens"
     assert step_cost(10, 10, 2048, 1)["path"] == "tokens" and step_cost(40, 80, 1024, 4)["path"] == "dspace"
+
+
+def test_sine_step_bound_counts_the_dense_products():
+    """By hand for the paper's sizes (N = 10, T = 11, S = 10, width 40, hidden 160, key 40):
+    embed 2 * 11 * 2 * 40 = 1760; MLP 2 products x 3 (forward, dW, dX) x 11 * 40 * 160
+    = 422400; LSA 3 x (16000 + 16000 + 1600 + 400 + 400 + 1600) = 108000."""
+    from benchmarks.costs import sine_step_cost
+
+    c = sine_step_cost(10, 2048)
+    assert c["macs_per_task"] == 1760 + 422400 + 108000
+    assert c["flops"] == 2 * 2048 * (1760 + 422400 + 108000)
