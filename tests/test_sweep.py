@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from verify import runs as R
 from verify import report_sweep as RS
 from verify import sweep as S
 from verify.sweep_store import SweepStore
@@ -184,6 +185,11 @@ def test_killed_sweep_loses_nothing_finished(tmp_path, local_sweep):
     with SweepStore(os.path.join(out, S.STORE_FILE), readonly=True) as st:
         first = {r["hash"]: r["finished"] for r in st.runs() if r["status"] == "done"}
         assert 1 <= len(first) < 4 and st.counts()["running"] >= 1          # left running by the dead driver
+    text = S.status_text(out)                          # status tells a dead driver's runs from live ones
+    assert "no sweep is running" in text and "stale " in text and "left running by a sweep that was killed" in text
+    with R.RunLock(out):                               # a live driver holds the lock: its runs are running
+        live = S.status_text(out)
+    assert f"a sweep is running (pid {os.getpid()})" in live and "stale" not in live and "running " in live
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "left running by a killed sweep" in r.stderr

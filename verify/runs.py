@@ -353,6 +353,27 @@ class RunLock:
         return False
 
 
+def lock_holder(run_dir):
+    """What another process holding run_dir/run.lock wrote there ("pid N"), or None when
+    no process holds it (or there is no lock file). Opens the file read-only and takes
+    a shared lock for a moment: the file is not changed."""
+    path = os.path.join(run_dir, LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with open(path) as f:
+                return f.read().strip() or "another process"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 # ---- one run ----------------------------------------------------------------------------------
 
 class RunResult(NamedTuple):

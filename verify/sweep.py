@@ -678,15 +678,24 @@ def status_text(out_dir):
         runs = {r["hash"]: r for r in store.runs()}
         pts = store.points()
         c = store.counts()
+        driver = R.lock_holder(out_dir)
         lines = [f"sweep {store.meta('name')} in {out_dir}: {len(pts)} grid points, {len(runs)} runs: "
-                 + ", ".join(f"{v} {k}" for k, v in c.items())]
+                 + ", ".join(f"{v} {k}" for k, v in c.items())
+                 + (f"; a sweep is running ({driver})" if driver else "; no sweep is running")]
+        stale = 0
         for p in pts:
             r = runs[p["hash"]]
             where = ", ".join(f"{k}={v}" for k, v in {**p["cell"], "seed": p["seed"]}.items())
             f = r["final"] or {}
             extra = (f"loss {f['loss']:.5f} at step {f['step']}, {r['seconds']:.1f} s" if r["status"] == "done"
                      else (r["error"] or ""))
-            lines.append(f"  {r['status']:<8} {p['hash'][:12]}  {where}  {extra}")
+            status = r["status"]
+            if status == "running" and not driver:         # its driver died: the next sweep retrains it
+                status, extra, stale = "stale", "left running by a sweep that was killed", stale + 1
+            lines.append(f"  {status:<8} {p['hash'][:12]}  {where}  {extra}")
+        if stale:
+            lines.append(f"{stale} run(s) were left running by a killed sweep: the next `icgd sweep` on this "
+                         "directory makes them pending and trains them")
     return "\n".join(lines)
 
 
