@@ -6,6 +6,7 @@ processes, one killed mid-sweep) gives bit-identical results to the local pool, 
 report aggregates seeds with a 95% t interval."""
 
 import glob
+import io
 import json
 import math
 import os
@@ -308,3 +309,44 @@ def test_cli_flags_sweep_dry_run(tmp_path, capsys):
     assert rc == 0 and "6 grid points" in capsys.readouterr().out
     assert main(["sweep", "--experiment", "one_layer", "--grid", "lrr=1", "--dry-run"]) == 2
     assert "grid.lrr" in capsys.readouterr().err
+
+
+# ---- reusing finished runs (--reuse-from) -------------------------------------------------------------
+
+def test_reuse_from_copies_finished_runs_instead_of_training(tmp_path, local_sweep):
+    """Two runs of the grid are taken from a directory of finished runs (as verify leaves
+    them): one as it is, one whose digest names other reference/ sources (re-finished at
+    its last step: its evaluations keep their original timings, so nothing was retrained).
+    A broken source run is not used; every result equals the trained sweep's."""
+    import shutil
+
+    src = tmp_path / "finished"
+    src.mkdir()
+    points = S.expand(tiny_spec())
+    for i, p in enumerate(points[:3]):
+        R.train_run(p.config, str(src / f"run{i}"), analyses=True)
+    s = json.loads((src / "run1" / R.SUMMARY_FILE).read_text())
+    s["digest"]["reference"] = "0" * 64                  # trained by other sources
+    (src / "run1" / R.SUMMARY_FILE).write_text(json.dumps(s))
+    (src / "run2" / R.CONFIG_FILE).write_text((src / "run2" / R.CONFIG_FILE).read_text().replace('"lr"', '"lr" '))
+    shutil.copy(src / "run0" / R.CHECKPOINT_FILE, src / "run2" / R.CHECKPOINT_FILE)   # not its checkpoint
+    assert set(S.finished_runs(str(src)).values()) == {str(src / "run0"), str(src / "run1")}
+    out = str(tmp_path / "reuse")
+    buf = io.StringIO()
+    counts = S.run_sweep(tiny_spec(), out, S.LocalEngine(1), progress=True, stream=buf, reuse_from=str(src))
+    lines = buf.getvalue()
+    assert counts["done"] == 4 and "2 of 4 runs to train copied" in lines and "other reference/ sources" in lines
+    with SweepStore(os.path.join(out, S.STORE_FILE), readonly=True) as st:
+        for i in (0, 1):
+            h = R.config_hash(points[i].config)
+            src_rows = [r for r in R.read_metrics(str(src / f"run{i}" / R.METRICS_FILE))[0] if r.get("kind") == "eval"]
+            assert [r["seconds"] for r in st.history(h)] == [r["seconds"] for r in src_rows]
+    assert comparable(os.path.join(out, S.STORE_FILE)) == comparable(os.path.join(local_sweep[0], S.STORE_FILE))
+
+
+def test_reuse_from_must_be_a_directory(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "verify.cli", "sweep", "--experiment", "one_layer", "--out",
+                        str(tmp_path / "o"), "--reuse-from", str(tmp_path / "none")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "--reuse-from" in r.stderr and "not a directory" in r.stderr
+    assert not (tmp_path / "o").exists()

@@ -688,6 +688,9 @@ def _digest(cfg, checkpoint_checksum, summary):
             "summary": _sha(json.dumps(body, sort_keys=True))}
 
 
+REFERENCE_CHANGED = "the reference/ sources changed since the run was trained"
+
+
 def check_digest(run_dir):
     """None when summary.json's digest matches the run's config, checkpoint, the current
     reference/ sources and the summary itself; else the list of parts that do not match
@@ -707,7 +710,7 @@ def check_digest(run_dir):
     if ck is None or dg.get("checkpoint") != ck.checksum:
         bad.append("checkpoint.npz is not the one the run ended with")
     if dg.get("reference") != reference_hash():
-        bad.append("the reference/ sources changed since the run was trained")
+        bad.append(REFERENCE_CHANGED)
     body = {k: v for k, v in summary.items() if k != "digest"}
     if dg.get("summary") != _sha(json.dumps(body, sort_keys=True)):
         bad.append("summary.json was edited after the run wrote it")

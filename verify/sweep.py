@@ -562,9 +562,62 @@ def _point_text(p):
     return ", ".join(f"{k}={v}" for k, v in {**p.cell, "seed": p.seed}.items())
 
 
-def run_sweep(spec, out_dir, engine, *, retry_failed=False, threads=None, progress=True, stream=None):
+def finished_runs(src_dir):
+    """{config hash: run directory} of the finished runs directly under ``src_dir`` (e.g.
+    ``runs/verify/full``): config.json readable, last evaluation at the config's steps,
+    and the digest's config, checkpoint and summary parts intact. Runs trained by other
+    reference/ sources are included (the sweep re-finishes them: see
+    :func:`copy_finished_runs`)."""
+    if not os.path.isdir(src_dir):
+        raise SweepError(f"--reuse-from: {src_dir} is not a directory")
+    out = {}
+    for name in sorted(os.listdir(src_dir)):
+        d = os.path.join(src_dir, name)
+        if not os.path.isfile(os.path.join(d, R.CONFIG_FILE)):
+            continue
+        try:
+            res = R.load_result(d)
+            bad = [b for b in (R.check_digest(d) or []) if b != R.REFERENCE_CHANGED]
+        except (OSError, ValueError, KeyError, R.CheckpointError):
+            continue
+        if not bad and (res.summary.get("final") or {}).get("step") == res.config.steps:
+            out.setdefault(R.config_hash(res.config), d)
+    return out
+
+
+def copy_finished_runs(src_dir, out_dir, hashes, log):
+    """Copy the finished run of each config hash in ``hashes`` found under ``src_dir`` into
+    its sweep run directory, when that directory does not exist yet (a copy to a
+    temporary name, then one rename: never a half-copied run). The worker then reuses
+    it as it is (digest intact), or, trained by other reference/ sources, resumes it at
+    its last step: nothing is retrained, the final evaluation and analyses are recomputed
+    by the current sources. Returns how many were copied."""
+    import shutil
+
+    found = finished_runs(src_dir)
+    n = 0
+    for h in hashes:
+        src, dst = found.get(h), run_dir_of(out_dir, h)
+        if src is None or os.path.exists(dst):
+            continue
+        tmp = f"{dst}.copying-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(R.LOCK_FILE, "plots"))
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        os.rename(tmp, dst)
+        older = R.REFERENCE_CHANGED in (R.check_digest(dst) or [])
+        log(f"  reusing {src} for {h[:12]}" + (" (trained by other reference/ sources: its final evaluation "
+                                                "is recomputed)" if older else ""))
+        n += 1
+    return n
+
+
+def run_sweep(spec, out_dir, engine, *, retry_failed=False, threads=None, progress=True, stream=None,
+              reuse_from=None):
     """Run every grid point of ``spec`` not yet done, recording results in
-    ``out_dir/sweep.sqlite``. Returns the store's counts over this grid's runs."""
+    ``out_dir/sweep.sqlite``. Returns the store's counts over this grid's runs.
+    ``reuse_from``: a directory of finished runs (e.g. runs/verify/full) whose runs of
+    equal configs are copied in instead of trained (:func:`copy_finished_runs`)."""
     points = expand(spec)
     check_configs(points)
     R.check_run_dir(out_dir)
@@ -586,6 +639,9 @@ def run_sweep(spec, out_dir, engine, *, retry_failed=False, threads=None, progre
                 f"{c['done']} done, {c['failed']} failed{' (not retried)' if c['failed'] and not retry_failed else ''}, "
                 f"{len(todo)} to train" + (f" ({stale} left running by a killed sweep)" if stale else "")
                 + (f"; {engine.describe()}" if todo else ""))
+            if reuse_from and todo:
+                n = copy_finished_runs(reuse_from, out_dir, todo, log)
+                log(f"  {n} of {len(todo)} runs to train copied from {reuse_from}")
             tasks = [(h, {"config": by_hash[h].config.to_dict(), "run_dir": run_dir_of(out_dir, h),
                           "threads": threads, "baselines": spec.baselines}) for h in todo]
             tasks.sort(key=lambda t: -estimated_cost(by_hash[t[0]].config))
@@ -622,6 +678,8 @@ def add_arguments(p):
                    help="Numba threads per run (default: cores / workers)")
     p.add_argument("--scheduler", metavar="ADDRESS", help="engine dask: an existing cluster's scheduler address or file")
     p.add_argument("--retry-failed", action="store_true", help="train failed runs again")
+    p.add_argument("--reuse-from", metavar="DIR",
+                   help="copy finished runs of equal configs from DIR (e.g. runs/verify/full) instead of training")
     p.add_argument("--dry-run", action="store_true", help="check the sweep and list its grid; train nothing")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -712,6 +770,8 @@ def run(args):
         out = args.out or default_out(spec)
         points = expand(spec)
         check_configs(points)
+        if args.reuse_from and not os.path.isdir(args.reuse_from):
+            raise SweepError(f"--reuse-from: {args.reuse_from} is not a directory")
         R.check_run_dir(out)
     except (ConfigError, StoreError) as exc:
         return _fail(exc)
@@ -728,7 +788,7 @@ def run(args):
         return _fail(exc)
     try:
         counts = run_sweep(spec, out, engine, retry_failed=args.retry_failed, threads=threads,
-                           progress=not args.quiet)
+                           reuse_from=args.reuse_from, progress=not args.quiet)
     except KeyboardInterrupt:
         print(f"\nicgd sweep: interrupted; finished runs are in {out}/{STORE_FILE}; run the same command again "
               "to continue", file=sys.stderr)
