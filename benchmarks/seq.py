@@ -1,7 +1,12 @@
 """Sequence training steps (the mesa paper's lds task): ms per step of the Numba
-backend's sequence step against the NumPy reference's, float32, verified before timed.
+backend's sequence step against the NumPy reference's and the JAX and PyTorch peers',
+float32, verified before timed.
 
-    python -m benchmarks.seq --json benchmarks/results/seq_provisional.json
+    python -m benchmarks seq --json benchmarks/results/seq_provisional.json
+    python -m benchmarks seq --configs lsa1,mesa --peer-python /tmp/peers-venv/bin/python
+
+(``python -m benchmarks seq ...`` is ``python -m benchmarks.seq ...``; ``python -m
+benchmarks`` without the ``seq`` subcommand is the LSA benchmark, ``benchmarks/bench.py``.)
 
 Configurations (the ``seq_*`` experiments' models: T = 50, token width 40, batch 256,
 key and value size 20, element-wise clip 1 then AdamW, weight decay 0.1):
@@ -17,9 +22,24 @@ backend's) is timed apart. Verification: at parameters drawn normal(0, 0.05) (th
 change the tokens; the experiments' init 0.0002 barely does), the Numba loss and
 gradients in float64 against the reference's (the float64 "algebra" tolerance) and in
 float32 against the reference's float64 ones (the float32 tolerance). Both run in this
-one process, one after the other. ``--peer-python PY`` (or ``ICGD_PEERS_PYTHON``) adds
-the JAX peer (``benchmarks/peers/seq_jax.py``: the same step jitted, verified in
-float64 against the reference first), run by PY in its own process. No PyTorch peer yet.
+one process, one after the other.
+
+Peers: ``--peer-python PY`` (or ``ICGD_PEERS_PYTHON``) adds the peers of ``--peers``
+(default all), each run by PY in its own process (this repository on PYTHONPATH), which
+verifies in float64 against the reference first and prints one JSON row (its last stdout
+line; a peer that fails to run gives a row verified "NO (peer failed: ...)"):
+
+    jax-jit         ``benchmarks/peers/seq_jax.py``: the whole step in one ``jax.jit``, mesa
+                    layer as a Sherman-Morrison ``lax.scan``
+    torch-eager     ``benchmarks/peers/seq_torch.py``: plain PyTorch (autograd,
+                    ``clip_grad_value_``, ``torch.optim.AdamW``), mesa layer as a batched
+                    ``torch.linalg.solve`` of A_t = I / lam + sum_{s<=t} k_s k_s^T per time step
+    torch-compile   the same model, the whole step in one ``torch.compile(fullgraph=True)``
+                    function (a row verified "skipped (...)" where torch.compile does not work)
+
+The torch peers also check the clip + AdamW update of two steps against the reference's
+optimiser. The exit status is 1 when anything failed verification (a skipped peer is not
+a failure).
 """
 
 import argparse
@@ -113,35 +133,63 @@ def time_steps(cfg, impl, repeats, warmup):
                 sample_ms=round(float(np.median(samp)) * 1e3, 3))
 
 
-def _peer_row(a, name):
+#: peer impl -> (its module, its extra arguments), each run by --peer-python in its own process
+PEERS = {
+    "jax-jit": ("benchmarks.peers.seq_jax", []),
+    "torch-eager": ("benchmarks.peers.seq_torch", ["--impl", "torch-eager"]),
+    "torch-compile": ("benchmarks.peers.seq_torch", ["--impl", "torch-compile"]),
+}
+
+
+def _peer_row(a, name, impl):
     import subprocess
 
+    module, extra = PEERS[impl]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root)
-    res = subprocess.run([a.peer_python, "-m", "benchmarks.peers.seq_jax", "--config", name, "--repeats",
-                          str(a.repeats), "--warmup", str(a.warmup)], capture_output=True, text=True, env=env, cwd=root)
+    res = subprocess.run([a.peer_python, "-m", module, "--config", name, "--repeats", str(a.repeats),
+                          "--warmup", str(a.warmup)] + extra, capture_output=True, text=True, env=env, cwd=root)
     try:
-        return json.loads(res.stdout.strip().splitlines()[-1])
+        row = json.loads(res.stdout.strip().splitlines()[-1])
+        if not isinstance(row, dict) or "verified" not in row:
+            raise ValueError(row)
+        return row
     except (IndexError, ValueError):
-        return dict(config=name, impl="jax-jit", load="-", verified=f"NO (peer failed: {res.stderr.strip()[-200:]})")
+        return dict(config=name, impl=impl, load="-", verified=f"NO (peer failed: {res.stderr.strip()[-200:]})")
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--configs", default=",".join(CONFIGS))
+def _names(ap, option, value, known):
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    bad = [n for n in names if n not in known]
+    if not names or bad or len(set(names)) != len(names):
+        ap.error(f"{option}: expected distinct names from {', '.join(known)}, got {value!r}")
+    return names
+
+
+def main(argv=None, prog=None):
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                 epilog="peers: " + ", ".join(PEERS) + " (see the module docstring)")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated, from " + ", ".join(CONFIGS))
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--label", default="provisional")
     ap.add_argument("--json", default=None)
     ap.add_argument("--peer-python", default=os.environ.get("ICGD_PEERS_PYTHON", ""),
-                    help="a Python with jax installed: adds the JAX peer's rows (benchmarks/peers/seq_jax.py, "
-                         "run in its own process with this repository on PYTHONPATH)")
+                    help="a Python with jax and/or torch installed: adds the peers' rows (benchmarks/peers/seq_jax.py, "
+                         "seq_torch.py, each run in its own process with this repository on PYTHONPATH)")
+    ap.add_argument("--peers", default=",".join(PEERS),
+                    help="comma-separated peers run with --peer-python, from " + ", ".join(PEERS))
     a = ap.parse_args(argv)
+    configs = _names(ap, "--configs", a.configs, list(CONFIGS))
+    peers = _names(ap, "--peers", a.peers, list(PEERS))
+    for option in ("repeats", "warmup"):
+        if getattr(a, option) < (1 if option == "repeats" else 0):
+            ap.error(f"--{option} must be >= {1 if option == 'repeats' else 0}, got {getattr(a, option)}")
     import numba
 
     rows = []
     bad = False
-    for name in a.configs.split(","):
+    for name in configs:
         cfg = CONFIGS[name]
         ver = verify(cfg)
         okv = all(v[0] for v in ver.values())
@@ -154,14 +202,15 @@ def main(argv=None):
                      if impl == "numba" else "reference")
             rows.append(r)
             print(json.dumps(r), flush=True)
-        if a.peer_python:
-            rows.append(_peer_row(a, name))
+        for impl in peers if a.peer_python else ():
+            rows.append(_peer_row(a, name, impl))
             print(json.dumps(rows[-1]), flush=True)
-            bad |= not rows[-1]["verified"].startswith("yes")
+            bad |= not rows[-1]["verified"].startswith(("yes", "skipped"))
+    shown = sys.argv[1:] if argv is None else argv
     head = (f"# Sequence training steps, ms per step ({a.label})\n\n"
             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; Python "
             f"{platform.python_version()}, numpy {np.__version__}, numba {numba.__version__}; Numba threads "
-            f"{numba.get_num_threads()}. Command: `python -m benchmarks.seq {' '.join(argv or sys.argv[1:])}`; "
+            f"{numba.get_num_threads()}. Command: `{prog or 'python -m benchmarks.seq'} {' '.join(shown)}`; "
             f"{a.repeats} timed steps after {a.warmup} warm-up steps; 'first s' is the first timed-process step, after the "
             "verification compiled the kernels (a cold compile with an empty Numba cache is ~16 s per kernel "
             "family and dtype, measured apart).\n\n"
@@ -170,7 +219,9 @@ def main(argv=None):
     lines = [f"| {r['config']} | {r['impl']} | {r.get('median_ms', 'nan')} | {r.get('p10_ms', 'nan')} | "
              f"{r.get('p90_ms', 'nan')} | {r.get('sample_ms', 'nan')} | {r.get('first_s', 'nan')} | {r['load']} | "
              f"{r['verified']} |" for r in rows]
-    md = head + "\n".join(lines) + "\n"
+    peer_info = sorted({f"jax {r['jax']}" for r in rows if r.get("jax")} |
+                       {f"torch {r['torch']} (torch threads {r.get('torch_threads', '?')})" for r in rows if r.get("torch")})
+    md = head + "\n".join(lines) + "\n" + (f"\nPeers: {'; '.join(peer_info)}.\n" if peer_info else "")
     print(md)
     if a.json:
         with open(a.json, "w") as f:
