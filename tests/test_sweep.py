@@ -350,3 +350,14 @@ def test_reuse_from_must_be_a_directory(tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 2 and "--reuse-from" in r.stderr and "not a directory" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_report_values_of_models_that_are_no_lsa_stack():
+    """A softmax or mixed model's run has weights {"skipped": why}: gamma and eta are
+    None (not a crash); the curves name the experiment of a sweep over experiments."""
+    run = {"final": {"loss": 0.3}, "baselines": {"gd_loss": 0.21}, "config": {"data": {"N": 10}},
+           "analysis": {"weights": {"skipped": "the model is an explicit layer list"}}}
+    assert RS.value(run, "gamma") is None and RS.value(run, "eta") is None and RS.value(run, "gd") == 0.21
+    assert RS._model_label({"experiment": "softmax2"}, True) == "trained softmax2"
+    assert RS._model_label({"experiment": "ln1", "lr": "0.001"}, True) == "trained ln1 lr=0.001"
+    assert RS._model_label({"lr": "0.001"}, True) == "trained LSA lr=0.001" and RS._model_label({}, False) == "trained LSA"

@@ -110,7 +110,8 @@ def _extra(run, key):
 def value(run, name):
     """The named value of a done run row (None when the run does not have it)."""
     f, b, a = run.get("final") or {}, run.get("baselines") or {}, run.get("analysis") or {}
-    w = (a.get("weights") or [{}])[0] if a.get("weights") else {}
+    w = a.get("weights")                       # a list per layer, or {"skipped": why} (a model that is no LSA stack)
+    w = w[0] if isinstance(w, list) and w else {}
     table = {
         "gd": lambda: b.get("gd_loss"), "gdpp": lambda: b.get("gdpp_loss"), "lstsq": lambda: b.get("lstsq_loss"),
         "zero": lambda: b.get("zero_loss"),
@@ -205,12 +206,27 @@ def _x_of(v):
         return v
 
 
+def _model_label(cell, many):
+    """'trained EXPERIMENT [rest of the cell]' for a sweep over experiments, else
+    'trained LSA [cell]' (a sweep of one LSA experiment)."""
+    if "experiment" in cell:
+        rest = {k: v for k, v in cell.items() if k != "experiment"}
+        return f"trained {cell['experiment']}" + (f" {cell_label(rest)}" if rest else "")
+    return "trained LSA" + (f" {cell_label(cell)}" if many else "")
+
+
 def figure_curves(fig_spec, cells, title, path):
     plt = _plt()
     metric = fig_spec.get("metric", "loss")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     data = []
     many = len(cells) > 1
+    # a baseline with one value in every cell (e.g. GD-1 of two models on the same tasks) is drawn once
+    shared = {}
+    for b in fig_spec.get("baselines", []):
+        vs = [interval([value(r, b) for r in c["runs"]])["mean"] for c in cells]
+        if many and None not in vs and np.allclose(vs, vs[0], rtol=1e-9, atol=0):
+            shared[b] = vs[0]
     for i, c in enumerate(cells):
         cv = curves(c, metric)
         if not cv:
@@ -221,8 +237,7 @@ def figure_curves(fig_spec, cells, title, path):
         hi = np.array([cv[s]["hi"] for s in cv], dtype=float)
         color = f"C{i}"
         n = len(c["runs"])
-        ax.plot(steps, mean, color=color, lw=1.8,
-                label=f"trained LSA{' ' + cell_label(c['cell']) if many else ''} (mean of {n} seed{'s' * (n > 1)})")
+        ax.plot(steps, mean, color=color, lw=1.8, label=f"{_model_label(c['cell'], many)} (mean of {n} seed{'s' * (n > 1)})")
         if n > 1:
             ax.fill_between(steps, lo, hi, color=color, alpha=0.25, lw=0)
         base = {}
@@ -233,8 +248,11 @@ def figure_curves(fig_spec, cells, title, path):
             if v is None:
                 continue
             base[b] = v
-            label = LABELS.get(b, b) + (f" ({cell_label(c['cell'])})" if many else "") + f": {v:.4g}"
-            style = dict(color=color if many else "k", ls=STYLES.get(b, "--"), lw=1.2)
+            if b in shared and i > 0:             # drawn with the first cell, for all of them
+                continue
+            one = b in shared or not many
+            label = LABELS.get(b, b) + ("" if one else f" ({cell_label(c['cell'])})") + f": {v:.4g}"
+            style = dict(color="k" if one else color, ls=STYLES.get(b, "--"), lw=1.2)
             if v < floor:       # e.g. least squares at rounding level: named, not drawn, so the axis stays readable
                 ax.plot([], [], label=label + " (below the axis)", **style)
             else:
@@ -324,8 +342,12 @@ def figure_ood(fig_spec, cells, title, path):
             if m != "model" and np.nanmax(mean) < 1e-3 * model_min:    # rounding level: named, not drawn
                 ax.plot([], [], color=color, ls=STYLES[m], label=label + f" (<= {np.nanmax(mean):.2g}, below the axis)")
                 continue
+            if m == "model":
+                label = _model_label(c["cell"], many)
+            elif many:
+                label += f" ({cell_label(c['cell'])})"
             ax.plot(alpha, mean, color=color, ls="-" if m == "model" else STYLES[m], lw=1.8 if m == "model" else 1.2,
-                    label=label + (f" ({cell_label(c['cell'])})" if many else ""))
+                    label=label)
             if m == "model" and len(rs) > 1:
                 ax.fill_between(alpha, [v["lo"] for v in iv], [v["hi"] for v in iv], color=color, alpha=0.25, lw=0)
             series.append({"cell": c["cell"], "value": m, "alpha": alpha.tolist(), "mean": mean.tolist(),
