@@ -315,6 +315,13 @@ def test_a_classic_token_run_draws_the_induction_and_attention_plots(tmp_path):
     assert {"loss.png", "induction.png", "attention.png"} <= drawn
     rows = [r for r in runs.read_metrics(str(tmp_path / "c" / runs.METRICS_FILE))[0] if r.get("kind") == "eval"]
     assert all({"copy_self", "copy_next", "copy_other"} <= set(r) for r in rows)
+    # the same through the command line, into another directory; --compare wants sine runs
+    from verify import cli
+
+    assert cli.main(["plots", str(tmp_path / "c"), "--out", str(tmp_path / "p")]) == 0
+    assert {"induction.png", "attention.png"} <= set(os.listdir(tmp_path / "p"))
+    assert cli.main(["plots", str(tmp_path / "c"), "--compare", str(tmp_path / "c")]) == 2
+    assert cli.main(["plots", str(tmp_path / "nothing")]) == 2
 
 
 def test_loss_drop_step_is_halfway_from_the_zero_predictor_to_gd():

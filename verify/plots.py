@@ -30,11 +30,19 @@ from . import runs  # noqa: E402
 COLORS = {"model": "C0", "gd": "C1", "gdpp": "C2", "lstsq": "C3", "interp": "C4"}
 
 
-def make_plots(run_dir):
-    """Draw every plot the run's files allow; returns the list of PNG paths."""
+def make_plots(run_dir, out=None, compare=()):
+    """Draw every plot the run's files allow into ``out`` (default run_dir/plots);
+    returns the list of PNG paths. ``compare``: further run directories of the same
+    task whose models the sine plot draws beside this one (e.g. MLP + GD)."""
     cfg, ck, rows, summary = runs.load_run(run_dir)
     params = None if ck is None else ck.params
-    out = os.path.join(run_dir, "plots")
+    others = []
+    for d in compare:                      # checked before anything is drawn
+        c2, ck2, _, _ = runs.load_run(d)
+        if cfg.data.task != "sine" or c2.data.task != "sine" or ck2 is None:
+            raise ValueError(f"compare: {d} and {run_dir} must both be sine-task runs with a checkpoint")
+        others.append((c2.experiment, c2, ck2.params))
+    out = os.path.join(run_dir, "plots") if out is None else out
     os.makedirs(out, exist_ok=True)
     base = next((r for r in rows if r.get("kind") == "baselines"), None)
     hist = [r for r in rows if r.get("kind") == "eval"]
@@ -53,7 +61,7 @@ def make_plots(run_dir):
     if summary and "model" in summary.get("rollout", {}):
         paths.append(plot_rollout(cfg, summary["rollout"], os.path.join(out, "rollout.png")))
     if params is not None and cfg.data.task == "sine":
-        paths.append(plot_sine(cfg, params, os.path.join(out, "sine.png")))
+        paths.append(plot_sine(cfg, params, os.path.join(out, "sine.png"), others=others))
     if cfg.data.tokens == "classic" and hist and base:
         paths.append(plot_induction(cfg, hist, base, os.path.join(out, "induction.png")))
     if cfg.data.tokens == "classic" and params is not None:
@@ -289,3 +297,29 @@ def plot_rollout(cfg, ro, path):
     ax.legend(fontsize=8)
     ax.set_title(_title(cfg) + " - roll-out", fontsize=9)
     return _save(fig, path)
+
+
+# ---- icgd plots -------------------------------------------------------------------------------
+
+def add_arguments(p):
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (icgd train, verify's runs/verify/...)")
+    p.add_argument("--out", metavar="DIR", help="where to draw (default RUN_DIR/plots)")
+    p.add_argument("--compare", metavar="RUN_DIR", action="append", default=[],
+                   help="sine task: another run whose predictions the sine plot draws beside (repeatable)")
+
+
+def run(args):
+    import sys
+
+    for d in [args.run_dir, *args.compare]:
+        if not os.path.isfile(os.path.join(d, runs.CONFIG_FILE)):
+            print(f"icgd plots: {d}: not a run directory (no {runs.CONFIG_FILE})", file=sys.stderr)
+            return 2
+    try:
+        paths = make_plots(args.run_dir, args.out, args.compare)
+    except (ValueError, OSError, runs.CheckpointError) as exc:
+        print(f"icgd plots: {exc}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0
