@@ -10,6 +10,7 @@ part fits the quick mode's 1-minute budget.
 import os
 
 from . import sweep as S
+from .pool import threads_per_worker
 from .registry import Outcome, claim
 from .report_sweep import interval, load, value
 
@@ -22,7 +23,8 @@ def sweep_cells(ctx, name):
     """Run (or finish) the committed sweep ``name`` in the work directory; its cells."""
     spec = S.spec_from_file(os.path.join(FIGURES, name + ".toml"), quick=not ctx.full)
     out = os.path.join(ctx.workdir, "sweeps", spec.name + ("-quick" if spec.quick else ""))
-    counts = S.run_sweep(spec, out, S.LocalEngine(S.default_workers("local")), progress=True)
+    workers = S.default_workers("local")
+    counts = S.run_sweep(spec, out, S.LocalEngine(workers), threads=threads_per_worker(workers), progress=True)
     if counts["failed"]:
         raise RuntimeError(f"{counts['failed']} run(s) of sweep {name} failed; icgd sweep status {out} says why")
     return load(out)[2]

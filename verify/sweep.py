@@ -66,7 +66,7 @@ from reference.config import ConfigError, field_path
 from . import runs as R
 from .cli import INTERRUPTED, int_at_least
 from .experiments import EXPERIMENTS, get_experiment
-from .pool import estimated_cost, pin_threads
+from .pool import estimated_cost, pin_threads, threads_per_worker
 from .settings import apply_overrides, parse_set_args
 from .sweep_store import StoreError, SweepStore
 
@@ -781,7 +781,7 @@ def run(args):
             print(f"  {R.config_hash(p.config)[:12]}  {_point_text(p)}")
         return 0
     workers = args.workers or default_workers(args.engine)
-    threads = args.threads or max(1, (os.cpu_count() or 1) // workers)
+    threads = args.threads or threads_per_worker(workers)
     try:
         engine = make_engine(args.engine, workers, args.scheduler)
     except (ConfigError, OSError) as exc:
