@@ -154,3 +154,43 @@ def sine_step_cost(N, B, width=40, hidden=160, key=40):
     lsa = 3 * (S * D * key + S * D * D + D * key + S * key + S * D + D * D)
     mac = embed + mlp + lsa
     return dict(path="sine (dense products)", flops=2 * B * mac, macs_per_task=mac)
+
+
+def seq_step_cost(n_layers, heads, T=50, B=256, width=40, key=20, value=20, mask=0, d=10, mesa=False):
+    """FLOPs of the dense products of one sequence-model training step (the ``seq_*``
+    experiments: causal linear attention or the mesa layer on constructed tokens
+    e_t = [0, s_t, s_t, s_{t-1}] of width 40, the prediction read from the first d = 10
+    output channels, the loss at every t): a lower bound on the work of any
+    implementation of this step, so FLOPs / matmul rate bounds the step time from below.
+    Per sequence and head of layer k:
+
+    * projections q, k, v from the layer's input: T w_in (2 key + value), with w_in the
+      input channels that can be non-zero (layer 0: width - max(mask, d), since the
+      first d channels of e_t are zero and ``mask`` more are zeroed; later layers: width);
+    * causal attention including the diagonal, the cheaper of its two forms: scores and
+      weighted sum over s <= t, T (T + 1) / 2 (key + value), or the running state
+      sum_s v_s k_s^T updated and read at every t, 2 T key value;
+    * the output projection to the channels that are read on: T value w_out (the last
+      layer: the d predicted channels; the others: width);
+    * mesa layer: the Sherman-Morrison recursion of its key x key inverse, R k, the
+      rank-one update and R q at every t, 3 T key^2;
+    * backward: twice the forward for the projections (the weight gradient and the input
+      gradient; no input gradient into layer 0, whose input is data), the attention
+      (both operands of each product) and the output projection; the mesa recursion
+      once its forward (a conservative count: each of its products has at least one).
+
+    Elementwise work (clip, residual adds, the loss, AdamW) and sampling are not counted:
+    a bound."""
+    mac = 0.0
+    for k in range(n_layers):
+        w_in = width - max(mask, d) if k == 0 else width
+        w_out = d if k == n_layers - 1 else width
+        proj = T * w_in * (2 * key + value)
+        attn = min(T * (T + 1) / 2 * (key + value), 2 * T * key * value)
+        out = T * value * w_out
+        sm = 3 * T * key * key if mesa else 0
+        fwd = proj + attn + out + sm
+        bwd = proj * (2 if k > 0 else 1) + 2 * attn + 2 * out + sm
+        mac += heads * (fwd + bwd)
+    return dict(path=f"{n_layers} x {'mesa' if mesa else 'causal LSA'} (dense products)", flops=2 * B * mac,
+                macs_per_sequence=mac)

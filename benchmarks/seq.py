@@ -59,6 +59,59 @@ CONFIGS = {
 }
 
 
+def matmul_gflops(n=2048, repeats=7):
+    """float32 rate of one large np.matmul (GFLOP/s, best of ``repeats``), the rate the
+    bound divides by (OpenBLAS with its default threads)."""
+    from benchmarks.bench import timed
+
+    a = np.random.default_rng(0).random((n, n), dtype=np.float32)
+    c = np.empty_like(a)
+    return 2 * n ** 3 / min(timed(lambda: np.matmul(a, a, out=c), 2, repeats)) / 1e9
+
+
+def summarise(rows, gflops):
+    """Per config: the Numba median, the best verified peer's, the ratio, and the bound
+    (``costs.seq_step_cost`` FLOPs at ``gflops``): the largest lead any implementation
+    could have over that peer is best peer / bound."""
+    from benchmarks.costs import seq_step_cost
+
+    out = {}
+    for name in dict.fromkeys(r["config"] for r in rows):
+        cfg = CONFIGS[name]
+        cost = seq_step_cost(cfg["layers"], cfg["heads"], mask=cfg["mask"], mesa=cfg["kind"] == "mesa")
+        bound_ms = 1e3 * cost["flops"] / (gflops * 1e9)
+        mine = [r for r in rows if r["config"] == name]
+        numba = next((r.get("median_ms") for r in mine if r["impl"] == "numba" and "median_ms" in r), None)
+        peers = [r for r in mine if r["impl"] not in ("numba", "numpy") and "median_ms" in r
+                 and str(r.get("verified", "")).startswith("yes")]
+        best = min(peers, key=lambda r: r["median_ms"]) if peers else None
+        s = dict(flops=cost["flops"], bound_ms=round(bound_ms, 3), numba_ms=numba)
+        if numba:
+            s["numba_fraction_of_bound"] = round(bound_ms / numba, 3)
+        if best:
+            s.update(best_peer=best["impl"], best_peer_ms=best["median_ms"],
+                     max_possible_lead=round(best["median_ms"] / bound_ms, 2))
+            if numba:
+                s["numba_over_best_peer"] = round(best["median_ms"] / numba, 2)
+        out[name] = s
+    return out
+
+
+def summary_lines(summ, gflops):
+    lines = ["", f"Bound (benchmarks/costs.py seq_step_cost: the step's dense products) at the float32 matmul rate "
+             f"measured in this run, {gflops:.0f} GFLOP/s (2048^2, OpenBLAS default threads); no implementation of a "
+             "step is faster than its bound, so a lead over a peer cannot exceed that peer's time / bound.", "",
+             "| config | GFLOP | bound ms | numba ms | numba / bound | best peer | peer ms | numba lead | largest "
+             "possible lead |", "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+    for name, s in summ.items():
+        f = lambda k, spec: "-" if s.get(k) is None else spec.format(s[k])  # noqa: E731
+        lines.append(f"| {name} | {s['flops'] / 1e9:.3f} | {s['bound_ms']:.2f} | {f('numba_ms', '{:.2f}')} | "
+                     f"{f('numba_fraction_of_bound', '{:.2f}')} | {s.get('best_peer', '-')} | "
+                     f"{f('best_peer_ms', '{:.2f}')} | {f('numba_over_best_peer', '{:.2f}x')} | "
+                     f"{f('max_possible_lead', '{:.1f}x')} |")
+    return lines
+
+
 def problem(cfg):
     from reference.model import Arch, LayerSpec, lsa_stack
     from reference.optim import AdamHP
@@ -221,11 +274,17 @@ def main(argv=None, prog=None):
              f"{r['verified']} |" for r in rows]
     peer_info = sorted({f"jax {r['jax']}" for r in rows if r.get("jax")} |
                        {f"torch {r['torch']} (torch threads {r.get('torch_threads', '?')})" for r in rows if r.get("torch")})
-    md = head + "\n".join(lines) + "\n" + (f"\nPeers: {'; '.join(peer_info)}.\n" if peer_info else "")
+    gflops = matmul_gflops()
+    summ = summarise(rows, gflops)
+    md = (head + "\n".join(lines + summary_lines(summ, gflops)) + "\n"
+          + (f"\nPeers: {'; '.join(peer_info)}.\n" if peer_info else ""))
     print(md)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"rows": rows, "matmul_gflops": gflops, "summary": summ, "label": a.label,
+                       "machine": dict(processor=platform.processor() or platform.machine(), cores=os.cpu_count(),
+                                       numba_threads=numba.get_num_threads(),
+                                       loadavg_end=list(os.getloadavg()))}, f, indent=1)
         with open(a.json[:-5] + ".md" if a.json.endswith(".json") else a.json + ".md", "w") as f:
             f.write(md)
     return 1 if bad else 0

@@ -142,3 +142,35 @@ def test_torch_peer_skips_torch_compile_where_it_does_not_work(torch, monkeypatc
     assert seq_torch.main(["--config", "mesa", "--impl", "torch-compile"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["impl"] == "torch-compile" and row["verified"].startswith("skipped (torch.compile failed")
+
+
+def test_seq_step_cost_is_the_hand_count():
+    """lsa1 (1 layer, 2 heads, key = value = 20, T = 50, mask 20, the first 10 token channels
+    zero) per head: projections 50 * 20 * 60, attention min(1275 * 40, 2 * 50 * 400), the
+    output to the 10 read channels 50 * 20 * 10; backward: the weight gradients only for
+    the projections (layer 0's input is data), twice the rest."""
+    from benchmarks.costs import seq_step_cost
+
+    per_head = (60000 + 40000 + 10000) + (60000 + 2 * 40000 + 2 * 10000)
+    assert seq_step_cost(1, 2, mask=20)["flops"] == 2 * 256 * 2 * per_head
+    # a second layer reads all 40 channels and needs its input gradient; the mesa layer adds 3 T key^2 each way
+    two = seq_step_cost(2, 1)
+    first = 50 * 30 * 60 + 40000 + 50 * 20 * 40
+    second = 50 * 40 * 60 + 40000 + 10000
+    assert two["macs_per_sequence"] == (first + 50 * 30 * 60 + 80000 + 2 * 50 * 20 * 40) + (second + 2 * second)
+    assert seq_step_cost(1, 1, mesa=True)["macs_per_sequence"] - seq_step_cost(1, 1)["macs_per_sequence"] == 6 * 50 * 400
+
+
+def test_seq_summary_compares_with_the_best_verified_peer_and_the_bound():
+    from benchmarks import seq
+    from benchmarks.costs import seq_step_cost
+
+    rows = [dict(config="lsa1", impl="numba", median_ms=10.0), dict(config="lsa1", impl="numpy", median_ms=90.0),
+            dict(config="lsa1", impl="jax-jit", median_ms=20.0, verified="yes (f64 1e-15)"),
+            dict(config="lsa1", impl="torch-eager", median_ms=5.0, verified="NO (f64 1e-3)"),
+            dict(config="lsa1", impl="torch-compile", verified="skipped (no compiler)")]
+    s = seq.summarise(rows, gflops=100.0)["lsa1"]
+    bound = 1e3 * seq_step_cost(1, 2, mask=20)["flops"] / 100e9
+    assert s["best_peer"] == "jax-jit" and s["numba_over_best_peer"] == 2.0
+    assert s["bound_ms"] == round(bound, 3) and s["max_possible_lead"] == round(20.0 / bound, 2)
+    assert "| lsa1 |" in "\n".join(seq.summary_lines({"lsa1": s}, 100.0))

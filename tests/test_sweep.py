@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from verify import runs as R
@@ -361,3 +362,28 @@ def test_report_values_of_models_that_are_no_lsa_stack():
     assert RS._model_label({"experiment": "softmax2"}, True) == "trained softmax2"
     assert RS._model_label({"experiment": "ln1", "lr": "0.001"}, True) == "trained ln1 lr=0.001"
     assert RS._model_label({"lr": "0.001"}, True) == "trained LSA lr=0.001" and RS._model_label({}, False) == "trained LSA"
+
+
+def test_per_t_figure_averages_seeds_and_draws_shared_baselines_once(tmp_path):
+    """The sequence figure: each cell's final l_t averaged over its seeds (numbers by
+    hand), GD's curve (equal in both cells) drawn once, Prop. 2's (per depth) per cell;
+    a run without a per-t evaluation is left out, not a crash."""
+    def run(seed, per_t, prop2):
+        return {"seed": seed, "history": [{"step": 10, "per_t": [9.0, 9.0, 9.0]}, {"step": 20, "per_t": per_t}],
+                "baselines": {"gd_per_t": [1.0, 0.5, 0.25], "prop2_per_t": prop2}}
+    cells = [{"cell": {"experiment": "seq_lsa1"}, "runs": [run(0, [1.0, 0.4, 0.2], [0.9, 0.4, 0.2]),
+                                                           run(1, [1.0, 0.6, 0.4], [0.9, 0.4, 0.2])]},
+             {"cell": {"experiment": "seq_lsa2"}, "runs": [run(0, [1.0, 0.3, 0.1], [0.8, 0.3, 0.1]),
+                                                           {"seed": 1, "history": [{"step": 20}], "baselines": {}}]}]
+    path = str(tmp_path / "per_t.png")
+    data = RS.figure_per_t({"baselines": ["gd", "prop2", "cheb"]}, cells, "t", path)
+    assert os.path.getsize(path) > 0 and data["shared_baselines"] == ["gd"]
+    a, b = data["series"]
+    assert a["t"] == [1, 2, 3] and np.allclose(a["model"]["mean"], [1.0, 0.5, 0.3])
+    assert a["model"]["lo"][1] < 0.5 < a["model"]["hi"][1]
+    assert b["model"]["mean"] == b["model"]["lo"] == [1.0, 0.3, 0.1]          # one seed: no interval
+    assert a["baselines"]["prop2"] == [0.9, 0.4, 0.2] and b["baselines"]["prop2"] == [0.8, 0.3, 0.1]
+    assert "cheb" not in a["baselines"]
+    RS.check_report_table({"figure": [{"kind": "per_t", "baselines": ["gd"]}]}, "report")
+    with pytest.raises(S.SweepError, match=r"report\.figure\[0\]\.axis"):
+        RS.check_report_table({"figure": [{"kind": "per_t", "axis": "input"}]}, "report")

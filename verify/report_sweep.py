@@ -29,6 +29,9 @@ What is drawn comes from the sweep file's [report] table:
     [[report.figure]]
     kind = "ood"                                # loss against the input or teacher scale
     axis = "input"
+    [[report.figure]]
+    kind = "per_t"                              # sequence models: final loss l_t against the time step t
+    baselines = ["gd", "lstsq", "prop2"]        # their per-t curves (the run's ``{name}_per_t`` baselines)
 
 Values of a run (:data:`VALUES`): any key of its last evaluation row (``loss``,
 ``model_cos_gd``, ...), ``gamma`` / ``eta`` (its first layer read as a GD++ layer), and
@@ -53,7 +56,8 @@ from .sweep_store import StoreError, SweepStore
 
 FIGURE_KINDS = {"curves": ("name", "kind", "metric", "baselines", "logy", "logx", "title", "cells"),
                 "versus": ("name", "kind", "x", "metric", "baselines", "logy", "logx", "title", "reference", "by"),
-                "ood": ("name", "kind", "axis", "logy", "title", "cells")}
+                "ood": ("name", "kind", "axis", "logy", "title", "cells"),
+                "per_t": ("name", "kind", "baselines", "logy", "title", "cells")}
 REPORT_KEYS = ("title", "metrics", "figure", "table")
 DEFAULT_METRICS = ("loss", "gd", "gdpp", "gdpp_converged", "lstsq", "ridge", "model_cos_gd", "model_cos_gdpp",
                    "gamma")
@@ -67,9 +71,10 @@ LABELS = {"gd": "GD-K (line-searched eta)", "gdpp": "GD++ (paper's fixed steps)"
           "gdpp_converged_per_layer": "GD++ to convergence (per layer)",
           "lstsq": "least squares", "ridge": "ridge, lambda = sigma^2 / w_scale^2",
           "gdpp_gamma": "GD++ gamma (paper's fixed steps)", "gdpp_converged_gamma": "GD++ gamma (converged)",
-          "loss": "trained LSA", "gamma": "trained LSA gamma"}
+          "loss": "trained LSA", "gamma": "trained LSA gamma",
+          "prop2": "Prop. 2 construction (same depth)", "cheb": "Chebyshev iteration as coded"}
 STYLES = {"gd": "--", "gdpp": ":", "gdpp_converged": "-.", "gdpp_converged_per_layer": (0, (5, 1, 1, 1, 1, 1)),
-          "lstsq": (0, (1, 3)), "ridge": (0, (6, 2)), "gdpp_gamma": ":", "gdpp_converged_gamma": "-."}
+          "lstsq": (0, (1, 3)), "ridge": (0, (6, 2)), "prop2": ":", "cheb": (0, (1, 2)), "gdpp_gamma": ":", "gdpp_converged_gamma": "-."}
 
 
 def check_report_table(report, where):
@@ -114,7 +119,7 @@ def value(run, name):
     w = w[0] if isinstance(w, list) and w else {}
     table = {
         "gd": lambda: b.get("gd_loss"), "gdpp": lambda: b.get("gdpp_loss"), "lstsq": lambda: b.get("lstsq_loss"),
-        "zero": lambda: b.get("zero_loss"),
+        "zero": lambda: b.get("zero_loss"), "prop2": lambda: b.get("prop2_loss"), "cheb": lambda: b.get("cheb_loss"),
         "gdpp_gamma": lambda: (b.get("gdpp_gammas") or [None])[0],
         "gamma": lambda: w.get("gamma_equiv"),
         "eta": lambda: None if w.get("eta_over_N") is None else w["eta_over_N"] * run["config"]["data"]["N"],
@@ -362,6 +367,74 @@ def figure_ood(fig_spec, cells, title, path):
     return {"kind": "ood", "axis": axis, "series": series}
 
 
+SEQ_BASELINES = {"gd": ("GD, one step (Prop. 1, eta line-searched)", "--"),
+                 "lstsq": ("ridge (lambda 1e-3) on the pairs before t", "-."),
+                 "prop2": ("Prop. 2 construction, same depth", ":"),
+                 "cheb": ("Chebyshev iteration as coded", (0, (1, 2)))}
+
+
+def per_t_curve(runs, get):
+    """(mean, lo, hi) arrays over t of the per-t curves ``get(run)`` of ``runs``
+    (None when a run lacks the curve or the runs' lengths differ)."""
+    ys = [get(r) for r in runs]
+    if not ys or any(y is None for y in ys) or len({len(y) for y in ys}) != 1:
+        return None
+    ys = np.asarray(ys, dtype=float)
+    iv = [interval(ys[:, k]) for k in range(ys.shape[1])]
+    return (np.array([v["mean"] for v in iv]), np.array([v["lo"] for v in iv]), np.array([v["hi"] for v in iv]))
+
+
+def figure_per_t(fig_spec, cells, title, path):
+    """Sequence models (the mesa paper's main figure): each cell's final per-time-step
+    evaluation loss l_t, t = 1..T (mean and 95% interval over seeds), with the baselines'
+    per-t curves; a baseline equal in every cell (GD, ridge: the same evaluation set) is
+    drawn once in black, one that depends on the cell (Prop. 2 at the model's depth) in
+    the cell's colour."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    series = []
+    many = len(cells) > 1
+    names = fig_spec.get("baselines", ["gd", "lstsq", "prop2"])
+    drawn_shared = {}
+    done = [[r for r in c["runs"] if r["history"] and r["history"][-1].get("per_t") is not None] for c in cells]
+    for i, (c, runs) in enumerate(zip(cells, done)):
+        model = per_t_curve(runs, lambda r: r["history"][-1]["per_t"])
+        if model is None:
+            continue
+        color = f"C{i}"
+        t = np.arange(1, len(model[0]) + 1)
+        n = len(runs)
+        label = _model_label(c["cell"], many) + f" (step {runs[0]['history'][-1]['step']}, {n} seed{'s' * (n > 1)})"
+        ax.plot(t, model[0], color=color, lw=2, label=label)
+        if n > 1:
+            ax.fill_between(t, model[1], model[2], color=color, alpha=0.25, lw=0)
+        entry = {"cell": c["cell"], "t": t.tolist(), "model": {"mean": model[0].tolist(), "lo": model[1].tolist(),
+                                                              "hi": model[2].tolist()}, "baselines": {}}
+        for b in names:
+            cur = per_t_curve(runs, lambda r, b=b: (r.get("baselines") or {}).get(f"{b}_per_t"))
+            if cur is None:
+                continue
+            entry["baselines"][b] = cur[0].tolist()
+            others = [per_t_curve(o, lambda r, b=b: (r.get("baselines") or {}).get(f"{b}_per_t")) for o in done if o]
+            shared = all(o is not None and np.allclose(o[0], cur[0], rtol=1e-9, atol=0) for o in others)
+            name, ls = SEQ_BASELINES.get(b, (b, "--"))
+            if shared:
+                if b in drawn_shared:
+                    continue
+                drawn_shared[b] = True
+                ax.plot(t, cur[0], color="k", ls=ls, lw=1.2, label=name)
+            else:
+                ax.plot(t, cur[0], color=color, ls=ls, lw=1.2, label=f"{name} ({cell_label(c['cell'])})")
+        series.append(entry)
+    ax.set(xlabel="time step t (pairs seen so far: t - 1)",
+           ylabel="l_t = mean over sequences of 0.5 ||y_hat_t - y_t||^2, y_t = s_{t+1}", title=fig_spec.get("title", title))
+    ax.set_yscale("log" if fig_spec.get("logy", True) else "linear")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    _save(fig, path)
+    return {"kind": "per_t", "series": series, "shared_baselines": list(drawn_shared)}
+
+
 def _metric_label(m):
     return {"loss": "loss 0.5 E||y_hat - y_q||^2 (eval set)", "gamma": "gamma (curvature correction)",
             "model_cos_gd": "model cosine vs GD", "model_cos_gdpp": "model cosine vs GD++",
@@ -374,7 +447,7 @@ def _save(fig, path):
     _plt().close(fig)
 
 
-DRAW = {"curves": figure_curves, "versus": figure_versus, "ood": figure_ood}
+DRAW = {"curves": figure_curves, "versus": figure_versus, "ood": figure_ood, "per_t": figure_per_t}
 
 
 # ---- the report -----------------------------------------------------------------------------------
