@@ -387,3 +387,27 @@ def test_per_t_figure_averages_seeds_and_draws_shared_baselines_once(tmp_path):
     RS.check_report_table({"figure": [{"kind": "per_t", "baselines": ["gd"]}]}, "report")
     with pytest.raises(S.SweepError, match=r"report\.figure\[0\]\.axis"):
         RS.check_report_table({"figure": [{"kind": "per_t", "axis": "input"}]}, "report")
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_converged_gdpp_starts_as_the_papers_protocol_and_stops_by_its_rule(backend):
+    """GD++ to convergence takes the trainer's meta-training steps (same init, task stream,
+    coordinates and the run's backend's loss function): stopped after as many steps, it has
+    the fixed-step GD++'s eta and gamma bit for bit. With tol = 1 it stops at the first window (converged);
+    with tol = 0 (no improvement is too small) it runs to max_steps, not converged."""
+    from reference import trainer
+    from reference.backends import host_loss_and_grads
+    from reference.solvers import meta_train_gdpp
+    from verify.sweep_baselines import converged_gdpp
+
+    cfg = S.expand(tiny_spec(set={**TINY_SET, "backend": backend}))[0].config
+    evals = trainer.eval_tasks(cfg)
+    b = cfg.baselines
+    etas, gammas, _ = meta_train_gdpp(cfg.task_spec(b.gdpp_batch), cfg.model.n_layers, 0.7, shared=True, steps=6,
+                                      lr=b.gdpp_lr, b2=b.gdpp_b2, seed=cfg.eval.eval_seed,
+                                      loss_and_grads_fn=host_loss_and_grads(cfg.backend))
+    run = converged_gdpp(cfg, evals, 0.7, shared=True, tol=0.0, window=3, max_steps=6)
+    assert run["etas"] == list(etas) and run["gammas"] == list(gammas)
+    assert (run["steps"], run["converged"], [s for s, _ in run["curve"]]) == (6, False, [0, 3, 6])
+    first = converged_gdpp(cfg, evals, 0.7, shared=True, tol=1.0, window=3, max_steps=6)
+    assert (first["steps"], first["converged"]) == (3, True)

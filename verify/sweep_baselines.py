@@ -38,7 +38,10 @@ def converged_gdpp(cfg, evals, eta0, *, shared, tol, window, max_steps):
     (relative) over ``window`` steps. Returns a dict: loss, etas, gammas, steps,
     converged (False: stopped at max_steps), the evaluation-loss curve (step, loss) every
     window, and the rule as text."""
+    from reference.backends import host_loss_and_grads
+
     t0 = time.perf_counter()
+    fn = host_loss_and_grads(cfg.backend)         # the run's backend, as the trainer's fixed-step GD++ uses
     b, K, N = cfg.baselines, cfg.model.n_layers, cfg.data.N
     spec = cfg.task_spec(b.gdpp_batch)
     n = 1 if shared else K
@@ -50,7 +53,7 @@ def converged_gdpp(cfg, evals, eta0, *, shared, tol, window, max_steps):
     for s in range(max_steps):
         t = spec.sample(stream_rng(cfg.eval.eval_seed, STREAM_GDPP, s + 1))
         etas, gammas = gdpp_expand(p[0], K, N)
-        L, de, dg = gdpp_loss_and_grads(t, etas, gammas, recurrent=shared)
+        L, de, dg = gdpp_loss_and_grads(t, etas, gammas, recurrent=shared, loss_and_grads_fn=fn)
         if not np.isfinite(L):
             raise TrainingDiverged(f"converged GD++ meta-training diverged at step {s + 1} (loss {L})", s + 1)
         p, state, _ = adam_update(p, (GDPPParams(N * de, dg),), state, hp)   # dL/da = N dL/deta, a = eta / N
