@@ -411,3 +411,30 @@ def test_converged_gdpp_starts_as_the_papers_protocol_and_stops_by_its_rule(back
     assert (run["steps"], run["converged"], [s for s, _ in run["curve"]]) == (6, False, [0, 3, 6])
     first = converged_gdpp(cfg, evals, 0.7, shared=True, tol=1.0, window=3, max_steps=6)
     assert (first["steps"], first["converged"]) == (3, True)
+
+
+def test_reuse_only_records_the_reusable_runs_and_trains_nothing(tmp_path, local_sweep):
+    """--reuse-only: of the 4 runs only the one found finished in the source directory is
+    recorded (equal to the trained sweep's); the other 3 stay pending and no run
+    directory is made for them; a report shows them pending. Without --reuse-from the
+    flag is refused before anything runs."""
+    src = tmp_path / "finished"
+    p0 = S.expand(tiny_spec())[0]
+    R.train_run(p0.config, str(src / "run0"), analyses=True)
+    out = str(tmp_path / "only")
+    buf = io.StringIO()
+    counts = S.run_sweep(tiny_spec(), out, S.LocalEngine(1), progress=True, stream=buf, reuse_from=str(src),
+                         reuse_only=True)
+    assert (counts["done"], counts["pending"]) == (1, 3) and "3 run(s) left pending" in buf.getvalue()
+    h = R.config_hash(p0.config)
+    assert os.listdir(os.path.join(out, "runs")) == [h[:16]]
+    with SweepStore(os.path.join(out, S.STORE_FILE), readonly=True) as st:
+        row = next(r for r in st.runs() if r["hash"] == h)
+    with SweepStore(os.path.join(local_sweep[0], S.STORE_FILE), readonly=True) as st:
+        ref = next(r for r in st.runs() if r["hash"] == h)
+    assert row["params_sha"] == ref["params_sha"] and row["final"]["loss"] == ref["final"]["loss"]
+    rep = RS.build(out, str(tmp_path / "rep"))
+    assert sum(c["pending"] for c in rep["cells"]) == 3
+    r = subprocess.run([sys.executable, "-m", "verify.cli", "sweep", "--experiment", "one_layer", "--out",
+                        str(tmp_path / "o"), "--reuse-only"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--reuse-only" in r.stderr and not (tmp_path / "o").exists()

@@ -585,6 +585,15 @@ def finished_runs(src_dir):
     return out
 
 
+def _finished_here(run_dir, cfg):
+    """Whether ``run_dir`` holds a finished run of ``cfg`` (its last evaluation at cfg.steps)."""
+    try:
+        res = R.load_result(run_dir)
+    except (OSError, ValueError, KeyError, R.CheckpointError):
+        return False
+    return res.config == cfg and (res.summary.get("final") or {}).get("step") == cfg.steps
+
+
 def copy_finished_runs(src_dir, out_dir, hashes, log):
     """Copy the finished run of each config hash in ``hashes`` found under ``src_dir`` into
     its sweep run directory, when that directory does not exist yet (a copy to a
@@ -613,11 +622,13 @@ def copy_finished_runs(src_dir, out_dir, hashes, log):
 
 
 def run_sweep(spec, out_dir, engine, *, retry_failed=False, threads=None, progress=True, stream=None,
-              reuse_from=None):
+              reuse_from=None, reuse_only=False):
     """Run every grid point of ``spec`` not yet done, recording results in
     ``out_dir/sweep.sqlite``. Returns the store's counts over this grid's runs.
     ``reuse_from``: a directory of finished runs (e.g. runs/verify/full) whose runs of
-    equal configs are copied in instead of trained (:func:`copy_finished_runs`)."""
+    equal configs are copied in instead of trained (:func:`copy_finished_runs`);
+    ``reuse_only``: train nothing, record only the runs whose directory holds a finished
+    run (copied now or before); the others stay pending (a report shows them so)."""
     points = expand(spec)
     check_configs(points)
     R.check_run_dir(out_dir)
@@ -642,6 +653,11 @@ def run_sweep(spec, out_dir, engine, *, retry_failed=False, threads=None, progre
             if reuse_from and todo:
                 n = copy_finished_runs(reuse_from, out_dir, todo, log)
                 log(f"  {n} of {len(todo)} runs to train copied from {reuse_from}")
+            if reuse_only:
+                keep = [h for h in todo if _finished_here(run_dir_of(out_dir, h), by_hash[h].config)]
+                if len(keep) < len(todo):
+                    log(f"  {len(todo) - len(keep)} run(s) left pending (--reuse-only: no finished run to reuse)")
+                todo = keep
             tasks = [(h, {"config": by_hash[h].config.to_dict(), "run_dir": run_dir_of(out_dir, h),
                           "threads": threads, "baselines": spec.baselines}) for h in todo]
             tasks.sort(key=lambda t: -estimated_cost(by_hash[t[0]].config))
@@ -680,6 +696,8 @@ def add_arguments(p):
     p.add_argument("--retry-failed", action="store_true", help="train failed runs again")
     p.add_argument("--reuse-from", metavar="DIR",
                    help="copy finished runs of equal configs from DIR (e.g. runs/verify/full) instead of training")
+    p.add_argument("--reuse-only", action="store_true",
+                   help="with --reuse-from: train nothing; runs with no finished run to reuse stay pending")
     p.add_argument("--dry-run", action="store_true", help="check the sweep and list its grid; train nothing")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -772,6 +790,8 @@ def run(args):
         check_configs(points)
         if args.reuse_from and not os.path.isdir(args.reuse_from):
             raise SweepError(f"--reuse-from: {args.reuse_from} is not a directory")
+        if args.reuse_only and not args.reuse_from:
+            raise SweepError("--reuse-only: needs --reuse-from DIR (the finished runs to record)")
         R.check_run_dir(out)
     except (ConfigError, StoreError) as exc:
         return _fail(exc)
@@ -788,7 +808,7 @@ def run(args):
         return _fail(exc)
     try:
         counts = run_sweep(spec, out, engine, retry_failed=args.retry_failed, threads=threads,
-                           reuse_from=args.reuse_from, progress=not args.quiet)
+                           reuse_from=args.reuse_from, reuse_only=args.reuse_only, progress=not args.quiet)
     except KeyboardInterrupt:
         print(f"\nicgd sweep: interrupted; finished runs are in {out}/{STORE_FILE}; run the same command again "
               "to continue", file=sys.stderr)
