@@ -534,8 +534,10 @@ class SweepProgress:
         self.done += 1
         if res["status"] == "done":
             f, b = res.get("final") or {}, res.get("baselines") or {}
-            what = (f"loss {f.get('loss', float('nan')):.5f} (GD {b.get('gd_loss', float('nan')):.5f}, "
-                    f"GD++ {b.get('gdpp_loss', float('nan')):.5f}) in {res.get('seconds', 0):.1f} s")
+            refs = ", ".join(f"{name} {b[k]:.5f}" for k, name in (("gd_loss", "GD"), ("gdpp_loss", "GD++"),
+                                                                ("prop2_loss", "Prop. 2"), ("lstsq_loss", "ridge"))
+                             if b.get(k) is not None and (k != "lstsq_loss" or "gdpp_loss" not in b))
+            what = f"loss {f.get('loss', float('nan')):.5f} ({refs}) in {res.get('seconds', 0):.1f} s"
         else:
             what = f"FAILED: {res.get('error')}"
         if not self.enabled:
