@@ -430,7 +430,10 @@ def figure_per_t(fig_spec, cells, title, path):
            ylabel="l_t = mean over sequences of 0.5 ||y_hat_t - y_t||^2, y_t = s_{t+1}", title=fig_spec.get("title", title))
     ax.set_yscale("log" if fig_spec.get("logy", True) else "linear")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    if series:
+        ax.legend(fontsize=7)
+    else:                                   # every cell still pending: say so on the figure
+        ax.text(0.5, 0.5, "no finished runs yet", transform=ax.transAxes, ha="center")
     _save(fig, path)
     return {"kind": "per_t", "series": series, "shared_baselines": list(drawn_shared)}
 
