@@ -22,7 +22,7 @@ import numpy as np
 
 from reference import analysis as A
 
-from . import registry, runs as R
+from . import records, registry, runs as R
 from .experiments import EXPERIMENTS, get_experiment
 from .pool import train_all
 from .registry import Outcome, claim
@@ -89,10 +89,23 @@ def _reusable(ctx, cfg):
     ``--reuse-runs``; the run's config.json must equal ``cfg`` field by field (backend,
     dtype and seed included), its last evaluation must be at ``cfg.steps``, and its
     summary's digest must match its config, its checkpoint and the current reference/
-    sources (a format-1 run has no digest: it is accepted and the report says so)."""
+    sources (a format-1 run has no digest: it is accepted and the report says so).
+    When the work directory has no such run, the committed record of the run
+    (``verify.records``, under ``ctx.records``) answers instead, if it is intact."""
     if not ctx.reuse_runs:
         return None
     d = _run_dir(ctx, cfg)
+    r = _reusable_dir(d, cfg)
+    if r is None and ctx.records:
+        r = records.find(ctx.records, ctx.mode, cfg)
+        if r is not None:
+            registry.note_reused(f"{r.run_dir} (a committed record: summary.json and config.json; "
+                                 "the checkpoint is not recorded, so the digest's checkpoint part is not rechecked)")
+            print(f"reusing the committed record {r.run_dir}", file=sys.stderr, flush=True)
+    return r
+
+
+def _reusable_dir(d, cfg):
     try:
         r = R.load_result(d)
         bad = R.check_digest(d)

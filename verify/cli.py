@@ -8,6 +8,7 @@ which provides ``add_arguments(parser)`` and ``run(args) -> exit code``.
     icgd sweep FILE|status   a grid of runs with a results store (verify.sweep)
     icgd report SWEEP        a sweep's seed-aggregated tables and figures (verify.report_sweep)
     icgd plots RUN_DIR       a run directory's plots (verify.plots)
+    icgd record RUN_DIR ...  commit finished sequence runs as records (verify.records)
 
 Exit codes shared by every subcommand: 0 done, 1 a check failed, 2 bad usage (an option's
 value, a config field, an output path; said before any work), 130 interrupted (Ctrl-C).
@@ -46,6 +47,7 @@ SUBCOMMANDS = {
     "sweep": ("verify.sweep", "train a grid of runs (a sweep file or flags) into a results store"),
     "report": ("verify.report_sweep", "aggregate a sweep across seeds: tables, figures, JSON"),
     "plots": ("verify.plots", "draw a run directory's plots (PNG)"),
+    "record": ("verify.records", "commit finished sequence runs as records that verify --reuse-runs reads"),
 }
 
 

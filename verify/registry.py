@@ -68,6 +68,7 @@ class Context:
     seed: int = 0
     workdir: str = "runs/verify"
     reuse_runs: bool = False
+    records: Optional[str] = None      # committed run records (verify.records), read with reuse_runs
     selected: Optional[list] = None
 
     @property

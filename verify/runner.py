@@ -18,6 +18,7 @@ from reference.files import OutputPathError, check_output_dir, check_writable, w
 
 from . import registry, report
 from .cli import INTERRUPTED, int_at_least
+from .records import RECORDS_DIR
 
 TRAINING_CLAIMS = "verify.claims_training"     # the module whose claims train runs in --workdir
 
@@ -32,7 +33,10 @@ def add_arguments(p):
     p.add_argument("--workdir", default="runs/verify", help="where training claims keep their runs (default runs/verify)")
     p.add_argument("--reuse-runs", action="store_true",
                    help="use a finished run already in --workdir instead of retraining it, when its config.json equals "
-                        "the one the claim asks for and it reached the last step (the report lists the reused runs)")
+                        "the one the claim asks for and it reached the last step (the report lists the reused runs); "
+                        "a sequence run missing there is answered by its committed record under --records, if intact")
+    p.add_argument("--records", default=RECORDS_DIR, metavar="DIR",
+                   help=f"committed run records read with --reuse-runs (default {RECORDS_DIR}; see icgd record)")
 
 
 def _fail(msg):
@@ -68,7 +72,7 @@ def run(args):
     except OutputPathError as exc:
         return _fail(exc)
     ctx = registry.Context(mode=mode, seed=args.seed, workdir=args.workdir, reuse_runs=args.reuse_runs,
-                           selected=[c.id for c in claims])
+                           records=args.records, selected=[c.id for c in claims])
     print(f"icgd {__version__} verify, {mode} mode, {len(claims)} claims", flush=True)
     t0 = time.perf_counter()
     rows = registry.import_error_rows()

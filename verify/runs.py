@@ -682,10 +682,15 @@ def _with_checkpoint(exc, paths, last_ckpt):
     return TrainingDiverged(f"{exc}{where}. Lower lr or set grad_clip.", exc.step, last_ckpt)
 
 
+def summary_hash(body):
+    """sha256 of a summary without its digest (the digest's summary part)."""
+    return _sha(json.dumps(body, sort_keys=True))
+
+
 def _digest(cfg, checkpoint_checksum, summary):
     body = {k: v for k, v in summary.items() if k != "digest"}
     return {"config": config_hash(cfg), "checkpoint": checkpoint_checksum, "reference": reference_hash(),
-            "summary": _sha(json.dumps(body, sort_keys=True))}
+            "summary": summary_hash(body)}
 
 
 REFERENCE_CHANGED = "the reference/ sources changed since the run was trained"
@@ -712,7 +717,7 @@ def check_digest(run_dir):
     if dg.get("reference") != reference_hash():
         bad.append(REFERENCE_CHANGED)
     body = {k: v for k, v in summary.items() if k != "digest"}
-    if dg.get("summary") != _sha(json.dumps(body, sort_keys=True)):
+    if dg.get("summary") != summary_hash(body):
         bad.append("summary.json was edited after the run wrote it")
     return bad or None
 

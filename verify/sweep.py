@@ -623,14 +623,54 @@ def copy_finished_runs(src_dir, out_dir, hashes, log):
     return n
 
 
+def result_from_record(res, spec):
+    """The store row of a run answered by its committed record (``verify.records``): its
+    final evaluation, baselines and analyses as the record has them; no parameters (the
+    record holds none, so ``params_sha`` is None) and only the final evaluation as
+    history."""
+    s = res.summary
+    analysis = {k: s[k] for k in ("weights", "ood", "interpolation") if k in s}
+    if spec.baselines:
+        from reference import trainer
+        from .sweep_baselines import extra_baselines
+        analysis["extra_baselines"] = R.jsonable(extra_baselines(res.config, trainer.eval_tasks(res.config),
+                                                                 res.baselines, spec.baselines))
+    now = time.time()
+    return {"status": "done", "worker": f"record {res.run_dir}", "started": now, "finished": now, "seconds": 0.0,
+            "final": s.get("final"), "baselines": res.baselines, "history": res.history, "analysis": analysis,
+            "params_sha": None, "run_dir": res.run_dir}
+
+
+def answer_from_records(store, root, todo, by_hash, spec, log):
+    """Record, for each run in ``todo`` whose committed record under ``root`` is usable
+    (``verify.records.find``: equal config, intact digest, trained by the current
+    reference/ sources), the record's numbers instead of training it. Returns the hashes
+    still to train."""
+    from . import records
+
+    left = []
+    for h in todo:
+        rec = records.find(root, None, by_hash[h].config)
+        if rec is None:
+            left.append(h)
+            continue
+        store.record(h, result_from_record(rec, spec))
+        log(f"  {h[:12]} answered by the record {rec.run_dir}")
+    log(f"  {len(todo) - len(left)} of {len(todo)} runs to train answered by records under {root}")
+    return left
+
+
 def run_sweep(spec, out_dir, engine, *, retry_failed=False, threads=None, progress=True, stream=None,
-              reuse_from=None, reuse_only=False):
+              reuse_from=None, reuse_only=False, records=None):
     """Run every grid point of ``spec`` not yet done, recording results in
     ``out_dir/sweep.sqlite``. Returns the store's counts over this grid's runs.
     ``reuse_from``: a directory of finished runs (e.g. runs/verify/full) whose runs of
     equal configs are copied in instead of trained (:func:`copy_finished_runs`);
+    ``records``: a folder of committed run records (``verify.records``): a run with no
+    finished run directory whose record is usable is recorded from it, not trained;
     ``reuse_only``: train nothing, record only the runs whose directory holds a finished
-    run (copied now or before); the others stay pending (a report shows them so)."""
+    run (copied now or before) or that a record answers; the others stay pending (a report
+    shows them so)."""
     points = expand(spec)
     check_configs(points)
     R.check_run_dir(out_dir)
@@ -655,6 +695,10 @@ def run_sweep(spec, out_dir, engine, *, retry_failed=False, threads=None, progre
             if reuse_from and todo:
                 n = copy_finished_runs(reuse_from, out_dir, todo, log)
                 log(f"  {n} of {len(todo)} runs to train copied from {reuse_from}")
+            if records and todo:
+                here = [h for h in todo if _finished_here(run_dir_of(out_dir, h), by_hash[h].config)]
+                todo = here + answer_from_records(store, records, [h for h in todo if h not in here], by_hash,
+                                                  spec, log)
             if reuse_only:
                 keep = [h for h in todo if _finished_here(run_dir_of(out_dir, h), by_hash[h].config)]
                 if len(keep) < len(todo):
@@ -698,8 +742,11 @@ def add_arguments(p):
     p.add_argument("--retry-failed", action="store_true", help="train failed runs again")
     p.add_argument("--reuse-from", metavar="DIR",
                    help="copy finished runs of equal configs from DIR (e.g. runs/verify/full) instead of training")
+    p.add_argument("--records", metavar="DIR",
+                   help="answer runs from their committed records (icgd record; e.g. verify/results/records) when a "
+                        "record's config is the run's and it is intact, instead of training")
     p.add_argument("--reuse-only", action="store_true",
-                   help="with --reuse-from: train nothing; runs with no finished run to reuse stay pending")
+                   help="with --reuse-from or --records: train nothing; runs with nothing to reuse stay pending")
     p.add_argument("--dry-run", action="store_true", help="check the sweep and list its grid; train nothing")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -792,8 +839,10 @@ def run(args):
         check_configs(points)
         if args.reuse_from and not os.path.isdir(args.reuse_from):
             raise SweepError(f"--reuse-from: {args.reuse_from} is not a directory")
-        if args.reuse_only and not args.reuse_from:
-            raise SweepError("--reuse-only: needs --reuse-from DIR (the finished runs to record)")
+        if args.records and not os.path.isdir(args.records):
+            raise SweepError(f"--records: {args.records} is not a directory")
+        if args.reuse_only and not (args.reuse_from or args.records):
+            raise SweepError("--reuse-only: needs --reuse-from DIR or --records DIR (the finished runs to record)")
         R.check_run_dir(out)
     except (ConfigError, StoreError) as exc:
         return _fail(exc)
@@ -810,7 +859,8 @@ def run(args):
         return _fail(exc)
     try:
         counts = run_sweep(spec, out, engine, retry_failed=args.retry_failed, threads=threads,
-                           reuse_from=args.reuse_from, reuse_only=args.reuse_only, progress=not args.quiet)
+                           reuse_from=args.reuse_from, reuse_only=args.reuse_only, records=args.records,
+                           progress=not args.quiet)
     except KeyboardInterrupt:
         print(f"\nicgd sweep: interrupted; finished runs are in {out}/{STORE_FILE}; run the same command again "
               "to continue", file=sys.stderr)
