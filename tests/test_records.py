@@ -258,3 +258,33 @@ def test_the_default_records_folder_is_not_git_ignored():
     path = os.path.join(records.RECORDS_DIR, "full", "seq_lsa4-seed0", R.SUMMARY_FILE)
     r = subprocess.run(["git", "check-ignore", "-q", path], cwd=root)
     assert r.returncode == 1, f"{path} is ignored by .gitignore"
+
+
+def test_no_train_answers_from_records_and_fails_the_rest_naming_them(seq_run, tmp_path, monkeypatch,
+                                                                     claims_training):  # noqa: F811
+    cfg, run = seq_run
+    root = str(tmp_path / "records")
+    records.add(run, root)
+    counter = CountingTrainRun(R.train_run)
+    monkeypatch.setattr(R, "train_run", counter)
+    ctx = registry.Context(mode="full", workdir=str(tmp_path / "work"), reuse_runs=True, records=root, no_train=True)
+    assert claims_training.run_for(ctx, "seq_lsa1", 0).run_dir.startswith(root)
+    with pytest.raises(claims_training.RunNotTrained, match=r"seq_lsa1 seed 1 \(full mode\).*--no-train"):
+        claims_training.run_for(ctx, "seq_lsa1", 1)
+    assert counter.trained == []
+    with pytest.raises(claims_training.RunNotTrained):                 # the memo keeps the error
+        claims_training.run_for(ctx, "seq_lsa1", 1)
+    monkeypatch.setattr(claims_training, "_seeds", lambda ctx: (0, 1, 2))
+    with pytest.raises(claims_training.RunNotTrained, match=r"seq_lsa1 seed\(s\) 1, 2 \(full mode\)"):
+        claims_training.runs(ctx, "seq_lsa1")                          # a claim's error names every missing seed
+
+
+def test_no_train_needs_reuse_runs(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "verify", "--full", "--no-train", "--only", "training.seq_lsa4",
+                        "--workdir", str(tmp_path / "w")], cwd=root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--no-train: only with --reuse-runs" in r.stderr
+    assert not (tmp_path / "w").exists()

@@ -105,6 +105,16 @@ def _reusable(ctx, cfg):
     return r
 
 
+class RunNotTrained(RuntimeError):
+    """``--no-train``: a run a claim needs is neither finished in the work directory nor
+    answered by a record; the claim fails with this error instead of training it."""
+
+
+def _not_trained(ctx, cfg):
+    return RunNotTrained(f"{cfg.experiment} seed {cfg.seed} ({ctx.mode} mode) is not finished in "
+                         f"{_run_dir(ctx, cfg)} and has no usable record under {ctx.records}; --no-train trains nothing")
+
+
 def _reusable_dir(d, cfg):
     try:
         r = R.load_result(d)
@@ -130,6 +140,8 @@ def run_for(ctx, experiment, seed):
         _prefetch(ctx)
     if cfg not in _MEMO:
         r = _reusable(ctx, cfg)
+        if r is None and ctx.no_train:
+            r = _not_trained(ctx, cfg)
         _MEMO[cfg] = r if r is not None else R.train_run(cfg, _run_dir(ctx, cfg), overwrite=True)
     if isinstance(_MEMO[cfg], Exception):      # the run failed in a worker: every claim on it reports that
         raise _MEMO[cfg]
@@ -171,6 +183,10 @@ def _prefetch(ctx):
         r = _reusable(ctx, c) if c not in _MEMO else None
         if r is not None:
             _MEMO[c] = r
+    if ctx.no_train:
+        for c in cfgs:
+            _MEMO.setdefault(c, _not_trained(ctx, c))
+        return
     jobs = [(c, _run_dir(ctx, c)) for c in cfgs if c not in _MEMO]
     for c, res in train_all(jobs).items():
         # a run that failed in its worker keeps its error (retraining it in-process would
@@ -180,7 +196,17 @@ def _prefetch(ctx):
 
 
 def runs(ctx, experiment):
-    return [run_for(ctx, experiment, s) for s in _seeds(ctx)]
+    out, missing = [], []
+    for s in _seeds(ctx):
+        try:
+            out.append(run_for(ctx, experiment, s))
+        except RunNotTrained:
+            missing.append(s)
+    if missing:        # --no-train: name every seed this claim lacks, not just the first
+        raise RunNotTrained(f"{experiment} seed(s) {', '.join(map(str, missing))} ({ctx.mode} mode): not finished in "
+                            f"{os.path.join(ctx.workdir, ctx.mode)} and no usable record under {ctx.records}; "
+                            "--no-train trains nothing")
+    return out
 
 
 def _per_seed(results, fn):
