@@ -67,9 +67,14 @@ def test_a_record_answers_verify_without_training(seq_run, tmp_path, monkeypatch
     root = str(tmp_path / "records")
     assert _cli(run, "--into", root) == 0
     dest = os.path.join(root, "full", "seq_lsa1-seed0")
-    assert sorted(os.listdir(dest)) == ["config.json", "summary.json"]
+    assert sorted(os.listdir(dest)) == ["config.json", "provenance.json", "summary.json"]
     for name in records.RECORD_FILES:
         assert _read(os.path.join(dest, name)) == _read(os.path.join(run, name))
+    with open(os.path.join(dest, records.PROVENANCE_FILE)) as f:
+        prov = json.load(f)
+    with open(os.path.join(run, R.SUMMARY_FILE)) as f:
+        assert prov["reference_hash"] == json.load(f)["digest"]["reference"] == R.reference_hash()
+    assert prov["from"] == os.path.abspath(run) and prov["machine"]["cpus"] == os.cpu_count()
     assert "added" in capsys.readouterr().out
     assert _cli(run, "--into", root) == 0 and "unchanged" in capsys.readouterr().out
 
@@ -180,6 +185,8 @@ def test_a_record_of_another_run_is_replaced_only_when_asked(seq_run, tmp_path, 
     assert _cli(str(again), "--into", root, "--replace") == 0 and "replaced" in capsys.readouterr().out
     assert _read(os.path.join(dest, R.SUMMARY_FILE)) == _read(again / R.SUMMARY_FILE)
     assert sorted(os.listdir(os.path.dirname(dest))) == ["seq_lsa1-seed0"]     # no temporary folder left
+    with open(os.path.join(dest, records.PROVENANCE_FILE)) as f:
+        assert json.load(f)["from"] == os.path.abspath(str(again))
 
 
 def test_two_runs_of_one_record_are_refused(seq_run, tmp_path, capsys):
@@ -288,3 +295,31 @@ def test_no_train_needs_reuse_runs(tmp_path):
                         "--workdir", str(tmp_path / "w")], cwd=root, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--no-train: only with --reuse-runs" in r.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_older_records_are_used_only_when_asked_and_named(seq_run, tmp_path, monkeypatch, claims_training,  # noqa: F811
+                                                          capsys):
+    cfg, run = seq_run
+    root = str(tmp_path / "records")
+    dest, _ = records.add(run, root)
+    res = records.find(root, "full", cfg)
+    assert res is not None and records.trained_by_other_sources(res) is None
+    with open(os.path.join(dest, records.PROVENANCE_FILE)) as f:
+        commit = json.load(f)["commit"]
+    monkeypatch.setattr(R, "reference_hash", lambda: "0" * 64)       # reference/ edited since
+    capsys.readouterr()
+    assert records.find(root, "full", cfg) is None
+    assert "--older-records" in capsys.readouterr().err
+    res = records.find(root, "full", cfg, older=True)
+    other = records.trained_by_other_sources(res)
+    assert other.startswith("trained by other reference/ sources (hash ")
+    assert commit is None or commit[:12] in other
+    counter = CountingTrainRun(R.train_run)
+    monkeypatch.setattr(R, "train_run", counter)
+    ctx = registry.Context(mode="full", workdir=str(tmp_path / "work"), reuse_runs=True, records=root,
+                           older_records=True)
+    claims_training.run_for(ctx, "seq_lsa1", 0)
+    assert counter.trained == [] and any("accepted by --older-records" in d for d in registry.reused_runs())
+    _edit_summary(os.path.join(dest, R.SUMMARY_FILE), lambda s: s["final"].update(loss=0.0))
+    assert records.find(root, "full", cfg, older=True) is None        # older, yes; edited, never
+    assert "summary.json was edited" in capsys.readouterr().err

@@ -97,11 +97,14 @@ def _reusable(ctx, cfg):
     d = _run_dir(ctx, cfg)
     r = _reusable_dir(d, cfg)
     if r is None and ctx.records:
-        r = records.find(ctx.records, ctx.mode, cfg)
+        r = records.find(ctx.records, ctx.mode, cfg, older=ctx.older_records)
         if r is not None:
+            other = records.trained_by_other_sources(r)
             registry.note_reused(f"{r.run_dir} (a committed record: summary.json and config.json; "
-                                 "the checkpoint is not recorded, so the digest's checkpoint part is not rechecked)")
-            print(f"reusing the committed record {r.run_dir}", file=sys.stderr, flush=True)
+                                 "the checkpoint is not recorded, so the digest's checkpoint part is not rechecked"
+                                 + (f"; {other}, accepted by --older-records" if other else "") + ")")
+            print(f"reusing the committed record {r.run_dir}" + (f" ({other})" if other else ""), file=sys.stderr,
+                  flush=True)
     return r
 
 

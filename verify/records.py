@@ -23,8 +23,11 @@ cannot be answered from a record and their runs are refused here.
 its config equals the one the claim asks for (seed, backend and dtype included), its
 summary is unedited (the digest's summary part), and the reference/ sources are the ones
 that trained it (the digest's reference part). A change to reference/ therefore retires
-every record, as it retires every reused run; the report lists each record used. The
-digest's checkpoint part cannot be rechecked without the checkpoint; the report says so.
+every record, as it retires every reused run, unless ``--older-records`` accepts records
+trained by other sources (the report then names the hash and commit that trained each).
+The report lists each record used. The digest's checkpoint part cannot be rechecked
+without the checkpoint; the report says so. ``provenance.json`` beside the two files
+says where, when and by which commit the record was made.
 
     icgd record RUN_DIR ...      add finished runs (``--into``, default verify/results/records)
     icgd record --list           each record and whether verify would use it now
@@ -41,6 +44,7 @@ from . import runs as R
 
 RECORDS_DIR = os.path.join("verify", "results", "records")
 RECORD_FILES = (R.CONFIG_FILE, R.SUMMARY_FILE)
+PROVENANCE_FILE = "provenance.json"    # when, from where and by which commit a record was made (not compared)
 MODES = ("quick", "full")
 
 
@@ -125,6 +129,32 @@ def prepare(run_dir, root=RECORDS_DIR, replace=False):
     return dest, data, "replace"
 
 
+def provenance(run_dir):
+    """What :func:`write` stores beside a record: the run directory it came from, when,
+    the git commit of this checkout (and whether reference/ had uncommitted changes),
+    the reference/ hash of the run's digest and the machine."""
+    import datetime
+    import subprocess
+
+    from .report import machine_info
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    commit = dirty = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        if commit:
+            dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "reference"], cwd=here,
+                                        capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    with open(os.path.join(run_dir, R.SUMMARY_FILE)) as f:
+        ref = (json.load(f).get("digest") or {}).get("reference")
+    return {"from": os.path.abspath(run_dir), "recorded": datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="seconds"), "commit": commit, "reference_uncommitted_changes": dirty, "reference_hash": ref,
+        "machine": machine_info()}
+
+
 def write(dest, data):
     """Write a record's files into ``dest``: into a temporary folder beside it, fsynced,
     then renamed into place (an old record is renamed away first and removed after), so
@@ -147,12 +177,16 @@ def write(dest, data):
         os.rename(tmp, dest)
 
 
+def _with_provenance(data, run_dir):
+    return {**data, PROVENANCE_FILE: (json.dumps(provenance(run_dir), indent=2, sort_keys=True) + "\n").encode()}
+
+
 def add(run_dir, root=RECORDS_DIR, replace=False):
     """Record the finished run in ``run_dir`` (:func:`prepare`, then :func:`write`).
     Returns (record dir, 'added' | 'unchanged' | 'replaced')."""
     dest, data, action = prepare(run_dir, root, replace)
     if action != "unchanged":
-        write(dest, data)
+        write(dest, _with_provenance(data, run_dir))
     return dest, {"add": "added", "replace": "replaced", "unchanged": "unchanged"}[action]
 
 
@@ -192,14 +226,16 @@ def load(rec_dir):
     return res, problems
 
 
-def find(root, mode, cfg):
+def find(root, mode, cfg, older=False):
     """The usable record of ``cfg`` under ``root`` (a RunResult), or None; a record that
     exists but cannot be used is named on stderr with the reason. ``mode`` None: the
-    record of either mode (a sweep's config names no mode)."""
+    record of either mode (a sweep's config names no mode). ``older``: a record trained
+    by other reference/ sources is usable too (:func:`trained_by_other_sources` says so;
+    the callers name it in their reports)."""
     if not recordable(cfg):
         return None
     if mode is None:
-        return next((r for r in (find(root, m, cfg) for m in MODES if os.path.isdir(record_path(root, m, cfg)))
+        return next((r for r in (find(root, m, cfg, older) for m in MODES if os.path.isdir(record_path(root, m, cfg)))
                      if r is not None), None)
     d = record_path(root, mode, cfg)
     if not os.path.isdir(d):
@@ -209,12 +245,31 @@ def find(root, mode, cfg):
     except RecordError as exc:
         print(f"not using the record {d}: {exc}", file=sys.stderr, flush=True)
         return None
+    if older:
+        problems = [p for p in problems if p != R.REFERENCE_CHANGED]
     if res.config != cfg:
         problems = ["its config is not the one this claim asks for"] + problems
     if problems:
-        print(f"not using the record {d}: {'; '.join(problems)}", file=sys.stderr, flush=True)
+        hint = " (--older-records uses records trained by other reference/ sources)" if (
+            R.REFERENCE_CHANGED in problems and len(problems) == 1) else ""
+        print(f"not using the record {d}: {'; '.join(problems)}{hint}", file=sys.stderr, flush=True)
         return None
     return res
+
+
+def trained_by_other_sources(res):
+    """None when the record's run was trained by the current reference/ sources, else a
+    phrase naming the sources that did (their hash and, from provenance.json, the commit)."""
+    ref = (res.summary.get("digest") or {}).get("reference")
+    if ref == R.reference_hash():
+        return None
+    commit = None
+    try:
+        with open(os.path.join(res.run_dir, PROVENANCE_FILE)) as f:
+            commit = json.load(f).get("commit")
+    except (OSError, ValueError, AttributeError):
+        pass
+    return f"trained by other reference/ sources (hash {str(ref)[:12]}" + (f", commit {commit[:12]})" if commit else ")")
 
 
 def listing(root=RECORDS_DIR):
@@ -275,6 +330,6 @@ def run(args):
         return 2
     for d, dest, data, action in plans:
         if action != "unchanged":
-            write(dest, data)
+            write(dest, _with_provenance(data, d))
         print(f"{ {'add': 'added', 'replace': 'replaced', 'unchanged': 'unchanged'}[action]:<9} {dest}  (from {d})")
     return 0

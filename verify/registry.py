@@ -69,6 +69,7 @@ class Context:
     workdir: str = "runs/verify"
     reuse_runs: bool = False
     records: Optional[str] = None      # committed run records (verify.records), read with reuse_runs
+    older_records: bool = False        # records trained by other reference/ sources count too (named in the report)
     no_train: bool = False             # with reuse_runs: a claim whose runs are missing fails, nothing trains
     selected: Optional[list] = None
 

@@ -38,6 +38,9 @@ def add_arguments(p):
     p.add_argument("--no-train", action="store_true",
                    help="with --reuse-runs: train nothing; a training claim whose runs are neither finished in "
                         "--workdir nor recorded fails, naming them")
+    p.add_argument("--older-records", action="store_true",
+                   help="with --reuse-runs: also use records trained by other reference/ sources (the report names "
+                        "each one with the hash and commit of the sources that trained it)")
     p.add_argument("--records", default=RECORDS_DIR, metavar="DIR",
                    help=f"committed run records read with --reuse-runs (default {RECORDS_DIR}; see icgd record)")
 
@@ -60,8 +63,9 @@ def check_outputs(args, claims):
 
 
 def run(args):
-    if args.no_train and not args.reuse_runs:
-        return _fail("--no-train: only with --reuse-runs (the runs and records it may use instead of training)")
+    for flag, on in (("--no-train", args.no_train), ("--older-records", args.older_records)):
+        if on and not args.reuse_runs:
+            return _fail(f"{flag}: only with --reuse-runs (the runs and records it may use instead of training)")
     if args.only is not None and not any(p.strip() for p in args.only.split(",")):
         return _fail(f"--only: no pattern in {args.only!r}; give claim ids or globs, comma-separated")
     mode = "full" if args.full else "quick"
@@ -77,7 +81,8 @@ def run(args):
     except OutputPathError as exc:
         return _fail(exc)
     ctx = registry.Context(mode=mode, seed=args.seed, workdir=args.workdir, reuse_runs=args.reuse_runs,
-                           records=args.records, no_train=args.no_train, selected=[c.id for c in claims])
+                           records=args.records, no_train=args.no_train,
+                           older_records=args.older_records, selected=[c.id for c in claims])
     print(f"icgd {__version__} verify, {mode} mode, {len(claims)} claims", flush=True)
     t0 = time.perf_counter()
     rows = registry.import_error_rows()

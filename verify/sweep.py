@@ -635,33 +635,37 @@ def result_from_record(res, spec):
         from .sweep_baselines import extra_baselines
         analysis["extra_baselines"] = R.jsonable(extra_baselines(res.config, trainer.eval_tasks(res.config),
                                                                  res.baselines, spec.baselines))
+    from .records import trained_by_other_sources
+
     now = time.time()
-    return {"status": "done", "worker": f"record {res.run_dir}", "started": now, "finished": now, "seconds": 0.0,
+    other = trained_by_other_sources(res)
+    return {"status": "done", "worker": f"record {res.run_dir}" + (f" ({other})" if other else ""), "started": now, "finished": now, "seconds": 0.0,
             "final": s.get("final"), "baselines": res.baselines, "history": res.history, "analysis": analysis,
             "params_sha": None, "run_dir": res.run_dir}
 
 
-def answer_from_records(store, root, todo, by_hash, spec, log):
+def answer_from_records(store, root, todo, by_hash, spec, log, older=False):
     """Record, for each run in ``todo`` whose committed record under ``root`` is usable
     (``verify.records.find``: equal config, intact digest, trained by the current
-    reference/ sources), the record's numbers instead of training it. Returns the hashes
-    still to train."""
+    reference/ sources, or by any with ``older``), the record's numbers instead of
+    training it. Returns the hashes still to train."""
     from . import records
 
     left = []
     for h in todo:
-        rec = records.find(root, None, by_hash[h].config)
+        rec = records.find(root, None, by_hash[h].config, older=older)
         if rec is None:
             left.append(h)
             continue
         store.record(h, result_from_record(rec, spec))
-        log(f"  {h[:12]} answered by the record {rec.run_dir}")
+        other = records.trained_by_other_sources(rec)
+        log(f"  {h[:12]} answered by the record {rec.run_dir}" + (f" ({other})" if other else ""))
     log(f"  {len(todo) - len(left)} of {len(todo)} runs to train answered by records under {root}")
     return left
 
 
 def run_sweep(spec, out_dir, engine, *, retry_failed=False, threads=None, progress=True, stream=None,
-              reuse_from=None, reuse_only=False, records=None):
+              reuse_from=None, reuse_only=False, records=None, older_records=False):
     """Run every grid point of ``spec`` not yet done, recording results in
     ``out_dir/sweep.sqlite``. Returns the store's counts over this grid's runs.
     ``reuse_from``: a directory of finished runs (e.g. runs/verify/full) whose runs of
@@ -698,7 +702,7 @@ def run_sweep(spec, out_dir, engine, *, retry_failed=False, threads=None, progre
             if records and todo:
                 here = [h for h in todo if _finished_here(run_dir_of(out_dir, h), by_hash[h].config)]
                 todo = here + answer_from_records(store, records, [h for h in todo if h not in here], by_hash,
-                                                  spec, log)
+                                                  spec, log, older=older_records)
             if reuse_only:
                 keep = [h for h in todo if _finished_here(run_dir_of(out_dir, h), by_hash[h].config)]
                 if len(keep) < len(todo):
@@ -745,6 +749,8 @@ def add_arguments(p):
     p.add_argument("--records", metavar="DIR",
                    help="answer runs from their committed records (icgd record; e.g. verify/results/records) when a "
                         "record's config is the run's and it is intact, instead of training")
+    p.add_argument("--older-records", action="store_true",
+                   help="with --records: also use records trained by other reference/ sources (each is named)")
     p.add_argument("--reuse-only", action="store_true",
                    help="with --reuse-from or --records: train nothing; runs with nothing to reuse stay pending")
     p.add_argument("--dry-run", action="store_true", help="check the sweep and list its grid; train nothing")
@@ -841,6 +847,8 @@ def run(args):
             raise SweepError(f"--reuse-from: {args.reuse_from} is not a directory")
         if args.records and not os.path.isdir(args.records):
             raise SweepError(f"--records: {args.records} is not a directory")
+        if args.older_records and not args.records:
+            raise SweepError("--older-records: needs --records DIR")
         if args.reuse_only and not (args.reuse_from or args.records):
             raise SweepError("--reuse-only: needs --reuse-from DIR or --records DIR (the finished runs to record)")
         R.check_run_dir(out)
@@ -860,7 +868,7 @@ def run(args):
     try:
         counts = run_sweep(spec, out, engine, retry_failed=args.retry_failed, threads=threads,
                            reuse_from=args.reuse_from, reuse_only=args.reuse_only, records=args.records,
-                           progress=not args.quiet)
+                           older_records=args.older_records, progress=not args.quiet)
     except KeyboardInterrupt:
         print(f"\nicgd sweep: interrupted; finished runs are in {out}/{STORE_FILE}; run the same command again "
               "to continue", file=sys.stderr)
