@@ -639,8 +639,8 @@ def result_from_record(res, spec):
 
     now = time.time()
     other = trained_by_other_sources(res)
-    return {"status": "done", "worker": f"record {res.run_dir}" + (f" ({other})" if other else ""), "started": now, "finished": now, "seconds": 0.0,
-            "final": s.get("final"), "baselines": res.baselines, "history": res.history, "analysis": analysis,
+    return {"status": "done", "worker": f"record {res.run_dir}" + (f" ({other})" if other else ""),
+            "started": now, "finished": now, "seconds": 0.0, "final": s.get("final"), "baselines": res.baselines, "history": res.history, "analysis": analysis,
             "params_sha": None, "run_dir": res.run_dir}
 
 
