@@ -177,6 +177,9 @@ def write(dest, data):
         os.rename(tmp, dest)
 
 
+DONE = {"add": "added", "replace": "replaced", "unchanged": "unchanged"}     # prepare's action -> what happened
+
+
 def _with_provenance(data, run_dir):
     return {**data, PROVENANCE_FILE: (json.dumps(provenance(run_dir), indent=2, sort_keys=True) + "\n").encode()}
 
@@ -187,7 +190,7 @@ def add(run_dir, root=RECORDS_DIR, replace=False):
     dest, data, action = prepare(run_dir, root, replace)
     if action != "unchanged":
         write(dest, _with_provenance(data, run_dir))
-    return dest, {"add": "added", "replace": "replaced", "unchanged": "unchanged"}[action]
+    return dest, DONE[action]
 
 
 def load(rec_dir):
@@ -331,5 +334,5 @@ def run(args):
     for d, dest, data, action in plans:
         if action != "unchanged":
             write(dest, _with_provenance(data, d))
-        print(f"{ {'add': 'added', 'replace': 'replaced', 'unchanged': 'unchanged'}[action]:<9} {dest}  (from {d})")
+        print(f"{DONE[action]:<9} {dest}  (from {d})")
     return 0
