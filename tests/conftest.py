@@ -19,6 +19,20 @@ settings.register_profile("deterministic", max_examples=40, deadline=None, deran
 settings.load_profile(os.environ.get("ICGD_HYPOTHESIS_PROFILE", "ci"))
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``-n auto``) each worker process runs its Numba kernels on one
+    thread, so that W workers on W cores do not oversubscribe them. NUMBA_NUM_THREADS is
+    left as it was, so the thread-independence tests still compare one thread with two.
+    The workers start with SIGINT ignored, which the Ctrl-C tests (and the subprocesses
+    they start, which inherit it) need handled: Python's default handler is put back."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import signal
+
+        import numba
+        numba.set_num_threads(1)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _cupy_or_reason():
     try:
         import cupy
