@@ -23,14 +23,15 @@ def pytest_configure(config):
     """Under pytest-xdist (``-n auto``) each worker process runs its Numba kernels on one
     thread, so that W workers on W cores do not oversubscribe them. NUMBA_NUM_THREADS is
     left as it was, so the thread-independence tests still compare one thread with two.
-    The workers start with SIGINT ignored, which the Ctrl-C tests (and the subprocesses
-    they start, which inherit it) need handled: Python's default handler is put back."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        import signal
+    A test run started with SIGINT ignored (``nohup``, or ``cmd &`` in a script) passes
+    that on to every process it starts; the Ctrl-C tests need Python's handler in this
+    process and in their subprocesses, so it is put back."""
+    import signal
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
         import numba
         numba.set_num_threads(1)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _cupy_or_reason():
