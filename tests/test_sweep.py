@@ -288,6 +288,18 @@ def test_interval_is_the_student_t_interval():
     assert RS.interval([5.0])["lo"] == 5.0 and RS.interval([None])["n"] == 0
 
 
+def test_drawn_band_stays_inside_the_metric_range():
+    # five cosines near 1 with spread: the t interval reaches past 1, the drawn band does not
+    iv = RS.interval([0.93, 0.99, 0.999, 0.95, 0.999])
+    assert iv["hi"] > 1.0
+    lo, hi = RS.drawn_band("model_cos_gdpp", [iv["lo"]], [iv["hi"]])
+    assert hi[0] == 1.0 and lo[0] == iv["lo"]
+    lo, hi = RS.drawn_band("loss", [-0.2, 0.1], [0.3, 0.4])
+    assert lo.tolist() == [0.0, 0.1] and hi.tolist() == [0.3, 0.4]
+    lo, hi = RS.drawn_band("gamma", [-5.0], [7.0])           # unbounded: unchanged
+    assert lo.tolist() == [-5.0] and hi.tolist() == [7.0]
+
+
 def test_report_writes_tables_figures_and_json(local_sweep, tmp_path):
     out = str(tmp_path / "rep")
     rep = RS.build(local_sweep[0], out)
