@@ -357,6 +357,16 @@ def test_reuse_from_copies_finished_runs_instead_of_training(tmp_path, local_swe
     assert comparable(os.path.join(out, S.STORE_FILE)) == comparable(os.path.join(local_sweep[0], S.STORE_FILE))
 
 
+def test_reuse_from_reads_a_sweep_directory(tmp_path, local_sweep):
+    """Another sweep's directory (store and runs/ folder) serves as --reuse-from: every
+    run is copied, none trained, and the results equal that sweep's."""
+    out = str(tmp_path / "again")
+    buf = io.StringIO()
+    counts = S.run_sweep(tiny_spec(), out, S.LocalEngine(1), progress=True, stream=buf, reuse_from=local_sweep[0])
+    assert counts["done"] == 4 and "4 of 4 runs to train copied" in buf.getvalue()
+    assert comparable(os.path.join(out, S.STORE_FILE)) == comparable(os.path.join(local_sweep[0], S.STORE_FILE))
+
+
 def test_reuse_from_must_be_a_directory(tmp_path):
     r = subprocess.run([sys.executable, "-m", "verify.cli", "sweep", "--experiment", "one_layer", "--out",
                         str(tmp_path / "o"), "--reuse-from", str(tmp_path / "none")], cwd=ROOT, capture_output=True,

@@ -569,9 +569,12 @@ def finished_runs(src_dir):
     ``runs/verify/full``): config.json readable, last evaluation at the config's steps,
     and the digest's config, checkpoint and summary parts intact. Runs trained by other
     reference/ sources are included (the sweep re-finishes them: see
-    :func:`copy_finished_runs`)."""
+    :func:`copy_finished_runs`). A sweep directory (its store beside a ``runs/`` folder)
+    is read through that folder, so one sweep can reuse another's runs."""
     if not os.path.isdir(src_dir):
         raise SweepError(f"--reuse-from: {src_dir} is not a directory")
+    if os.path.isfile(os.path.join(src_dir, STORE_FILE)) and os.path.isdir(os.path.join(src_dir, "runs")):
+        src_dir = os.path.join(src_dir, "runs")
     out = {}
     for name in sorted(os.listdir(src_dir)):
         d = os.path.join(src_dir, name)
