@@ -748,7 +748,8 @@ def add_arguments(p):
     p.add_argument("--scheduler", metavar="ADDRESS", help="engine dask: an existing cluster's scheduler address or file")
     p.add_argument("--retry-failed", action="store_true", help="train failed runs again")
     p.add_argument("--reuse-from", metavar="DIR",
-                   help="copy finished runs of equal configs from DIR (e.g. runs/verify/full) instead of training")
+                   help="copy finished runs of equal configs from DIR (e.g. runs/verify/full, or another sweep's "
+                        "directory) instead of training")
     p.add_argument("--records", metavar="DIR",
                    help="answer runs from their committed records (icgd record; e.g. verify/results/records) when a "
                         "record's config is the run's and it is intact, instead of training")
