@@ -315,6 +315,42 @@ def test_report_writes_tables_figures_and_json(local_sweep, tmp_path):
         assert json.load(f)["cells"][1]["seeds"] == [0, 1]
 
 
+def _tiny_toml(seeds="[0, 1]", title="changed title"):
+    sets = "\n".join(f"{k} = {json.dumps(v)}" for k, v in TINY_SET.items())
+    return (f'name = "tiny"\nexperiment = "one_layer"\nseeds = {seeds}\n[set]\n{sets}\n[grid]\nlr = [1e-3, 3e-3]\n'
+            f'[baselines]\nridge = true\n[report]\ntitle = "{title}"\n[[report.figure]]\nname = "only"\n'
+            f'kind = "versus"\nx = "lr"\nbaselines = ["gd", "ridge"]\n')
+
+
+def test_report_of_a_sweep_file_uses_the_files_report_table(local_sweep, tmp_path, capsys):
+    """icgd report FILE --sweep-dir DIR draws what the file's [report] says now (no
+    retraining for a changed figure); a file whose grid is not the stored sweep's is refused."""
+    from verify.cli import main
+    f = tmp_path / "tiny.toml"
+    f.write_text(_tiny_toml())
+    out = tmp_path / "rep"
+    assert main(["report", str(f), "--sweep-dir", local_sweep[0], "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["title"] == "changed title" and [g["file"] for g in rep["figures"]] == ["only.png"]
+    assert (out / "only.png").stat().st_size > 0 and not (out / "loss.png").exists()
+    assert RS.build(local_sweep[0], str(tmp_path / "stored"))["title"] == "tiny"     # the directory alone: as stored
+    f.write_text(_tiny_toml(seeds="[0]"))
+    capsys.readouterr()
+    assert main(["report", str(f), "--sweep-dir", local_sweep[0], "--out", str(tmp_path / "no")]) == 2
+    assert "differ in seeds" in capsys.readouterr().err and not (tmp_path / "no").exists()
+
+
+def test_versus_figure_draws_a_baseline_shared_by_every_group_once(local_sweep, tmp_path):
+    # grouping the tiny sweep by seed: ridge is the same in both groups (same tasks), GD too
+    spec = {"name": "v", "kind": "versus", "x": "lr", "by": "seed", "metric": "loss", "baselines": ["ridge"]}
+    _, _, cells = RS.load(local_sweep[0])
+    by_seed = [{**c, "cell": {**c["cell"], "seed": r["config"]["seed"]}, "runs": [r]} for c in cells for r in c["runs"]]
+    data = RS.figure_versus(spec, by_seed, "t", str(tmp_path / "v.png"))
+    drawn = [(s["group"], s["value"]) for s in data["series"]]
+    assert drawn.count((drawn[0][0], "ridge")) == 1 and sum(v == "ridge" for _, v in drawn) == 1
+    assert sum(v == "loss" for _, v in drawn) == 2
+
+
 def test_cli_flags_sweep_dry_run(tmp_path, capsys):
     from verify.cli import main
     rc = main(["sweep", "--experiment", "one_layer", "--grid", "lr=1e-3,5e-4", "--seeds", "0-2", "--set", "steps=10",

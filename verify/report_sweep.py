@@ -73,6 +73,8 @@ LABELS = {"gd": "GD-K (line-searched eta)", "gdpp": "GD++ (paper's fixed steps)"
           "gdpp_gamma": "GD++ gamma (paper's fixed steps)", "gdpp_converged_gamma": "GD++ gamma (converged)",
           "loss": "trained LSA", "gamma": "trained LSA gamma",
           "prop2": "Prop. 2 construction (same depth)", "cheb": "Chebyshev iteration as coded"}
+X_LABELS = {"noise_std": "label noise sigma (y = w^T x + sigma * N(0, 1))", "N": "context size N (examples per task)",
+            "n_layers": "number of layers K"}
 STYLES = {"gd": "--", "gdpp": ":", "gdpp_converged": "-.", "gdpp_converged_per_layer": (0, (5, 1, 1, 1, 1, 1)),
           "lstsq": (0, (1, 3)), "ridge": (0, (6, 2)), "prop2": ":", "cheb": (0, (1, 2)), "gdpp_gamma": ":", "gdpp_converged_gamma": "-."}
 
@@ -307,18 +309,32 @@ def figure_versus(fig_spec, cells, title, path):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series = []
     names = [metric] + list(fig_spec.get("baselines", []))
+
+    def means(cs, m):
+        cs = sorted(cs, key=lambda c: _x_of(c["cell"][xkey]))
+        return [interval([value(r, m) for r in c["runs"]])["mean"] for c in cs]
+
+    # a baseline with the same values in every group (ridge of two models on the same tasks) is drawn once
+    shared = set()
+    if len(groups) > 1:
+        for m in names[1:]:
+            vs = [means(cs, m) for cs in groups.values()]
+            if all(None not in v and len(v) == len(vs[0]) and np.allclose(v, vs[0], rtol=1e-9, atol=0) for v in vs):
+                shared.add(m)
     for gi, (g, cs) in enumerate(groups.items()):
         cs = sorted(cs, key=lambda c: _x_of(c["cell"][xkey]))
         xs = np.array([_x_of(c["cell"][xkey]) for c in cs], dtype=float)
         for j, m in enumerate(names):
+            if m in shared and gi > 0:              # drawn with the first group, for all of them
+                continue
             iv = [interval([value(r, m) for r in c["runs"]]) for c in cs]
             mean = np.array([np.nan if v["mean"] is None else v["mean"] for v in iv])
             if np.all(np.isnan(mean)):
                 continue
             lo = np.array([np.nan if v["lo"] is None else v["lo"] for v in iv])
             hi = np.array([np.nan if v["hi"] is None else v["hi"] for v in iv])
-            label = LABELS.get(m, m) + (f" ({by}={g})" if by else "")
-            color = f"C{gi * len(names) + j}" if by else f"C{j}"
+            label = LABELS.get(m, m) + (f" ({by}={g})" if by and m not in shared else "")
+            color = "k" if m in shared else f"C{gi * len(names) + j}" if by else f"C{j}"
             if fig_spec.get("logy") and m != metric and series and np.nanmax(mean) < 1e-3 * np.nanmin(series[0]["lo"]):
                 ax.plot([], [], "s", ls=STYLES.get(m, "--"), color=color, label=label + f" ({np.nanmax(mean):.2g}, below the axis)")
                 continue
@@ -333,7 +349,7 @@ def figure_versus(fig_spec, cells, title, path):
     ref = fig_spec.get("reference")
     if ref:
         ax.plot(ref["x"], ref["y"], "k*", ms=10, label=ref.get("label", "reference"))
-    ax.set(xlabel=xkey, ylabel=_metric_label(metric), title=fig_spec.get("title", title))
+    ax.set(xlabel=X_LABELS.get(xkey, xkey), ylabel=_metric_label(metric), title=fig_spec.get("title", title))
     if fig_spec.get("logy"):
         ax.set_yscale("log")
     if fig_spec.get("logx"):
@@ -482,8 +498,20 @@ def _fmt(iv):
     return f"{iv['mean']:.4g} [{iv['lo']:.4g}, {iv['hi']:.4g}]"
 
 
-def build(out_dir, report_dir):
+def build(out_dir, report_dir, file_spec=None):
+    """The report of the sweep in ``out_dir``. ``file_spec`` (a sweep file's spec, as
+    ``icgd report FILE`` passes it): its [report] table replaces the one stored when the
+    sweep ran, so a figure's settings can change without retraining; the file must name
+    the stored sweep and the same grid."""
     name, spec, cells = load(out_dir)
+    if file_spec is not None:
+        fs = file_spec.to_dict()
+        same = ("name", "experiments", "seeds", "fixed", "grid", "cases", "baselines", "quick")
+        diff = [k for k in same if k in spec and json.dumps(fs.get(k), sort_keys=True) != json.dumps(spec[k], sort_keys=True)]
+        if diff:
+            raise SweepError(f"the sweep file and the sweep in {out_dir} differ in {', '.join(diff)}: run icgd sweep "
+                             f"with the file first (done runs are kept), or give the sweep directory alone")
+        spec = {**spec, "report": fs.get("report") or {}}
     rep_cfg = spec.get("report") or {}
     metrics = list(rep_cfg.get("metrics", DEFAULT_METRICS))
     agg = aggregate(cells, metrics)
@@ -564,11 +592,13 @@ def add_arguments(p):
 
 def run(args):
     try:
+        file_spec = None
         if os.path.isfile(args.sweep):
-            sweep_dir = args.sweep_dir or default_out(spec_from_file(args.sweep, quick=args.quick))
+            file_spec = spec_from_file(args.sweep, quick=args.quick)
+            sweep_dir = args.sweep_dir or default_out(file_spec)
         else:
             sweep_dir = args.sweep
-        rep = build(sweep_dir, args.out or os.path.join(sweep_dir, "report"))
+        rep = build(sweep_dir, args.out or os.path.join(sweep_dir, "report"), file_spec)
     except (SweepError, StoreError) as exc:
         print(f"icgd report: {exc}", file=sys.stderr)
         return 2
