@@ -2,7 +2,7 @@
 backend's sequence step against the NumPy reference's and the JAX and PyTorch peers',
 float32, verified before timed.
 
-    python -m benchmarks seq --json benchmarks/results/seq_provisional.json
+    python -m benchmarks seq --peer-python /tmp/peers-venv/bin/python --json benchmarks/results/seq_cpu.json
     python -m benchmarks seq --configs lsa1,mesa --peer-python /tmp/peers-venv/bin/python
 
 (``python -m benchmarks seq ...`` is ``python -m benchmarks.seq ...``; ``python -m
