@@ -310,16 +310,17 @@ def figure_versus(fig_spec, cells, title, path):
     series = []
     names = [metric] + list(fig_spec.get("baselines", []))
 
-    def means(cs, m):
-        cs = sorted(cs, key=lambda c: _x_of(c["cell"][xkey]))
-        return [interval([value(r, m) for r in c["runs"]])["mean"] for c in cs]
+    def points(cs, m):                           # {x: mean of m over the seeds}
+        return {_x_of(c["cell"][xkey]): interval([value(r, m) for r in c["runs"]])["mean"] for c in cs}
 
-    # a baseline with the same values in every group (ridge of two models on the same tasks) is drawn once
+    # a baseline with the same values at the same x in every group (ridge of two models on the
+    # same tasks) is drawn once
     shared = set()
     if len(groups) > 1:
         for m in names[1:]:
-            vs = [means(cs, m) for cs in groups.values()]
-            if all(None not in v and len(v) == len(vs[0]) and np.allclose(v, vs[0], rtol=1e-9, atol=0) for v in vs):
+            ps = [points(cs, m) for cs in groups.values()]
+            if all(p.keys() == ps[0].keys() and None not in p.values()
+                   and np.allclose(list(p.values()), list(ps[0].values()), rtol=1e-9, atol=0) for p in ps):
                 shared.add(m)
     for gi, (g, cs) in enumerate(groups.items()):
         cs = sorted(cs, key=lambda c: _x_of(c["cell"][xkey]))
