@@ -413,6 +413,16 @@ def time_worker(impl_name, config, repeats, warmup):
     return row
 
 
+def matmul_rates(n=2048, repeats=7):
+    """float32 rate of one ``n`` x ``n`` np.matmul in GFLOP/s (OpenBLAS with its default
+    threads): (best, median) of ``repeats`` timings after 2 warm-up calls."""
+    a = np.random.default_rng(0).random((n, n), dtype=np.float32)
+    b = a.copy()
+    c = np.empty_like(a)
+    ts = timed(lambda: np.matmul(a, b, out=c), 2, repeats)
+    return 2 * n ** 3 / min(ts) / 1e9, 2 * n ** 3 / float(np.median(ts)) / 1e9
+
+
 def rates_worker():
     """The machine's float32 matmul rate, copy bandwidth and random-number rates."""
     import numba
@@ -423,13 +433,7 @@ def rates_worker():
     normal_pairs, stream_key, task_key, uniforms_lanes = rng_kernels()
 
     out = {}
-    n = 2048
-    a = np.random.default_rng(0).random((n, n), dtype=np.float32)
-    b = a.copy()
-    c = np.empty_like(a)
-    ts = timed(lambda: np.matmul(a, b, out=c), 2, 7)
-    out["matmul_gflops"] = 2 * n ** 3 / min(ts) / 1e9
-    out["matmul_gflops_median"] = 2 * n ** 3 / float(np.median(ts)) / 1e9
+    out["matmul_gflops"], out["matmul_gflops_median"] = matmul_rates()
     x = np.ones(64 * 2 ** 20, np.float32)
     y = np.empty_like(x)
     ts = timed(lambda: np.copyto(y, x), 2, 7)

@@ -62,11 +62,9 @@ CONFIGS = {
 def matmul_gflops(n=2048, repeats=7):
     """float32 rate of one large np.matmul (GFLOP/s, best of ``repeats``), the rate the
     bound divides by (OpenBLAS with its default threads)."""
-    from benchmarks.bench import timed
+    from benchmarks.bench import matmul_rates
 
-    a = np.random.default_rng(0).random((n, n), dtype=np.float32)
-    c = np.empty_like(a)
-    return 2 * n ** 3 / min(timed(lambda: np.matmul(a, a, out=c), 2, repeats)) / 1e9
+    return matmul_rates(n, repeats)[0]
 
 
 def summarise(rows, gflops):
