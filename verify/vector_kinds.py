@@ -237,20 +237,21 @@ def _layer_case(spec, params, a):
     return {"out": out, "dE": dE, **layer_arrays(dp, grad=True)}
 
 
-def _fields(a, tp, prefix=""):
+def read_params(a, tp, prefix=""):
+    """The NamedTuple ``tp`` whose fields are the arrays ``a[prefix + field]``."""
     return tp(*(a[prefix + f] for f in tp._fields))
 
 
 def compute_softmax_layer(a):
     """One softmax attention layer (causal, clip) and its backward."""
     spec = R.LayerSpec("softmax", (("causal", bool(a["causal"])), ("clip", _clip_arg(a["clip"]))))
-    return _layer_case(spec, _fields(a, SoftmaxParams), a)
+    return _layer_case(spec, read_params(a, SoftmaxParams), a)
 
 
 def compute_mlp_layer(a):
     """The residual MLP (tanh or erf GELU, clip) with biases (zero biases: no bias) and its backward."""
     spec = R.LayerSpec("mlp", (("gelu", "erf" if bool(a["gelu_erf"]) else "tanh"), ("clip", _clip_arg(a["clip"]))))
-    return _layer_case(spec, _fields(a, MLPParams), a)
+    return _layer_case(spec, read_params(a, MLPParams), a)
 
 
 def compute_layernorm(a):
@@ -269,13 +270,13 @@ def compute_pre_ln_attention(a):
     """A pre-LN attention block e + f(LN(e)), softmax or linear (LSA), and its backward."""
     block = "softmax" if bool(a["softmax"]) else "lsa"
     spec = _pre_ln_spec(block, (("causal", bool(a["causal"])),), a)
-    return _layer_case(spec, _fields(a, spec.param_type()), a)
+    return _layer_case(spec, read_params(a, spec.param_type()), a)
 
 
 def compute_pre_ln_mlp(a):
     """A pre-LN MLP block e + MLP(LN(e)) and its backward."""
     spec = _pre_ln_spec("mlp", (("gelu", "erf" if bool(a["gelu_erf"]) else "tanh"),), a)
-    return _layer_case(spec, _fields(a, spec.param_type()), a)
+    return _layer_case(spec, read_params(a, spec.param_type()), a)
 
 
 def compute_posenc(a):
@@ -350,7 +351,7 @@ def compute_mesa_layer(a):
     """One mesa layer (forget factor, form sm / direct / cg with the default CG settings)
     and its backward (SPEC.md section 16)."""
     spec = R.LayerSpec("mesa", (("forget", float(a["forget"])), ("form", MESA_FORMS[int(a["form"])])))
-    return _layer_case(spec, _fields(a, spec.param_type()), a)
+    return _layer_case(spec, read_params(a, spec.param_type()), a)
 
 
 def delta_spec(a):
@@ -370,7 +371,7 @@ def delta_spec(a):
 def compute_delta_layer(a):
     """One delta-rule layer (DeltaNet / Gated DeltaNet) and its backward (SPEC.md section 16)."""
     spec = delta_spec(a)
-    return _layer_case(spec, _fields(a, spec.param_type()), a)
+    return _layer_case(spec, read_params(a, spec.param_type()), a)
 
 
 COMPUTE["mesa_layer"] = compute_mesa_layer    # SPEC.md section 16
