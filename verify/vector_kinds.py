@@ -1,8 +1,9 @@
 """What each golden-vector kind is: the npz key format of parameter trees, the
 reference computation of every kind (``COMPUTE``), and the schema of its inputs and
 outputs (``KINDS``: data vs configuration, dtypes, ranges and limits) that the manifest
-publishes and ``verify.golden``'s checker and the conformance kit read. The generator
-of the cases and the checker live in ``verify.golden``."""
+publishes and ``verify.golden``'s checker and the conformance kit read. The cases and
+their seeded inputs are ``verify.golden_cases``; writing and checking the files is
+``verify.golden``."""
 
 import re
 from typing import NamedTuple
@@ -780,7 +781,3 @@ def kinds_table():
                    "config": {n: c.describe() for n, c in k.config.items()}, "outputs": list(k.outputs)}
             for kind, k in KINDS.items()}
 
-
-# --------------------------------------------------------------------------------
-# Builders: the seeded inputs of each case (write only)
-# --------------------------------------------------------------------------------
