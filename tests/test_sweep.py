@@ -471,6 +471,64 @@ def test_converged_gdpp_starts_as_the_papers_protocol_and_stops_by_its_rule(back
     assert (first["steps"], first["converged"]) == (3, True)
 
 
+def test_converged_gdpp_is_computed_once_per_cell_and_equals_a_fresh_one(tmp_path, monkeypatch):
+    """Converged GD++ does not read the training seed: with a cache folder the second seed
+    of a cell reads the first one's result, which equals the one seed 1 computes alone
+    (wall-clock aside). Another start eta or evaluation seed gets another file; an
+    unreadable file is computed again and replaced."""
+    import dataclasses
+
+    from reference import trainer
+    from verify import sweep_baselines as SB
+
+    cfgs = {p.seed: p.config for p in S.expand(tiny_spec()) if p.config.optim.lr == 1e-3}
+    want = {"gdpp_converged": {"tol": 0.0, "window": 3, "max_steps": 6}}
+    real, calls = SB.converged_gdpp, []
+    monkeypatch.setattr(SB, "converged_gdpp", lambda *a, **k: calls.append(a[0].seed) or real(*a, **k))
+    cache = str(tmp_path / "baselines")
+    got = [SB.extra_baselines(cfgs[s], trainer.eval_tasks(cfgs[s]), {"gd_eta": 0.7}, want, cache) for s in (0, 1)]
+    assert calls == [0] and len(os.listdir(cache)) == 1
+    alone = R.jsonable(SB.extra_baselines(cfgs[1], trainer.eval_tasks(cfgs[1]), {"gd_eta": 0.7}, want))
+    assert calls == [0, 1]
+    strip = lambda d: {k: v for k, v in d["gdpp_converged_shared"].items() if k != "seconds"}  # noqa: E731
+    assert strip(got[0]) == strip(got[1]) == strip(alone) and got[1]["gdpp_converged_shared"]["steps"] == 6
+
+    rule = want["gdpp_converged"]
+    path = SB.converged_cache_path(cache, cfgs[1], "shared", rule, 0.7)
+    other_eval = dataclasses.replace(cfgs[1], eval=dataclasses.replace(cfgs[1].eval, eval_seed=7))
+    assert path == SB.converged_cache_path(cache, cfgs[0], "shared", rule, 0.7)
+    assert len({path, SB.converged_cache_path(cache, cfgs[1], "shared", rule, 0.7000000000000001),
+                SB.converged_cache_path(cache, other_eval, "shared", rule, 0.7),
+                SB.converged_cache_path(cache, cfgs[1], "per_layer", rule, 0.7)}) == 4
+    with open(path, "w") as f:
+        f.write("{not json")
+    again = SB.extra_baselines(cfgs[1], trainer.eval_tasks(cfgs[1]), {"gd_eta": 0.7}, want, cache)
+    assert calls == [0, 1, 1] and strip(again) == strip(alone)
+    with open(path) as f:
+        assert json.load(f)["steps"] == 6
+
+
+def test_per_layer_converged_gdpp_of_one_layer_is_the_shared_one():
+    shared = {"loss": 0.2, "steps": 3000}
+    run = lambda K, extra: {"config": {"model": {"n_layers": K}},  # noqa: E731
+                            "analysis": {"extra_baselines": extra}}
+    one = run(1, {"gdpp_converged_shared": shared})
+    assert (RS.value(one, "gdpp_converged_per_layer"), RS.value(one, "gdpp_converged_per_layer_steps")) == (0.2, 3000)
+    assert RS.value(run(2, {"gdpp_converged_shared": shared}), "gdpp_converged_per_layer") is None
+    two = run(2, {"gdpp_converged_shared": shared, "gdpp_converged_per_layer": {"loss": 0.1, "steps": 9000}})
+    assert (RS.value(two, "gdpp_converged_per_layer"), RS.value(two, "gdpp_converged")) == (0.1, 0.2)
+
+
+def test_a_sweep_shares_converged_gdpp_between_seeds(tmp_path):
+    out = str(tmp_path / "sw")
+    spec = tiny_spec(grid={}, baselines={"gdpp_converged": {"tol": 1e-12, "window": 2, "max_steps": 4}})
+    assert S.run_sweep(spec, out, S.LocalEngine(1), threads=1, progress=False)["done"] == 2
+    assert len(os.listdir(os.path.join(out, S.BASELINE_CACHE))) == 1
+    with SweepStore(os.path.join(out, S.STORE_FILE), readonly=True) as st:
+        a, b = (r["analysis"]["extra_baselines"]["gdpp_converged_shared"] for r in st.runs())
+    assert a == b and a["curve"]     # one computed, the other read: equal, wall-clock included
+
+
 def test_reuse_only_records_the_reusable_runs_and_trains_nothing(tmp_path, local_sweep):
     """--reuse-only: of the 4 runs only the one found finished in the source directory is
     recorded (equal to the trained sweep's); the other 3 stay pending and no run

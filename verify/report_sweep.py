@@ -114,6 +114,13 @@ def _extra(run, key):
     return ((run.get("analysis") or {}).get("extra_baselines") or {}).get(key) or {}
 
 
+def _per_layer(run):
+    """Converged per-layer GD++; for one layer that is the shared one (one eta, one gamma),
+    which is all the sweep computes there."""
+    return _extra(run, "gdpp_converged_per_layer") or (
+        _extra(run, "gdpp_converged_shared") if run["config"]["model"]["n_layers"] == 1 else {})
+
+
 def value(run, name):
     """The named value of a done run row (None when the run does not have it)."""
     f, b, a = run.get("final") or {}, run.get("baselines") or {}, run.get("analysis") or {}
@@ -126,7 +133,8 @@ def value(run, name):
         "gamma": lambda: w.get("gamma_equiv"),
         "eta": lambda: None if w.get("eta_over_N") is None else w["eta_over_N"] * run["config"]["data"]["N"],
         "gdpp_converged": lambda: _extra(run, "gdpp_converged_shared").get("loss"),
-        "gdpp_converged_per_layer": lambda: _extra(run, "gdpp_converged_per_layer").get("loss"),
+        "gdpp_converged_per_layer": lambda: _per_layer(run).get("loss"),
+        "gdpp_converged_per_layer_steps": lambda: _per_layer(run).get("steps"),
         "gdpp_converged_gamma": lambda: (_extra(run, "gdpp_converged_shared").get("gammas") or [None])[0],
         "gdpp_converged_steps": lambda: _extra(run, "gdpp_converged_shared").get("steps"),
         "ridge": lambda: _extra(run, "ridge").get("loss"),

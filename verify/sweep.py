@@ -24,7 +24,8 @@ config built before anything runs, and a problem names the key:
     [quick]                             # applied by --quick: overrides and the seeds
     steps = 1000
     seeds = [0]
-    [baselines]                         # extra baselines computed for each run
+    [baselines]                         # extra baselines for each run (converged GD++
+                                        # is shared by a cell's seeds: DIR/baselines/)
     gdpp_converged = { tol = 1e-4, window = 1000, max_steps = 100000 }   # or true
     ridge = true
     [report]                            # read by icgd report (verify.report_sweep)
@@ -71,6 +72,7 @@ from .settings import apply_overrides, parse_set_args
 from .sweep_store import StoreError, SweepStore
 
 STORE_FILE = "sweep.sqlite"
+BASELINE_CACHE = "baselines"   # converged GD++ shared by the seeds of a cell (verify.sweep_baselines)
 TOP_KEYS = ("name", "description", "experiment", "seeds", "set", "grid", "case", "quick", "baselines", "report")
 BASELINE_KEYS = ("gdpp_converged", "ridge")
 ENGINES = ("local", "dask")
@@ -390,7 +392,7 @@ def run_cell(task):
         if task.get("baselines"):
             from .sweep_baselines import extra_baselines
             analysis["extra_baselines"] = R.jsonable(extra_baselines(cfg, trainer.eval_tasks(cfg), res.baselines,
-                                                                     task["baselines"]))
+                                                                     task["baselines"], task.get("baseline_cache")))
         return {"status": "done", "worker": worker, "started": started, "finished": time.time(),
                 "seconds": round(time.time() - started, 3), "final": s.get("final"), "baselines": res.baselines,
                 "history": res.history, "analysis": analysis, "params_sha": params_sha(res.params),
@@ -626,7 +628,7 @@ def copy_finished_runs(src_dir, out_dir, hashes, log):
     return n
 
 
-def result_from_record(res, spec):
+def result_from_record(res, spec, cache_dir=None):
     """The store row of a run answered by its committed record (``verify.records``): its
     final evaluation, baselines and analyses as the record has them; no parameters (the
     record holds none, so ``params_sha`` is None) and only the final evaluation as
@@ -637,7 +639,7 @@ def result_from_record(res, spec):
         from reference import trainer
         from .sweep_baselines import extra_baselines
         analysis["extra_baselines"] = R.jsonable(extra_baselines(res.config, trainer.eval_tasks(res.config),
-                                                                 res.baselines, spec.baselines))
+                                                                 res.baselines, spec.baselines, cache_dir))
     from .records import trained_by_other_sources
 
     now = time.time()
@@ -647,7 +649,7 @@ def result_from_record(res, spec):
             "params_sha": None, "run_dir": res.run_dir}
 
 
-def answer_from_records(store, root, todo, by_hash, spec, log, older=False):
+def answer_from_records(store, root, todo, by_hash, spec, log, older=False, cache_dir=None):
     """Record, for each run in ``todo`` whose committed record under ``root`` is usable
     (``verify.records.find``: equal config, intact digest, trained by the current
     reference/ sources, or by any with ``older``), the record's numbers instead of
@@ -660,7 +662,7 @@ def answer_from_records(store, root, todo, by_hash, spec, log, older=False):
         if rec is None:
             left.append(h)
             continue
-        store.record(h, result_from_record(rec, spec))
+        store.record(h, result_from_record(rec, spec, cache_dir))
         other = records.trained_by_other_sources(rec)
         log(f"  {h[:12]} answered by the record {rec.run_dir}" + (f" ({other})" if other else ""))
     log(f"  {len(todo) - len(left)} of {len(todo)} runs to train answered by records under {root}")
@@ -702,17 +704,18 @@ def run_sweep(spec, out_dir, engine, *, retry_failed=False, threads=None, progre
             if reuse_from and todo:
                 n = copy_finished_runs(reuse_from, out_dir, todo, log)
                 log(f"  {n} of {len(todo)} runs to train copied from {reuse_from}")
+            cache = os.path.join(out_dir, BASELINE_CACHE)
             if records and todo:
                 here = [h for h in todo if _finished_here(run_dir_of(out_dir, h), by_hash[h].config)]
                 todo = here + answer_from_records(store, records, [h for h in todo if h not in here], by_hash,
-                                                  spec, log, older=older_records)
+                                                  spec, log, older=older_records, cache_dir=cache)
             if reuse_only:
                 keep = [h for h in todo if _finished_here(run_dir_of(out_dir, h), by_hash[h].config)]
                 if len(keep) < len(todo):
                     log(f"  {len(todo) - len(keep)} run(s) left pending (--reuse-only: no finished run to reuse)")
                 todo = keep
             tasks = [(h, {"config": by_hash[h].config.to_dict(), "run_dir": run_dir_of(out_dir, h),
-                          "threads": threads, "baselines": spec.baselines}) for h in todo]
+                          "threads": threads, "baselines": spec.baselines, "baseline_cache": cache}) for h in todo]
             tasks.sort(key=lambda t: -estimated_cost(by_hash[t[0]].config))
             store.mark_running([h for h, _ in tasks])
             bar = SweepProgress(len(tasks), stream, enabled=progress)

@@ -13,14 +13,24 @@
   squares; with sigma = 0 it is least squares.
 
 Both are computed in the worker that trained the run, on that run's evaluation set.
+Converged GD++ never reads the training seed (its tasks come from the evaluation seed's
+GD++ stream, its start eta from the line search on the evaluation seed's tasks), so the
+runs of a cell that differ only in the seed share one: with a ``cache_dir`` (a sweep's
+``baselines/`` folder) the first worker to finish writes it there, atomically, and the
+others read it instead of meta-training it again (up to 100,000 Adam steps each). Two
+workers that finish at the same moment both compute it; the results are equal.
 """
 
+import hashlib
+import json
+import os
 import time
 
 import numpy as np
 
 from reference import analysis as A
 from reference.errors import TrainingDiverged
+from reference.files import write_text_atomic
 from reference.optim import AdamHP, adam_init, adam_update
 from reference.solvers import GDPPParams, gdpp_expand, gdpp_loss_and_grads, gdpp_predict, least_squares_predict
 from reference.tasks import STREAM_GDPP, stream_rng
@@ -76,16 +86,46 @@ def ridge_bayes(cfg, evals):
     return {"lambda": lam, "loss": A.mean_loss(pred, evals.y_q)}
 
 
-def extra_baselines(cfg, evals, baselines, want):
+def converged_cache_path(cache_dir, cfg, kind, rule, eta0):
+    """Where the converged GD++ of ``kind`` for ``cfg`` is kept in ``cache_dir``: named by
+    a hash of everything it reads, i.e. the run's config without its seed, the stopping
+    rule and the start eta (bit for bit)."""
+    c = cfg.to_dict()
+    c.pop("seed")
+    text = json.dumps({"config": c, "kind": kind, "rule": rule, "eta0": float(eta0).hex()}, sort_keys=True)
+    return os.path.join(cache_dir, f"gdpp_converged_{kind}-{hashlib.sha256(text.encode()).hexdigest()[:24]}.json")
+
+
+def _cached_converged_gdpp(cache_dir, cfg, evals, eta0, kind, rule):
+    from .runs import jsonable
+
+    path = converged_cache_path(cache_dir, cfg, kind, rule, eta0)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        pass                     # absent, or unreadable: compute it (and replace the file)
+    out = jsonable(converged_gdpp(cfg, evals, eta0, shared=kind == "shared", **rule))
+    write_text_atomic(path, json.dumps(out))
+    return out
+
+
+def extra_baselines(cfg, evals, baselines, want, cache_dir=None):
     """The extra baselines ``want`` asks for ({'gdpp_converged': {tol, window,
-    max_steps} or absent, 'ridge': bool}) for a finished run with ``baselines``."""
+    max_steps} or absent, 'ridge': bool}) for a finished run with ``baselines``.
+    ``cache_dir``: where converged GD++ results are shared between the seeds of a cell
+    (see the module docstring); None computes them here."""
     out = {}
     rule = want.get("gdpp_converged")
     if rule:
         kinds = ("shared",) if cfg.model.n_layers == 1 else ("shared", "per_layer")
         for kind in kinds:
-            out[f"gdpp_converged_{kind}"] = converged_gdpp(cfg, evals, baselines["gd_eta"], shared=kind == "shared",
-                                                           **rule)
+            if cache_dir is None:
+                out[f"gdpp_converged_{kind}"] = converged_gdpp(cfg, evals, baselines["gd_eta"],
+                                                               shared=kind == "shared", **rule)
+            else:
+                out[f"gdpp_converged_{kind}"] = _cached_converged_gdpp(cache_dir, cfg, evals, baselines["gd_eta"],
+                                                                       kind, rule)
     if want.get("ridge"):
         out["ridge"] = ridge_bayes(cfg, evals)
     return out
