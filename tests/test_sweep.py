@@ -487,7 +487,7 @@ def test_converged_gdpp_is_computed_once_per_cell_and_equals_a_fresh_one(tmp_pat
     monkeypatch.setattr(SB, "converged_gdpp", lambda *a, **k: calls.append(a[0].seed) or real(*a, **k))
     cache = str(tmp_path / "baselines")
     got = [SB.extra_baselines(cfgs[s], trainer.eval_tasks(cfgs[s]), {"gd_eta": 0.7}, want, cache) for s in (0, 1)]
-    assert calls == [0] and len(os.listdir(cache)) == 1
+    assert calls == [0] and len(glob.glob(os.path.join(cache, "*.json"))) == 1
     alone = R.jsonable(SB.extra_baselines(cfgs[1], trainer.eval_tasks(cfgs[1]), {"gd_eta": 0.7}, want))
     assert calls == [0, 1]
     strip = lambda d: {k: v for k, v in d["gdpp_converged_shared"].items() if k != "seconds"}  # noqa: E731
@@ -508,6 +508,36 @@ def test_converged_gdpp_is_computed_once_per_cell_and_equals_a_fresh_one(tmp_pat
         assert json.load(f)["steps"] == 6
 
 
+def test_two_workers_at_once_compute_converged_gdpp_once(tmp_path, monkeypatch):
+    """Two seeds of a cell finishing together: the second waits on the first's lock and
+    reads its result (flock locks conflict between open files, so threads show it)."""
+    import threading
+
+    from reference import trainer
+    from verify import sweep_baselines as SB
+
+    if SB.fcntl is None:
+        pytest.skip("no fcntl here: the cache is unlocked")
+    cfgs = [p.config for p in S.expand(tiny_spec()) if p.config.optim.lr == 1e-3]
+    want = {"gdpp_converged": {"tol": 0.0, "window": 3, "max_steps": 6}}
+    real, calls = SB.converged_gdpp, []
+
+    def slow(*a, **k):
+        calls.append(a[0].seed)
+        time.sleep(0.5)
+        return real(*a, **k)
+
+    monkeypatch.setattr(SB, "converged_gdpp", slow)
+    got = {}
+    threads = [threading.Thread(target=lambda c=c: got.__setitem__(c.seed, SB.extra_baselines(
+        c, trainer.eval_tasks(c), {"gd_eta": 0.7}, want, str(tmp_path)))) for c in cfgs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and got[0] == got[1]
+
+
 def test_per_layer_converged_gdpp_of_one_layer_is_the_shared_one():
     shared = {"loss": 0.2, "steps": 3000}
     run = lambda K, extra: {"config": {"model": {"n_layers": K}},  # noqa: E731
@@ -523,7 +553,7 @@ def test_a_sweep_shares_converged_gdpp_between_seeds(tmp_path):
     out = str(tmp_path / "sw")
     spec = tiny_spec(grid={}, baselines={"gdpp_converged": {"tol": 1e-12, "window": 2, "max_steps": 4}})
     assert S.run_sweep(spec, out, S.LocalEngine(1), threads=1, progress=False)["done"] == 2
-    assert len(os.listdir(os.path.join(out, S.BASELINE_CACHE))) == 1
+    assert len(glob.glob(os.path.join(out, S.BASELINE_CACHE, "*.json"))) == 1
     with SweepStore(os.path.join(out, S.STORE_FILE), readonly=True) as st:
         a, b = (r["analysis"]["extra_baselines"]["gdpp_converged_shared"] for r in st.runs())
     assert a == b and a["curve"]     # one computed, the other read: equal, wall-clock included

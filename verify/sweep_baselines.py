@@ -17,14 +17,20 @@ Converged GD++ never reads the training seed (its tasks come from the evaluation
 GD++ stream, its start eta from the line search on the evaluation seed's tasks), so the
 runs of a cell that differ only in the seed share one: with a ``cache_dir`` (a sweep's
 ``baselines/`` folder) the first worker to finish writes it there, atomically, and the
-others read it instead of meta-training it again (up to 100,000 Adam steps each). Two
-workers that finish at the same moment both compute it; the results are equal.
+others read it instead of meta-training it again (up to 100,000 Adam steps each). A
+worker that finds another computing it waits for it (an flock on ``<file>.lock``, which
+the system releases if that worker dies).
 """
 
 import hashlib
 import json
 import os
 import time
+
+try:
+    import fcntl
+except ImportError:      # not POSIX: no lock, two workers may both compute it
+    fcntl = None
 
 import numpy as np
 
@@ -100,14 +106,18 @@ def _cached_converged_gdpp(cache_dir, cfg, evals, eta0, kind, rule):
     from .runs import jsonable
 
     path = converged_cache_path(cache_dir, cfg, kind, rule, eta0)
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        pass                     # absent, or unreadable: compute it (and replace the file)
-    out = jsonable(converged_gdpp(cfg, evals, eta0, shared=kind == "shared", **rule))
-    write_text_atomic(path, json.dumps(out))
-    return out
+    os.makedirs(cache_dir, exist_ok=True)
+    with open(path + ".lock", "a", encoding="utf-8") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)    # a worker computing it holds this; released when it ends or dies
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            pass                     # absent, or unreadable: compute it (and replace the file)
+        out = jsonable(converged_gdpp(cfg, evals, eta0, shared=kind == "shared", **rule))
+        write_text_atomic(path, json.dumps(out))
+        return out
 
 
 def extra_baselines(cfg, evals, baselines, want, cache_dir=None):
