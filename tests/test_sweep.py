@@ -538,6 +538,40 @@ def test_two_workers_at_once_compute_converged_gdpp_once(tmp_path, monkeypatch):
     assert len(calls) == 1 and got[0] == got[1]
 
 
+def test_a_baseline_added_to_a_done_sweep_is_computed_without_training(tmp_path, local_sweep):
+    """The sweep file gains gdpp_converged after its 4 runs are done: the same command
+    trains nothing, adds the baseline to every run (ridge kept, timings untouched, one
+    computation per cell), and a third call has nothing left to do; a changed stopping
+    rule counts as missing."""
+    import shutil
+
+    from verify.sweep_baselines import missing_extra
+
+    out = str(tmp_path / "copy")
+    shutil.copytree(local_sweep[0], out)
+    rule = {"tol": 1e-12, "window": 2, "max_steps": 4}
+    spec = tiny_spec(baselines={"ridge": True, "gdpp_converged": rule})
+    store = os.path.join(out, S.STORE_FILE)
+    before = {r["hash"]: r for r in SweepStore(store, readonly=True).runs()}
+    buf = io.StringIO()
+    assert S.run_sweep(spec, out, S.LocalEngine(1), threads=1, progress=True, stream=buf)["done"] == 4
+    text = buf.getvalue()
+    assert "0 to train" in text and "4 done run(s) lack a baseline" in text and text.count("extra baselines") == 4
+    after = SweepStore(store, readonly=True).runs()
+    for r in after:
+        old = before[r["hash"]]
+        assert (r["finished"], r["seconds"], r["final"], r["params_sha"]) == \
+               (old["finished"], old["seconds"], old["final"], old["params_sha"])
+        extra = r["analysis"]["extra_baselines"]
+        assert extra["ridge"] == old["analysis"]["extra_baselines"]["ridge"] and extra["gdpp_converged_shared"]["curve"]
+        assert not missing_extra(extra, S.expand(spec)[0].config, spec.baselines)
+        assert missing_extra(extra, S.expand(spec)[0].config, {"gdpp_converged": {**rule, "max_steps": 6}})
+    assert len(glob.glob(os.path.join(out, S.BASELINE_CACHE, "*.json"))) == 2     # two lr cells, two seeds each
+    buf = io.StringIO()
+    S.run_sweep(spec, out, S.LocalEngine(1), threads=1, progress=True, stream=buf)
+    assert "lack a baseline" not in buf.getvalue()
+
+
 def test_per_layer_converged_gdpp_of_one_layer_is_the_shared_one():
     shared = {"loss": 0.2, "steps": 3000}
     run = lambda K, extra: {"config": {"model": {"n_layers": K}},  # noqa: E731

@@ -43,7 +43,8 @@ cluster whose scheduler is ``--scheduler`` (tcp://HOST:8786, or a scheduler file
 Workers only train and return results; the driver writes every result to the store
 in its own transaction. A worker that dies is replaced and its run retried; a run that
 raises is recorded as failed with its error (``--retry-failed`` retries it). A sweep
-that is killed loses no finished run: run the same command again.
+that is killed loses no finished run: run the same command again. Done runs that lack
+a baseline the file's [baselines] now asks for get it computed (no training).
 
 Exit codes: 0 every run done, 1 some run failed, 2 bad sweep file or options, 130
 interrupted.
@@ -377,7 +378,9 @@ def run_cell(task):
     """Train one run in a worker and return its result as a plain dict (the driver
     stores it): status 'done' with final metrics, baselines, evaluation history, the
     analyses and the parameters' sha256, or status 'failed' with the error. Never
-    raises for a failing run; only a dying worker loses the result."""
+    raises for a failing run; only a dying worker loses the result. A task with
+    ``baselines_only`` (a done run's stored baselines) trains nothing: status
+    'baselines' with the extra baselines the sweep asks for."""
     from reference.config import config_from_dict
     from reference import trainer
 
@@ -386,6 +389,12 @@ def run_cell(task):
     try:
         pin_threads(task.get("threads"))
         cfg = config_from_dict(task["config"])
+        if task.get("baselines_only") is not None:      # a done run whose sweep asks for more baselines
+            from .sweep_baselines import extra_baselines
+            extra = extra_baselines(cfg, trainer.eval_tasks(cfg), task["baselines_only"], task["baselines"],
+                                    task.get("baseline_cache"))
+            return {"status": "baselines", "worker": worker, "seconds": round(time.time() - started, 3),
+                    "extra_baselines": R.jsonable(extra)}
         res = _train_or_reuse(cfg, task["run_dir"])
         s = res.summary
         analysis = {k: s[k] for k in ("weights", "ood", "interpolation") if k in s}
@@ -540,6 +549,8 @@ class SweepProgress:
                                                                 ("prop2_loss", "Prop. 2"), ("lstsq_loss", "ridge"))
                              if b.get(k) is not None and (k != "lstsq_loss" or "gdpp_loss" not in b))
             what = f"loss {f.get('loss', float('nan')):.5f} ({refs}) in {res.get('seconds', 0):.1f} s"
+        elif res["status"] == "baselines":
+            what = f"extra baselines {', '.join(res['extra_baselines'])} in {res.get('seconds', 0):.1f} s"
         else:
             what = f"FAILED: {res.get('error')}"
         if not self.enabled:
@@ -669,6 +680,24 @@ def answer_from_records(store, root, todo, by_hash, spec, log, older=False, cach
     return left
 
 
+def lacking_baselines(store, by_hash, spec, todo):
+    """{hash: its stored baselines} of the done runs of this grid (not in ``todo``) whose
+    stored extra baselines lack one that ``spec.baselines`` asks for
+    (``verify.sweep_baselines.missing_extra``). They need no run directory: the extra
+    baselines read the config, the evaluation set and the stored gd_eta only."""
+    if not spec.baselines:
+        return {}
+    from .sweep_baselines import missing_extra
+
+    out = {}
+    for r in store.runs():
+        h = r["hash"]
+        if h in by_hash and h not in todo and r["status"] == "done" and missing_extra(
+                ((r["analysis"] or {}).get("extra_baselines") or {}), by_hash[h].config, spec.baselines):
+            out[h] = r["baselines"] or {}
+    return out
+
+
 def run_sweep(spec, out_dir, engine, *, retry_failed=False, threads=None, progress=True, stream=None,
               reuse_from=None, reuse_only=False, records=None, older_records=False):
     """Run every grid point of ``spec`` not yet done, recording results in
@@ -718,10 +747,20 @@ def run_sweep(spec, out_dir, engine, *, retry_failed=False, threads=None, progre
                           "threads": threads, "baselines": spec.baselines, "baseline_cache": cache}) for h in todo]
             tasks.sort(key=lambda t: -estimated_cost(by_hash[t[0]].config))
             store.mark_running([h for h, _ in tasks])
+            extra = lacking_baselines(store, by_hash, spec, set(todo))
+            if extra:
+                log(f"  {len(extra)} done run(s) lack a baseline of this sweep file's [baselines]: computing it")
+            tasks += [(h, {"config": by_hash[h].config.to_dict(), "threads": threads, "baselines": spec.baselines,
+                           "baseline_cache": cache, "baselines_only": b}) for h, b in extra.items()]
             bar = SweepProgress(len(tasks), stream, enabled=progress)
             try:
                 for h, res in engine.run(tasks):
-                    store.record(h, res)
+                    if res["status"] == "baselines":
+                        store.add_extra_baselines(h, res["extra_baselines"])
+                    elif h in extra:      # computing the baselines failed: the run stays done without them
+                        log(f"  {_point_text(by_hash[h])}: its extra baselines failed: {res.get('error')}")
+                    else:
+                        store.record(h, res)
                     bar.finished(_point_text(by_hash[h]), res)
             finally:
                 bar.close()

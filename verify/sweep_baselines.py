@@ -49,6 +49,11 @@ def gdpp_eval_loss(evals, etas, gammas):
         return A.mean_loss(gdpp_predict(evals.X, evals.Y, evals.x_q, etas, gammas), evals.y_q)
 
 
+def rule_text(tol, window, max_steps):
+    """The stopping rule as a converged GD++ result states it."""
+    return f"relative eval-loss improvement < {tol:g} over {window} steps (at most {max_steps} steps)"
+
+
 def converged_gdpp(cfg, evals, eta0, *, shared, tol, window, max_steps):
     """GD++ meta-trained until its evaluation loss improves by less than ``tol``
     (relative) over ``window`` steps. Returns a dict: loss, etas, gammas, steps,
@@ -82,7 +87,7 @@ def converged_gdpp(cfg, evals, eta0, *, shared, tol, window, max_steps):
     etas, gammas = gdpp_expand(p[0], K, N)
     return {"loss": gdpp_eval_loss(evals, etas, gammas), "etas": etas, "gammas": gammas, "steps": curve[-1][0],
             "converged": converged, "curve": curve, "seconds": round(time.perf_counter() - t0, 2),
-            "rule": f"relative eval-loss improvement < {tol:g} over {window} steps (at most {max_steps} steps)"}
+            "rule": rule_text(tol, window, max_steps)}
 
 
 def ridge_bayes(cfg, evals):
@@ -139,3 +144,15 @@ def extra_baselines(cfg, evals, baselines, want, cache_dir=None):
     if want.get("ridge"):
         out["ridge"] = ridge_bayes(cfg, evals)
     return out
+
+
+def missing_extra(extra, cfg, want):
+    """Whether a run's stored extra baselines ``extra`` lack one that ``want`` asks for
+    (a converged GD++ kind absent or computed under another stopping rule, or ridge): a
+    sweep whose file gained a baseline after its runs were done computes it for them."""
+    rule = want.get("gdpp_converged")
+    if rule:
+        kinds = ("shared",) if cfg.model.n_layers == 1 else ("shared", "per_layer")
+        if any((extra.get(f"gdpp_converged_{k}") or {}).get("rule") != rule_text(**rule) for k in kinds):
+            return True
+    return bool(want.get("ridge")) and "ridge" not in extra

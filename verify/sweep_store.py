@@ -186,6 +186,17 @@ class SweepStore:
                                 [(h, r["step"], r.get("loss"), _dumps(r)) for r in result.get("history") or []])
             return True
 
+    def add_extra_baselines(self, h, extra):
+        """Merge ``extra`` into the stored analysis' extra baselines of the done run ``h``
+        (one transaction; the run's other columns stay as they are)."""
+        with self.db:
+            row = self.db.execute("SELECT status, analysis FROM runs WHERE hash = ?", (h,)).fetchone()
+            if row is None or row["status"] != "done":
+                raise StoreError(f"{self.path}: no done run {h} in the store")
+            analysis = _loads(row["analysis"]) or {}
+            analysis["extra_baselines"] = {**(analysis.get("extra_baselines") or {}), **extra}
+            self.db.execute("UPDATE runs SET analysis = ? WHERE hash = ?", (_dumps(analysis), h))
+
     def record_failure(self, h, error):
         self.record(h, {"status": "failed", "error": error, "finished": time.time()})
 
