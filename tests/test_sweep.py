@@ -71,6 +71,9 @@ def local_sweep(tmp_path_factory):
     ({"experiment": "one_layr"}, "did you mean one_layer"),
     ({"baselines": {"ridge": 1}}, "baselines.ridge: expected true or false"),
     ({"baselines": {"gdpp_converged": {"tol": -1}}}, "gdpp_converged.tol"),
+    ({"baselines": {"gdpp_converged": {"patience": 0}}}, "gdpp_converged.patience: expected an integer >= 1"),
+    ({"baselines": {"gdpp_converged": {"min_steps": 2.5}}}, "gdpp_converged.min_steps: expected an integer >= 0"),
+    ({"baselines": {"gdpp_converged": {"min_steps": 10, "window": 2, "max_steps": 6}}}, "min_steps must be <= max_steps"),
     ({"baselines": {"lasso": True}}, "baselines.lasso: unknown baseline"),
     ({"set": {**TINY_SET, "lr": [1, 2]}}, "set.lr: expected a number"),
 ])
@@ -451,8 +454,9 @@ def test_per_t_figure_averages_seeds_and_draws_shared_baselines_once(tmp_path):
 def test_converged_gdpp_starts_as_the_papers_protocol_and_stops_by_its_rule(backend):
     """GD++ to convergence takes the trainer's meta-training steps (same init, task stream,
     coordinates and the run's backend's loss function): stopped after as many steps, it has
-    the fixed-step GD++'s eta and gamma bit for bit. With tol = 1 it stops at the first window (converged);
-    with tol = 0 (no improvement is too small) it runs to max_steps, not converged."""
+    the fixed-step GD++'s eta and gamma bit for bit. With tol = 1 it stops at the first window it may
+    (converged): after ``patience`` flat windows, not before ``min_steps``; with tol = 0 (no
+    improvement is too small) it runs to max_steps, not converged."""
     from reference import trainer
     from reference.backends import host_loss_and_grads
     from reference.solvers import meta_train_gdpp
@@ -467,8 +471,15 @@ def test_converged_gdpp_starts_as_the_papers_protocol_and_stops_by_its_rule(back
     run = converged_gdpp(cfg, evals, 0.7, shared=True, tol=0.0, window=3, max_steps=6)
     assert run["etas"] == list(etas) and run["gammas"] == list(gammas)
     assert (run["steps"], run["converged"], [s for s, _ in run["curve"]]) == (6, False, [0, 3, 6])
-    first = converged_gdpp(cfg, evals, 0.7, shared=True, tol=1.0, window=3, max_steps=6)
+    first = converged_gdpp(cfg, evals, 0.7, shared=True, tol=1.0, window=3, max_steps=6, patience=1, min_steps=0)
     assert (first["steps"], first["converged"]) == (3, True)
+    # every window is flat under tol = 1: patience 2 needs two of them, and min_steps
+    # (default: the paper's gdpp_steps = 5 here) holds it until the window ending at 6
+    assert converged_gdpp(cfg, evals, 0.7, shared=True, tol=1.0, window=1, max_steps=9, patience=2,
+                          min_steps=0)["steps"] == 2
+    late = converged_gdpp(cfg, evals, 0.7, shared=True, tol=1.0, window=3, max_steps=9, patience=1)
+    assert (late["steps"], late["converged"], b.gdpp_steps) == (6, True, 5)
+    assert "from step 5 on" in late["rule"] and "1 window(s)" in late["rule"]
 
 
 def test_converged_gdpp_is_computed_once_per_cell_and_equals_a_fresh_one(tmp_path, monkeypatch):

@@ -26,7 +26,8 @@ config built before anything runs, and a problem names the key:
     seeds = [0]
     [baselines]                         # extra baselines for each run (converged GD++
                                         # is shared by a cell's seeds: DIR/baselines/)
-    gdpp_converged = { tol = 1e-4, window = 1000, max_steps = 100000 }   # or true
+    gdpp_converged = { tol = 1e-4, window = 1000, max_steps = 100000 }   # or true; also patience
+                                        # (default 3) and min_steps (default gdpp_steps)
     ridge = true
     [report]                            # read by icgd report (verify.report_sweep)
 
@@ -186,13 +187,17 @@ def _baselines(where, table):
             for rk, rv in (v if isinstance(v, dict) else {}).items():
                 if rk not in rule:
                     raise SweepError(f"{where}.gdpp_converged.{rk}: unknown; known: {', '.join(rule)}")
-                ok = rv > 0 if rk == "tol" else (isinstance(rv, int) and rv >= 1)
+                least = 0 if rk == "min_steps" else 1
+                ok = rv > 0 if rk == "tol" else (isinstance(rv, int) and rv >= least)
                 if isinstance(rv, bool) or not isinstance(rv, (int, float)) or not ok:
-                    raise SweepError(f"{where}.gdpp_converged.{rk}: expected a positive "
-                                     f"{'number' if rk == 'tol' else 'integer'}, got {rv!r}")
+                    raise SweepError(f"{where}.gdpp_converged.{rk}: expected a positive number, got {rv!r}"
+                                     if rk == "tol" else
+                                     f"{where}.gdpp_converged.{rk}: expected an integer >= {least}, got {rv!r}")
                 rule[rk] = float(rv) if rk == "tol" else rv
             if rule["max_steps"] < rule["window"]:
                 raise SweepError(f"{where}.gdpp_converged: max_steps must be >= window")
+            if rule["min_steps"] is not None and rule["min_steps"] > rule["max_steps"]:
+                raise SweepError(f"{where}.gdpp_converged: min_steps must be <= max_steps")
             out[k] = rule
         elif v is not False:
             raise SweepError(f"{where}.gdpp_converged: expected true, false or a table (tol, window, max_steps)")
