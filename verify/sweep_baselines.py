@@ -117,9 +117,18 @@ def converged_cache_path(cache_dir, cfg, kind, rule, eta0):
     return os.path.join(cache_dir, f"gdpp_converged_{kind}-{hashlib.sha256(text.encode()).hexdigest()[:24]}.json")
 
 
-def _cached_converged_gdpp(cache_dir, cfg, evals, eta0, kind, rule):
+def converged_kinds(cfg):
+    """The converged GD++ kinds a run of ``cfg`` gets: shared, and per layer above one layer."""
+    return ("shared",) if cfg.model.n_layers == 1 else ("shared", "per_layer")
+
+
+def _converged(cache_dir, cfg, evals, eta0, kind, rule):
+    """Converged GD++ of ``kind``: read from ``cache_dir`` when a seed of the cell has
+    computed it, else computed here (and written there when ``cache_dir`` is given)."""
     from .runs import jsonable
 
+    if cache_dir is None:
+        return converged_gdpp(cfg, evals, eta0, shared=kind == "shared", **rule)
     path = converged_cache_path(cache_dir, cfg, kind, rule, eta0)
     os.makedirs(cache_dir, exist_ok=True)
     with open(path + ".lock", "a", encoding="utf-8") as lock:
@@ -137,20 +146,14 @@ def _cached_converged_gdpp(cache_dir, cfg, evals, eta0, kind, rule):
 
 def extra_baselines(cfg, evals, baselines, want, cache_dir=None):
     """The extra baselines ``want`` asks for ({'gdpp_converged': {tol, window,
-    max_steps} or absent, 'ridge': bool}) for a finished run with ``baselines``.
-    ``cache_dir``: where converged GD++ results are shared between the seeds of a cell
-    (see the module docstring); None computes them here."""
+    max_steps, patience, min_steps} or absent, 'ridge': bool}) for a finished run with
+    ``baselines``. ``cache_dir``: where converged GD++ results are shared between the
+    seeds of a cell (see the module docstring); None computes them here."""
     out = {}
     rule = want.get("gdpp_converged")
     if rule:
-        kinds = ("shared",) if cfg.model.n_layers == 1 else ("shared", "per_layer")
-        for kind in kinds:
-            if cache_dir is None:
-                out[f"gdpp_converged_{kind}"] = converged_gdpp(cfg, evals, baselines["gd_eta"],
-                                                               shared=kind == "shared", **rule)
-            else:
-                out[f"gdpp_converged_{kind}"] = _cached_converged_gdpp(cache_dir, cfg, evals, baselines["gd_eta"],
-                                                                       kind, rule)
+        for kind in converged_kinds(cfg):
+            out[f"gdpp_converged_{kind}"] = _converged(cache_dir, cfg, evals, baselines["gd_eta"], kind, rule)
     if want.get("ridge"):
         out["ridge"] = ridge_bayes(cfg, evals)
     return out
@@ -161,8 +164,7 @@ def missing_extra(extra, cfg, want):
     (a converged GD++ kind absent or computed under another stopping rule, or ridge): a
     sweep whose file gained a baseline after its runs were done computes it for them."""
     rule = want.get("gdpp_converged")
-    if rule:
-        kinds = ("shared",) if cfg.model.n_layers == 1 else ("shared", "per_layer")
-        if any((extra.get(f"gdpp_converged_{k}") or {}).get("rule") != rule_text(cfg, **rule) for k in kinds):
-            return True
+    if rule and any((extra.get(f"gdpp_converged_{k}") or {}).get("rule") != rule_text(cfg, **rule)
+                    for k in converged_kinds(cfg)):
+        return True
     return bool(want.get("ridge")) and "ridge" not in extra
