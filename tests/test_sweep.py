@@ -583,6 +583,20 @@ def test_a_baseline_added_to_a_done_sweep_is_computed_without_training(tmp_path,
     assert "lack a baseline" not in buf.getvalue()
 
 
+def test_a_versus_x_may_be_a_field_that_cases_set():
+    """x = n_layers where [[case]] tables set n_layers: the cell's value is its runs'
+    config value; a field that differs between a cell's runs, or an unknown one, is
+    named; a cell without done runs has none (not drawn)."""
+    run = lambda K, seed: {"seed": seed, "config": {"seed": seed, "model": {"n_layers": K}}}  # noqa: E731
+    cell = {"cell": {"case": "K=3"}, "runs": [run(3, 0), run(3, 1)]}
+    assert RS.cell_value(cell, "n_layers", "x") == 3 and RS.cell_value(cell, "case", "x") == "K=3"
+    assert RS.cell_value({"cell": {"case": "K=4"}, "runs": []}, "n_layers", "x") is None
+    with pytest.raises(S.SweepError, match=r"x = 'n_layers' differs between the runs of the cell case=K=3"):
+        RS.cell_value({"cell": {"case": "K=3"}, "runs": [run(3, 0), run(4, 1)]}, "n_layers", "x")
+    with pytest.raises(S.SweepError, match=r"fig: x = 'n_layerz'"):
+        RS.cell_value(cell, "n_layerz", "fig: x")
+
+
 def test_per_layer_converged_gdpp_of_one_layer_is_the_shared_one():
     shared = {"loss": 0.2, "steps": 3000}
     run = lambda K, extra: {"config": {"model": {"n_layers": K}},  # noqa: E731

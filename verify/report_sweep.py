@@ -51,6 +51,8 @@ import numpy as np
 
 from reference.files import write_text_atomic
 
+from reference.config import ConfigError, field_path
+
 from .sweep import STORE_FILE, SweepError, default_out, spec_from_file
 from .sweep_store import StoreError, SweepStore
 
@@ -232,6 +234,29 @@ def _plt():
     return plt
 
 
+def cell_value(c, key, where):
+    """A cell's value of the config field ``key``: its grid value, else the value every
+    done run of the cell has (a field that a ``[[case]]`` sets, e.g. n_layers); None for
+    a cell without done runs. SweepError naming ``where`` for an unknown field or one
+    whose value differs between the cell's runs."""
+    if key in c["cell"]:
+        return c["cell"][key]
+    try:
+        path = field_path(key)
+    except ConfigError as exc:
+        raise SweepError(f"{where} = {key!r}: {exc}") from None
+    seen = {}
+    for r in c["runs"]:
+        v = r["config"]
+        for part in path:
+            v = v[part]
+        seen[json.dumps(v)] = v
+    if len(seen) > 1:
+        raise SweepError(f"{where} = {key!r} differs between the runs of the cell {cell_label(c['cell'])}: "
+                         f"{', '.join(seen)}")
+    return next(iter(seen.values()), None)
+
+
 def _x_of(v):
     try:
         return float(v)
@@ -307,11 +332,12 @@ def figure_versus(fig_spec, cells, title, path):
     plt = _plt()
     xkey, metric = fig_spec["x"], fig_spec.get("metric", "loss")
     by = fig_spec.get("by")
-    groups = {}
+    groups, xval = {}, {}
     for c in cells:
-        if xkey not in c["cell"]:
-            raise SweepError(f"report figure {fig_spec.get('name')}: x = {xkey!r} is not a grid field of this sweep "
-                             f"(cells have {', '.join(c['cell'])})")
+        x = cell_value(c, xkey, f"report figure {fig_spec.get('name')}: x")
+        if x is None:                            # no done run yet: nothing to draw
+            continue
+        xval[c["key"]] = _x_of(x)
         g = c["cell"].get(by, "") if by else ""
         groups.setdefault(g, []).append(c)
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -319,7 +345,7 @@ def figure_versus(fig_spec, cells, title, path):
     names = [metric] + list(fig_spec.get("baselines", []))
 
     def points(cs, m):                           # {x: mean of m over the seeds}
-        return {_x_of(c["cell"][xkey]): interval([value(r, m) for r in c["runs"]])["mean"] for c in cs}
+        return {xval[c["key"]]: interval([value(r, m) for r in c["runs"]])["mean"] for c in cs}
 
     # a baseline with the same values at the same x in every group (ridge of two models on the
     # same tasks) is drawn once
@@ -331,8 +357,8 @@ def figure_versus(fig_spec, cells, title, path):
                    and np.allclose(list(p.values()), list(ps[0].values()), rtol=1e-9, atol=0) for p in ps):
                 shared.add(m)
     for gi, (g, cs) in enumerate(groups.items()):
-        cs = sorted(cs, key=lambda c: _x_of(c["cell"][xkey]))
-        xs = np.array([_x_of(c["cell"][xkey]) for c in cs], dtype=float)
+        cs = sorted(cs, key=lambda c: xval[c["key"]])
+        xs = np.array([xval[c["key"]] for c in cs], dtype=float)
         for j, m in enumerate(names):
             if m in shared and gi > 0:              # drawn with the first group, for all of them
                 continue
