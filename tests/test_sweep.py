@@ -597,6 +597,26 @@ def test_a_versus_x_may_be_a_field_that_cases_set():
         RS.cell_value(cell, "n_layerz", "fig: x")
 
 
+@pytest.mark.parametrize("model_loss, passes", [(0.010, True), (0.040, False)])
+def test_layers_claim_compares_k5_with_converged_per_layer_gdpp(monkeypatch, model_loss, passes):
+    """The claim reads the sweep's cells: a five-layer model below converged per-layer
+    GD++ at every seed passes, one above it at a seed fails (cells made up here)."""
+    from verify import claims_sweep as CS
+    from verify.registry import Context, discover
+
+    def run(K, seed, loss):
+        return {"seed": seed, "config": {"model": {"n_layers": K}}, "final": {"loss": loss},
+                "baselines": {"gd_loss": 0.1, "gdpp_loss": 0.03},
+                "analysis": {"extra_baselines": {"gdpp_converged_per_layer": {"loss": 0.025, "steps": 100000}}}}
+
+    cells = [{"cell": {"case": "K=4"}, "runs": [run(4, 0, 0.02)]},
+             {"cell": {"case": "K=5"}, "runs": [run(5, 0, 0.011), run(5, 1, model_loss)]}]
+    monkeypatch.setattr(CS, "sweep_cells", lambda ctx, name: cells if name == "layers" else pytest.fail(name))
+    out = discover()["sweep.layers.k5_beats_converged_gdpp"].fn(Context(mode="full"))
+    assert out.passed is passes and math.isclose(out.measured, max(0.011, model_loss) / 0.025)
+    assert out.details["by_K"][4]["ratio"] == [0.02 / 0.025] and out.details["by_K"][5]["gdpp_converged_steps"] == 100000
+
+
 def test_per_layer_converged_gdpp_of_one_layer_is_the_shared_one():
     shared = {"loss": 0.2, "steps": 3000}
     run = lambda K, extra: {"config": {"model": {"n_layers": K}},  # noqa: E731

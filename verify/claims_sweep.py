@@ -2,9 +2,9 @@
 are run with ``verify.sweep`` into ``ctx.workdir/sweeps/NAME`` (a store that skips the
 runs already done there, so a second verify run trains nothing) and checked.
 
-Full mode only: the gamma-vs-N grid is 20 runs of the paper's 5000 steps (N up to 100)
-and the recurrent 10-layer grid 5 runs with GD++ meta-trained to convergence; neither
-part fits the quick mode's 1-minute budget.
+Full mode only: the gamma-vs-N grid is 20 runs of the paper's 5000 steps (N up to 100),
+the recurrent 10-layer grid 5 runs with GD++ meta-trained to convergence, and the layers
+grid 15 runs of 50,000 steps; none fits the quick mode's 1-minute budget.
 """
 
 import os
@@ -74,3 +74,30 @@ def _(ctx):
                             gdpp_converged_steps=[value(r, "gdpp_converged_steps") for r in rs],
                             converged=[(r["analysis"]["extra_baselines"]["gdpp_converged_shared"]["converged"])
                                        for r in rs])
+
+
+@claim("sweep.layers.k5_beats_converged_gdpp", source=f"{SRC}, Sec. 4, Fig. 3 (non-recurrent K layers vs GD++)",
+       statement="Against per-layer GD++ meta-trained under the convergence rule (not only the paper's 30,000 "
+                 "steps), the trained five-layer non-recurrent LSA still has the lower loss: its lead over GD++ is "
+                 "not an unconverged baseline",
+       method="sweep verify/figures/layers.toml (K = 1..5, 50,000 steps, 3 seeds); per-layer GD++ to convergence: "
+              "relative eval-loss improvement < 1e-4 over each of 3 windows of 1000 Adam steps in a row, not before "
+              "the paper's 30,000, at most 100,000 steps; largest L_model / L_GD++conv over the K = 5 seeds (every "
+              "K in the details)",
+       modes=("full",))
+def _(ctx):
+    cells = sweep_cells(ctx, "layers")
+    by_k = {}
+    for c in cells:
+        rs = c["runs"]
+        K = rs[0]["config"]["model"]["n_layers"]
+        by_k[K] = {"model": [value(r, "loss") for r in rs], "gd": value(rs[0], "gd"),
+                   "gdpp_fixed": value(rs[0], "gdpp"), "gdpp_converged": value(rs[0], "gdpp_converged_per_layer"),
+                   "gdpp_converged_steps": value(rs[0], "gdpp_converged_per_layer_steps"),
+                   "ratio": [value(r, "loss") / value(r, "gdpp_converged_per_layer") for r in rs]}
+    five = by_k[5]
+    return Outcome.at_most(max(five["ratio"]), 1.0,
+                           "a ratio below 1 at every seed means the model beats GD++ even once GD++ has stopped "
+                           "improving (or run 100,000 steps, reported in the details as not converged); the paper "
+                           "shows the five-layer model at GD++, not below it",
+                           by_K=by_k)
