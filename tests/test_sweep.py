@@ -480,6 +480,11 @@ def test_converged_gdpp_starts_as_the_papers_protocol_and_stops_by_its_rule(back
     late = converged_gdpp(cfg, evals, 0.7, shared=True, tol=1.0, window=3, max_steps=9, patience=1)
     assert (late["steps"], late["converged"], b.gdpp_steps) == (6, True, 5)
     assert "from step 5 on" in late["rule"] and "1 window(s)" in late["rule"]
+    # the best evaluated iterate: the lowest point of the curve, with its parameters
+    i = int(np.argmin([v for _, v in run["curve"]]))
+    assert (run["best_loss"], run["best_step"]) == (run["curve"][i][1], run["curve"][i][0])
+    if run["best_step"] == run["steps"]:
+        assert (run["best_etas"], run["best_gammas"]) == (run["etas"], run["gammas"])
 
 
 def test_converged_gdpp_is_computed_once_per_cell_and_equals_a_fresh_one(tmp_path, monkeypatch):
@@ -626,6 +631,10 @@ def test_per_layer_converged_gdpp_of_one_layer_is_the_shared_one():
     assert RS.value(run(2, {"gdpp_converged_shared": shared}), "gdpp_converged_per_layer") is None
     two = run(2, {"gdpp_converged_shared": shared, "gdpp_converged_per_layer": {"loss": 0.1, "steps": 9000}})
     assert (RS.value(two, "gdpp_converged_per_layer"), RS.value(two, "gdpp_converged")) == (0.1, 0.2)
+    # the lowest evaluated loss: best_loss, or (stored without it) the lowest point of the curve
+    ended_higher = {"loss": 0.104, "steps": 3, "curve": [[0, 0.3], [1, 0.1036], [2, 0.1039], [3, 0.104]]}
+    assert RS.value(run(2, {"gdpp_converged_shared": ended_higher}), "gdpp_converged") == 0.1036
+    assert RS.value(run(2, {"gdpp_converged_shared": {**ended_higher, "best_loss": 0.09}}), "gdpp_converged") == 0.09
 
 
 def test_a_sweep_shares_converged_gdpp_between_seeds(tmp_path):

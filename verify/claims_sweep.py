@@ -60,7 +60,7 @@ def _(ctx):
                  "not reach it: its loss stays above the converged GD++'s (the paper's 1000-step GD++ is beaten)",
        method="sweep verify/figures/recurrent10.toml (5000 steps, 5 seeds); GD++ to convergence: relative eval-loss "
               "improvement < 1e-4 over each of 3 windows of 1000 Adam steps in a row, not before the paper's 1000 (at most "
-              "30,000); smallest L_model / L_GD++conv over seeds",
+              "30,000), its lowest evaluated loss; smallest L_model / L_GD++conv over seeds",
        modes=("full",))
 def _(ctx):
     cells = sweep_cells(ctx, "recurrent10")
@@ -82,8 +82,9 @@ def _(ctx):
                  "not an unconverged baseline",
        method="sweep verify/figures/layers.toml (K = 1..5, 50,000 steps, 3 seeds); per-layer GD++ to convergence: "
               "relative eval-loss improvement < 1e-4 over each of 3 windows of 1000 Adam steps in a row, not before "
-              "the paper's 30,000, at most 100,000 steps; largest L_model / L_GD++conv over the K = 5 seeds (every "
-              "K in the details)",
+              "the paper's 30,000, at most 100,000 steps, its lowest evaluated loss (never above the paper's "
+              "protocol, whose 30,000-step iterate it passes); largest L_model / L_GD++conv over the K = 5 seeds "
+              "(every K in the details)",
        modes=("full",))
 def _(ctx):
     cells = sweep_cells(ctx, "layers")

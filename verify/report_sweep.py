@@ -36,8 +36,9 @@ What is drawn comes from the sweep file's [report] table:
 Values of a run (:data:`VALUES`): any key of its last evaluation row (``loss``,
 ``model_cos_gd``, ...), ``gamma`` / ``eta`` (its first layer read as a GD++ layer), and
 the baselines ``gd``, ``gdpp``, ``lstsq`` (the paper's protocol), ``gdpp_converged``
-(shared) / ``gdpp_converged_per_layer``, ``ridge`` (Bayes-optimal lambda),
-``gdpp_gamma`` and ``gdpp_converged_gamma``.
+(shared) / ``gdpp_converged_per_layer`` (the lowest evaluation loss the converged GD++
+run reached) with ``_steps`` (how many steps it ran), ``ridge`` (Bayes-optimal lambda),
+``gdpp_gamma`` and ``gdpp_converged_gamma`` (its final iterate's).
 """
 
 import base64
@@ -69,8 +70,8 @@ T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 LABELS = {"gd": "GD-K (line-searched eta)", "gdpp": "GD++ (paper's fixed steps)",
-          "gdpp_converged": "GD++ meta-trained to convergence (shared)",
-          "gdpp_converged_per_layer": "GD++ to convergence (per layer)",
+          "gdpp_converged": "GD++ meta-trained to convergence (shared, best evaluated iterate)",
+          "gdpp_converged_per_layer": "GD++ to convergence (per layer, best evaluated iterate)",
           "lstsq": "least squares", "ridge": "ridge, lambda = sigma^2 / w_scale^2",
           "gdpp_gamma": "GD++ gamma (paper's fixed steps)", "gdpp_converged_gamma": "GD++ gamma (converged)",
           "loss": "trained LSA", "gamma": "trained LSA gamma",
@@ -116,6 +117,16 @@ def _extra(run, key):
     return ((run.get("analysis") or {}).get("extra_baselines") or {}).get(key) or {}
 
 
+def best_loss(entry):
+    """The lowest evaluation loss of a converged GD++ result: its ``best_loss``, or for
+    results stored without one the lowest point of its curve (the same windows); None if
+    it has neither."""
+    if "best_loss" in entry:
+        return entry["best_loss"]
+    losses = [v for _, v in entry.get("curve") or [] if v is not None and math.isfinite(v)]
+    return min(losses) if losses else entry.get("loss")
+
+
 def _per_layer(run):
     """Converged per-layer GD++; for one layer that is the shared one (one eta, one gamma),
     which is all the sweep computes there."""
@@ -134,8 +145,8 @@ def value(run, name):
         "gdpp_gamma": lambda: (b.get("gdpp_gammas") or [None])[0],
         "gamma": lambda: w.get("gamma_equiv"),
         "eta": lambda: None if w.get("eta_over_N") is None else w["eta_over_N"] * run["config"]["data"]["N"],
-        "gdpp_converged": lambda: _extra(run, "gdpp_converged_shared").get("loss"),
-        "gdpp_converged_per_layer": lambda: _per_layer(run).get("loss"),
+        "gdpp_converged": lambda: best_loss(_extra(run, "gdpp_converged_shared")),
+        "gdpp_converged_per_layer": lambda: best_loss(_per_layer(run)),
         "gdpp_converged_per_layer_steps": lambda: _per_layer(run).get("steps"),
         "gdpp_converged_gamma": lambda: (_extra(run, "gdpp_converged_shared").get("gammas") or [None])[0],
         "gdpp_converged_steps": lambda: _extra(run, "gdpp_converged_shared").get("steps"),

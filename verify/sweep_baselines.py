@@ -66,7 +66,10 @@ def converged_gdpp(cfg, evals, eta0, *, shared, tol, window, max_steps, patience
     (relative) over each of ``patience`` consecutive windows of ``window`` steps, the
     last one ending at or after ``min_steps`` (None: the run's ``gdpp_steps``). Returns a
     dict: loss, etas, gammas, steps, converged (False: stopped at max_steps), the
-    evaluation-loss curve (step, loss) every window, and the rule as text."""
+    evaluation-loss curve (step, loss) every window, the rule as text, and the evaluated
+    iterate with the lowest loss (best_loss, best_step, best_etas, best_gammas: Adam at a
+    constant step can end above a loss it passed, e.g. above the paper's protocol at
+    gdpp_steps, which is one of the evaluated iterates when window divides it)."""
     from reference.backends import host_loss_and_grads
 
     t0 = time.perf_counter()
@@ -78,6 +81,7 @@ def converged_gdpp(cfg, evals, eta0, *, shared, tol, window, max_steps, patience
     hp = AdamHP(lr=b.gdpp_lr, b1=0.9, b2=b.gdpp_b2, eps=1e-8, clip_norm=None)
     state = adam_init(p)
     curve = [(0, gdpp_eval_loss(evals, *gdpp_expand(p[0], K, N)))]
+    best = (curve[0][1], 0, gdpp_expand(p[0], K, N))
     first = b.gdpp_steps if min_steps is None else min_steps
     converged, flat = False, 0
     for s in range(max_steps):
@@ -90,6 +94,8 @@ def converged_gdpp(cfg, evals, eta0, *, shared, tol, window, max_steps, patience
         if (s + 1) % window == 0:
             curve.append((s + 1, gdpp_eval_loss(evals, *gdpp_expand(p[0], K, N))))
             prev, now = curve[-2][1], curve[-1][1]
+            if now < best[0]:
+                best = (now, s + 1, gdpp_expand(p[0], K, N))
             flat = flat + 1 if np.isfinite(now) and (prev - now) / prev < tol else 0
             if flat >= patience and s + 1 >= first:
                 converged = True
@@ -97,7 +103,8 @@ def converged_gdpp(cfg, evals, eta0, *, shared, tol, window, max_steps, patience
     etas, gammas = gdpp_expand(p[0], K, N)
     return {"loss": gdpp_eval_loss(evals, etas, gammas), "etas": etas, "gammas": gammas, "steps": curve[-1][0],
             "converged": converged, "curve": curve, "seconds": round(time.perf_counter() - t0, 2),
-            "rule": rule_text(cfg, tol, window, max_steps, patience, min_steps)}
+            "rule": rule_text(cfg, tol, window, max_steps, patience, min_steps),
+            "best_loss": best[0], "best_step": best[1], "best_etas": best[2][0], "best_gammas": best[2][1]}
 
 
 def ridge_bayes(cfg, evals):
