@@ -19,6 +19,10 @@ FIGURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures")
 PAPER_GAMMA = {10: 0.179, 25: 0.099, 50: 0.056, 100: 0.029}     # Sec. 4, recurrent 2-layer
 
 
+def _extra_of(run):
+    return (run.get("analysis") or {}).get("extra_baselines") or {}
+
+
 def sweep_cells(ctx, name):
     """Run (or finish) the committed sweep ``name`` in the work directory; its cells."""
     spec = S.spec_from_file(os.path.join(FIGURES, name + ".toml"), quick=not ctx.full)
@@ -77,9 +81,9 @@ def _(ctx):
 
 
 @claim("sweep.layers.k5_beats_converged_gdpp", source=f"{SRC}, Sec. 4, Fig. 3 (non-recurrent K layers vs GD++)",
-       statement="Against per-layer GD++ meta-trained under the convergence rule (not only the paper's 30,000 "
-                 "steps), the trained five-layer non-recurrent LSA still has the lower loss: its lead over GD++ is "
-                 "not an unconverged baseline",
+       statement="Against per-layer GD++ meta-trained well past the paper's 30,000 steps (until the convergence "
+                 "rule holds, at most 100,000 steps), the trained five-layer non-recurrent LSA still has the lower "
+                 "loss",
        method="sweep verify/figures/layers.toml (K = 1..5, 50,000 steps, 3 seeds); per-layer GD++ to convergence: "
               "relative eval-loss improvement < 1e-4 over each of 3 windows of 1000 Adam steps in a row, not before "
               "the paper's 30,000, at most 100,000 steps, its lowest evaluated loss (never above the paper's "
@@ -95,10 +99,13 @@ def _(ctx):
         by_k[K] = {"model": [value(r, "loss") for r in rs], "gd": value(rs[0], "gd"),
                    "gdpp_fixed": value(rs[0], "gdpp"), "gdpp_converged": value(rs[0], "gdpp_converged_per_layer"),
                    "gdpp_converged_steps": value(rs[0], "gdpp_converged_per_layer_steps"),
+                   "gdpp_converged_met_rule": (_extra_of(rs[0]).get("gdpp_converged_per_layer")
+                                               or _extra_of(rs[0]).get("gdpp_converged_shared") or {}).get("converged"),
                    "ratio": [value(r, "loss") / value(r, "gdpp_converged_per_layer") for r in rs]}
     five = by_k[5]
     return Outcome.at_most(max(five["ratio"]), 1.0,
-                           "a ratio below 1 at every seed means the model beats GD++ even once GD++ has stopped "
-                           "improving (or run 100,000 steps, reported in the details as not converged); the paper "
-                           "shows the five-layer model at GD++, not below it",
+                           "a ratio below 1 at every seed means the model beats GD++ trained more than three times "
+                           "as long as the paper trains it; whether GD++ met the rule or stopped at 100,000 steps "
+                           "(then still slowly descending) is in the details, so the margin says how far the lead "
+                           "could shrink; the paper shows the five-layer model at GD++, not below it",
                            by_K=by_k)

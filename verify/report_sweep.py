@@ -400,6 +400,9 @@ def figure_versus(fig_spec, cells, title, path):
         ax.set_yscale("log")
     if fig_spec.get("logx"):
         ax.set_xscale("log")
+    elif xval and all(float(x).is_integer() for x in xval.values()):
+        from matplotlib.ticker import MaxNLocator
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))      # K = 1..5, not 1.5
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     _save(fig, path)
