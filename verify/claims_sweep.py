@@ -12,15 +12,11 @@ import os
 from . import sweep as S
 from .pool import threads_per_worker
 from .registry import Outcome, claim
-from .report_sweep import interval, load, value
+from .report_sweep import converged_per_layer, interval, load, value
 
 SRC = "von Oswald et al. ICML'23"
 FIGURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures")
 PAPER_GAMMA = {10: 0.179, 25: 0.099, 50: 0.056, 100: 0.029}     # Sec. 4, recurrent 2-layer
-
-
-def _extra_of(run):
-    return (run.get("analysis") or {}).get("extra_baselines") or {}
 
 
 def sweep_cells(ctx, name):
@@ -99,8 +95,7 @@ def _(ctx):
         by_k[K] = {"model": [value(r, "loss") for r in rs], "gd": value(rs[0], "gd"),
                    "gdpp_fixed": value(rs[0], "gdpp"), "gdpp_converged": value(rs[0], "gdpp_converged_per_layer"),
                    "gdpp_converged_steps": value(rs[0], "gdpp_converged_per_layer_steps"),
-                   "gdpp_converged_met_rule": (_extra_of(rs[0]).get("gdpp_converged_per_layer")
-                                               or _extra_of(rs[0]).get("gdpp_converged_shared") or {}).get("converged"),
+                   "gdpp_converged_met_rule": converged_per_layer(rs[0]).get("converged"),
                    "ratio": [value(r, "loss") / value(r, "gdpp_converged_per_layer") for r in rs]}
     five = by_k[5]
     return Outcome.at_most(max(five["ratio"]), 1.0,

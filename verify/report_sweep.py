@@ -127,7 +127,7 @@ def best_loss(entry):
     return min(losses) if losses else entry.get("loss")
 
 
-def _per_layer(run):
+def converged_per_layer(run):
     """Converged per-layer GD++; for one layer that is the shared one (one eta, one gamma),
     which is all the sweep computes there."""
     return _extra(run, "gdpp_converged_per_layer") or (
@@ -146,8 +146,8 @@ def value(run, name):
         "gamma": lambda: w.get("gamma_equiv"),
         "eta": lambda: None if w.get("eta_over_N") is None else w["eta_over_N"] * run["config"]["data"]["N"],
         "gdpp_converged": lambda: best_loss(_extra(run, "gdpp_converged_shared")),
-        "gdpp_converged_per_layer": lambda: best_loss(_per_layer(run)),
-        "gdpp_converged_per_layer_steps": lambda: _per_layer(run).get("steps"),
+        "gdpp_converged_per_layer": lambda: best_loss(converged_per_layer(run)),
+        "gdpp_converged_per_layer_steps": lambda: converged_per_layer(run).get("steps"),
         "gdpp_converged_gamma": lambda: (_extra(run, "gdpp_converged_shared").get("gammas") or [None])[0],
         "gdpp_converged_steps": lambda: _extra(run, "gdpp_converged_shared").get("steps"),
         "ridge": lambda: _extra(run, "ridge").get("loss"),
