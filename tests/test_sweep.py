@@ -480,11 +480,17 @@ def test_converged_gdpp_starts_as_the_papers_protocol_and_stops_by_its_rule(back
     late = converged_gdpp(cfg, evals, 0.7, shared=True, tol=1.0, window=3, max_steps=9, patience=1)
     assert (late["steps"], late["converged"], b.gdpp_steps) == (6, True, 5)
     assert "from step 5 on" in late["rule"] and "1 window(s)" in late["rule"]
-    # the best evaluated iterate: the lowest point of the curve, with its parameters
+    # the best evaluated iterate: the lowest point of the curve, and its parameters give that loss
+    from verify.sweep_baselines import gdpp_eval_loss
     i = int(np.argmin([v for _, v in run["curve"]]))
     assert (run["best_loss"], run["best_step"]) == (run["curve"][i][1], run["curve"][i][0])
-    if run["best_step"] == run["steps"]:
-        assert (run["best_etas"], run["best_gammas"]) == (run["etas"], run["gammas"])
+    assert gdpp_eval_loss(evals, run["best_etas"], run["best_gammas"]) == run["best_loss"]
+    # a meta-step too large for these tasks: the loss turns up after its minimum, three rising
+    # windows stop it, and the best iterate is not the final one
+    hot = S.expand(tiny_spec(set={**TINY_SET, "backend": backend, "gdpp_lr": 0.2}))[0].config
+    over = converged_gdpp(hot, evals, 0.7, shared=True, tol=0.0, window=1, max_steps=12, min_steps=0)
+    assert over["converged"] and over["best_step"] < over["steps"] and over["best_loss"] < over["loss"]
+    assert gdpp_eval_loss(evals, over["best_etas"], over["best_gammas"]) == over["best_loss"]
 
 
 def test_converged_gdpp_is_computed_once_per_cell_and_equals_a_fresh_one(tmp_path, monkeypatch):

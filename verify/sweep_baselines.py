@@ -10,8 +10,8 @@
   ``min_steps`` (default: the run's ``gdpp_steps``, so it is never less trained than
   the paper's protocol, which its trajectory starts with), or at ``max_steps``
   (reported as not converged). A baseline that cannot flatter the trained model: a
-  single flat window is not convergence (per-layer GD++ for five layers rests near
-  17,000 steps and then descends again).
+  single flat window is not convergence (per-layer GD++ can rest on a plateau and then
+  descend again), and its reported loss is the lowest it reached (``best_loss``).
 * ridge regression with the Bayes-optimal lambda = sigma^2 / w_scale^2 (the posterior
   mean for a teacher W ~ w_scale N(0, I) and label noise N(0, sigma^2)), next to least
   squares; with sigma = 0 it is least squares.
