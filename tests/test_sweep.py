@@ -678,3 +678,17 @@ def test_reuse_only_records_the_reusable_runs_and_trains_nothing(tmp_path, local
     r = subprocess.run([sys.executable, "-m", "verify.cli", "sweep", "--experiment", "one_layer", "--out",
                         str(tmp_path / "o"), "--reuse-only"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--reuse-only" in r.stderr and not (tmp_path / "o").exists()
+
+
+def test_table_headers_name_every_column_and_step_counts_print_in_full():
+    """The table says what a column holds (not a raw key), and a step count is a whole
+    number, not 3.9e+04; a loss keeps 4 significant digits."""
+    assert RS.column_header("gdpp_converged_per_layer") == RS.LABELS["gdpp_converged_per_layer"]
+    assert RS.column_header("gdpp_converged_per_layer_steps") == RS.LABELS["gdpp_converged_per_layer"] + ": meta-steps run"
+    assert RS.column_header("gdpp_converged_steps").startswith("GD++ meta-trained to convergence")
+    assert RS.column_header("loss") == "loss (trained LSA)" and RS.column_header("model_cos_gd").startswith("cos(")
+    assert RS.column_header("some_new_metric") == "some_new_metric"
+    assert RS._fmt(RS.interval([39000, 39000])) == "39000 [39000, 39000]"
+    assert RS._fmt(RS.interval([0.0923456])) == "0.09235"
+    assert RS._fmt(RS.interval([0.1, 0.2])).startswith("0.15 [")
+    assert RS._fmt(RS.interval([])) == "-"

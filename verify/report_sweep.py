@@ -539,12 +539,33 @@ DRAW = {"curves": figure_curves, "versus": figure_versus, "ood": figure_ood, "pe
 
 # ---- the report -----------------------------------------------------------------------------------
 
+# table headers where a figure's legend label would not say what the column holds
+HEADERS = {"loss": "loss (trained LSA)",
+           "model_cos_gd": "cos(trained LSA, GD-K) of implicit models (d pred / d x_query)",
+           "model_cos_gdpp": "cos(trained LSA, GD++) of implicit models"}
+
+
+def column_header(metric):
+    """The table header of ``metric``: its label, or a converged baseline's label with
+    "meta-steps run" for its ``*_steps`` count; the raw key when it has neither."""
+    if metric in HEADERS:
+        return HEADERS[metric]
+    if metric.endswith("_steps") and metric[:-len("_steps")] in LABELS:
+        return LABELS[metric[:-len("_steps")]] + ": meta-steps run"
+    return LABELS.get(metric, metric)
+
+
+def _num(x):
+    """``x`` to 4 significant digits; a whole number (a step count) in full."""
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:.4g}"
+
+
 def _fmt(iv):
     if iv["mean"] is None:
         return "-"
     if iv["n"] == 1 or iv["std"] is None:
-        return f"{iv['mean']:.4g}"
-    return f"{iv['mean']:.4g} [{iv['lo']:.4g}, {iv['hi']:.4g}]"
+        return _num(iv["mean"])
+    return f"{_num(iv['mean'])} [{_num(iv['lo'])}, {_num(iv['hi'])}]"
 
 
 def build(out_dir, report_dir, file_spec=None):
@@ -588,7 +609,7 @@ def build(out_dir, report_dir, file_spec=None):
 
 
 def _table(rep, metrics):
-    head = ["cell", "seeds"] + [LABELS.get(m, m) if m in ("gd", "gdpp", "lstsq", "ridge") else m for m in metrics]
+    head = ["cell", "seeds"] + [column_header(m) for m in metrics]
     rows = []
     for a in rep["cells"]:
         note = (f" ({a['failed']} failed)" if a["failed"] else "") + (f" ({a['pending']} pending)" if a["pending"] else "")
