@@ -686,9 +686,41 @@ def test_table_headers_name_every_column_and_step_counts_print_in_full():
     assert RS.column_header("gdpp_converged_per_layer") == RS.LABELS["gdpp_converged_per_layer"]
     assert RS.column_header("gdpp_converged_per_layer_steps") == RS.LABELS["gdpp_converged_per_layer"] + ": meta-steps run"
     assert RS.column_header("gdpp_converged_steps").startswith("GD++ meta-trained to convergence")
-    assert RS.column_header("loss") == "loss (trained LSA)" and RS.column_header("model_cos_gd").startswith("cos(")
+    assert RS.column_header("loss") == "loss (the trained model)" and RS.column_header("model_cos_gd").startswith("cos(")
     assert RS.column_header("some_new_metric") == "some_new_metric"
     assert RS._fmt(RS.interval([39000, 39000])) == "39000 [39000, 39000]"
     assert RS._fmt(RS.interval([0.0923456])) == "0.09235"
     assert RS._fmt(RS.interval([0.1, 0.2])).startswith("0.15 [")
     assert RS._fmt(RS.interval([])) == "-"
+
+
+def test_curves_figure_draws_a_one_evaluation_cell_as_a_marker(tmp_path, monkeypatch):
+    """A run answered by a committed record keeps only its final evaluation; a line
+    through one point draws nothing (the committed mesa_sequences loss figure was empty),
+    so such a cell is a marker with its interval and says so; a cell with a curve stays a line."""
+    import matplotlib.pyplot as plt
+    made = []
+    real = plt.subplots
+
+    def capture(*a, **k):
+        made.append(real(*a, **k))
+        return made[-1]
+    monkeypatch.setattr(plt, "subplots", capture)
+
+    def run(seed, hist):
+        return {"seed": seed, "config": {"model": {"n_layers": 1}}, "history": hist, "baselines": {}}
+    cells = [{"cell": {"experiment": "seq_lsa1"}, "runs": [run(0, [{"step": 5000, "loss": 0.30}]),
+                                                           run(1, [{"step": 5000, "loss": 0.34}])]},
+             {"cell": {"experiment": "seq_lsa2"}, "runs": [run(0, [{"step": 100, "loss": 0.9}, {"step": 200, "loss": 0.5}]),
+                                                           run(1, [{"step": 100, "loss": 0.8}, {"step": 200, "loss": 0.4}])]}]
+    path = str(tmp_path / "loss.png")
+    data = RS.figure_curves({"metric": "loss"}, cells, "t", path)
+    assert os.path.getsize(path) > 0
+    a, b = data["series"]
+    assert a["final_only"] and a["steps"] == [5000] and math.isclose(a["mean"][0], 0.32)
+    assert not b["final_only"] and b["steps"] == [100, 200]
+    ax = made[-1][1]
+    markers = [ln for ln in ax.lines if ln.get_marker() == "o"]
+    assert len(markers) == 1 and list(markers[0].get_xdata()) == [5000]
+    assert any("final evaluation only" in t.get_text() for t in ax.get_legend().get_texts())
+    assert any(list(ln.get_xdata()) == [100, 200] and ln.get_marker() in ("None", "", None) for ln in ax.lines)

@@ -306,8 +306,16 @@ def figure_curves(fig_spec, cells, title, path):
         hi = np.array([cv[s]["hi"] for s in cv], dtype=float)
         color = f"C{i}"
         n = len(c["runs"])
-        ax.plot(steps, mean, color=color, lw=1.8, label=f"{_model_label(c['cell'], many)} (mean of {n} seed{'s' * (n > 1)})")
-        if n > 1:
+        label = f"{_model_label(c['cell'], many)} (mean of {n} seed{'s' * (n > 1)})"
+        if len(steps) == 1:
+            # one evaluation (a run answered by a committed record keeps its final row, not its curve):
+            # a line through one point draws nothing, so it is a marker with its interval, and says so
+            ax.errorbar(steps, mean, yerr=None if n == 1 else np.abs(np.array(drawn_band(metric, lo, hi)) - mean),
+                        color=color, marker="o", ms=6, capsize=3, ls="none",
+                        label=label + ": final evaluation only (no curve stored)")
+        else:
+            ax.plot(steps, mean, color=color, lw=1.8, label=label)
+        if n > 1 and len(steps) > 1:
             ax.fill_between(steps, *drawn_band(metric, lo, hi), color=color, alpha=0.25, lw=0)
         base = {}
         logy = fig_spec.get("logy", metric == "loss")
@@ -327,7 +335,7 @@ def figure_curves(fig_spec, cells, title, path):
             else:
                 ax.axhline(v, label=label, **style)
         data.append({"cell": c["cell"], "steps": steps.tolist(), "mean": mean.tolist(), "lo": lo.tolist(),
-                     "hi": hi.tolist(), "baselines": base})
+                     "hi": hi.tolist(), "baselines": base, "final_only": len(steps) == 1})
     ax.set(xlabel="training step", ylabel=_metric_label(metric), title=fig_spec.get("title", title))
     if fig_spec.get("logy", metric == "loss"):
         ax.set_yscale("log")
@@ -540,7 +548,7 @@ DRAW = {"curves": figure_curves, "versus": figure_versus, "ood": figure_ood, "pe
 # ---- the report -----------------------------------------------------------------------------------
 
 # table headers where a figure's legend label would not say what the column holds
-HEADERS = {"loss": "loss (trained LSA)",
+HEADERS = {"loss": "loss (the trained model)",
            "model_cos_gd": "cos(trained LSA, GD-K) of implicit models (d pred / d x_query)",
            "model_cos_gdpp": "cos(trained LSA, GD++) of implicit models"}
 
