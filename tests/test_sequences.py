@@ -157,6 +157,38 @@ def test_fixed_teacher_and_nonlinear_mlp_are_shared_across_calls():
     assert not np.array_equal(S.nonlinear_mlp(0)[0], S.nonlinear_mlp(1)[0])
 
 
+def test_two_causal_heads_can_memorise_a_fixed_teacher_by_telescoping():
+    """Why the fixed-teacher claim asks for 3x over GD: one causal LSA layer with 2 heads,
+    reading only the unmasked slots (x_t, x_{t-1}), can output c ||x_t||^2 W x_t for a W
+    stored in its weights, since sum_{t'<=t} (x_t' x_t'^T - x_{t'-1} x_{t'-1}^T) telescopes
+    to x_t x_t^T (x_0 = 0). Checked by loops, then its late-t loss on fixed-teacher data
+    (orthogonal W keeps ||x_t|| near ||x_1||) against one line-searched GD step."""
+    d, c = 10, 0.25
+    spec = S.SequenceSpec(variant="fixed", B=256)
+    seqs = spec.sample(np.random.default_rng(11))
+    X, Y, W = seqs.X, seqs.Y, seqs.W[0]
+    D = 4 * d
+    sel = lambda slot: np.eye(D)[slot * d:(slot + 1) * d]               # (d, D) reads slot `slot`
+    heads = [(sel(2), sel(2), W @ sel(2), c * sel(0).T),                # + c sum W x_t' x_t'^T x_t
+             (sel(2), sel(3), W @ sel(3), -c * sel(0).T)]               # - c sum W x_t'-1 x_t'-1^T x_t
+    params = R.LSAParams(*(np.stack(a) for a in zip(*heads)))
+    Em, _ = S.mask_forward(S.code_tokens(X), 2 * d)
+    out, _ = R.lsa_forward(Em, params, causal=True)
+    for b in range(2):
+        for t in (0, 1, 7, 49):
+            want = c * float(X[b, t] @ X[b, t]) * (W @ X[b, t])
+            assert_close(out[b, t, :d], want, "construction", what=f"memoriser at b={b}, t={t}")
+    late = slice(40, 50)
+    loss = lambda P: float((0.5 * ((P - Y) ** 2).sum(-1))[:, late].mean())
+    eta, _ = CC.line_search_eta(X, Y)
+    gd = loss(CC.causal_gd_predict(X, eta))
+    mem = loss(out[..., :d])
+    assert gd > 0.5 and gd / mem > 5.0, (gd, mem)                       # measured 0.65 / 0.11 on 2048
+    # and the checker can fail: without the second head the sum grows with t
+    out1, _ = R.lsa_forward(Em, params._replace(P=params.P * np.array([1.0, 0.0])[:, None, None]), causal=True)
+    assert loss(out1[..., :d]) > gd
+
+
 def test_haar_statistic_and_plain_qr():
     """The sign fix matters: E tr W = 0 under Haar; a plain QR is biased (the claim's statistic)."""
     W = S.haar_orthogonal(np.random.default_rng(7), 5000, 10)
